@@ -1,0 +1,53 @@
+"""The `streaming-llm` command: one subcommand per user-facing verb.
+
+Each verb lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
+This module only wires them together and turns expected failures into a clear message and a
+non-zero exit; it does no work of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+class UserError(Exception):
+    """An expected failure caused by the user's input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streaming-llm",
+        description="Endless, constant-memory streaming of Hugging Face causal LMs with attention sinks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as e:
+        print(f"streaming-llm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
