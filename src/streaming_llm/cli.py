@@ -11,12 +11,11 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+from .errors import UserError
+
+# subcommand -> (module, one-line help). Verb modules keep their top-level imports light (torch,
+# transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {}
-
-
-class UserError(Exception):
-    """An expected failure caused by the user's input: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
