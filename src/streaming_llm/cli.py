@@ -16,6 +16,7 @@ from .errors import UserError
 # subcommand -> (module, one-line help). Verb modules keep their top-level imports light (torch,
 # transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
