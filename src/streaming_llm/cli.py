@@ -17,6 +17,7 @@ from .errors import UserError
 # transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {}
 COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
+COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
 
 
 def build_parser() -> argparse.ArgumentParser:
