@@ -15,7 +15,9 @@ from .errors import UserError
 
 # subcommand -> (module, one-line help). Verb modules keep their top-level imports light (torch,
 # transformers are imported inside `run`) so that building the parser stays fast.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
+}
 COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
 COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
 

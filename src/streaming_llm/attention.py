@@ -1,0 +1,134 @@
+"""The attention function registered with transformers, and `enable(model)` to switch a model to it.
+
+It is one function for every method: with a `StreamingCache` it attends as that layer's
+`AttentionPlan` says (sinks scored against a position-shifted query, window as is, one softmax
+over both); without one (plain forward, `DynamicCache`, training) it is ordinary causal attention,
+sliding-window aware, aligned to the end of the key sequence. It never changes model code: the
+hook points are `AttentionInterface.register` and `set_attn_implementation`, and because no mask
+function is registered under this name, transformers builds no mask at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .cache import AttentionPlan, take_active_layer
+from .rope import apply_rotation
+
+NAME = "streaming_llm"
+
+
+def enable(model: torch.nn.Module) -> torch.nn.Module:
+    """Register the streaming attention and switch `model` to it (idempotent)."""
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, streaming_attention)
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)
+    return model
+
+
+def streaming_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, Hq, C, D), rotated at the positions the model was called with
+    key: torch.Tensor,  # (B, Hkv, N, D)
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+):
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("models with learned attention-sink logits (s_aux) are not supported")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    off_by_one = bool(getattr(getattr(module, "config", None), "softmax_off_by_one", False))
+    layer = take_active_layer()
+    if layer is None:
+        out = causal_attention(query, key, value, attention_mask, scale, softcap, sliding_window, off_by_one)
+    else:
+        out = planned_attention(query, layer.plan(), scale, softcap)
+        layer.commit()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softcap: float | None) -> torch.Tensor:
+    if plan.sink_delta is None and softcap is None:  # decode, full cache: one fused kernel
+        return F.scaled_dot_product_attention(q, plan.keys, plan.values, scale=scale, enable_gqa=True)
+    if plan.sink_delta is None:
+        return grouped_attention(q, plan.keys, plan.values, plan.mask, scale, softcap, plan.zero_slot)
+    cos, sin = plan.rope.cos_sin(plan.sink_delta, q.dtype)
+    q_sink = apply_rotation(q, cos, sin, plan.rope.interleaved)
+    return grouped_attention(
+        q,
+        plan.keys,
+        plan.values,
+        plan.mask,
+        scale,
+        softcap,
+        plan.zero_slot,
+        q_sink=q_sink,
+        sink_keys=plan.sink_keys,
+        sink_values=plan.sink_values,
+        sink_mask=plan.sink_mask,
+    )
+
+
+def grouped_attention(
+    q: torch.Tensor,  # (B, Hq, C, D)
+    k: torch.Tensor,  # (B, Hkv, N, D)
+    v: torch.Tensor,  # (B, Hkv, N, Dv)
+    mask: torch.Tensor | None,  # (C, N) bool, True = visible
+    scale: float,
+    softcap: float | None = None,
+    zero_slot: bool = False,
+    q_sink: torch.Tensor | None = None,  # (B, Hq, C, D): the query as the sinks see it
+    sink_keys: torch.Tensor | None = None,  # (B, Hkv, S, D)
+    sink_values: torch.Tensor | None = None,
+    sink_mask: torch.Tensor | None = None,  # (C, S)
+) -> torch.Tensor:
+    """Softmax attention over [sinks | keys] in one softmax; grouped-query heads share K/V
+    without copies. `zero_slot` adds a key of score 0 and value 0 (softmax-off-by-one)."""
+    b, hq, c, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g, c, d)  # (B, Hkv, G, C, D)
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, C, N)
+    masks = [mask] if mask is not None else []
+    n_sink = 0 if sink_keys is None else sink_keys.shape[-2]
+    if n_sink:
+        sq = q_sink.reshape(b, hkv, g, c, d)
+        scores = torch.cat([sq @ sink_keys.unsqueeze(2).transpose(-1, -2), scores], dim=-1)
+        masks = [sink_mask, mask if mask is not None else torch.ones_like(scores[0, 0, 0, :, n_sink:], dtype=bool)]
+    scores = scores.float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if masks:
+        scores = scores.masked_fill(~torch.cat(masks, dim=-1), float("-inf"))
+    if zero_slot:
+        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if zero_slot:
+        probs = probs[..., :-1]
+    out = probs[..., n_sink:] @ v.unsqueeze(2)
+    if n_sink:
+        out = out + probs[..., :n_sink] @ sink_values.unsqueeze(2)
+    return out.reshape(b, hq, c, v.shape[-1])
+
+
+def causal_attention(q, k, v, attention_mask, scale, softcap, sliding_window, off_by_one):
+    """Ordinary causal attention, queries aligned to the end of the keys, optional sliding window."""
+    c, n = q.shape[-2], k.shape[-2]
+    if attention_mask is None and softcap is None and not off_by_one and sliding_window is None and c == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    qi = torch.arange(n - c, n, device=q.device)[:, None]
+    ki = torch.arange(n, device=q.device)[None, :]
+    mask = ki <= qi
+    if sliding_window is not None:
+        mask = mask & (ki > qi - sliding_window)
+    if attention_mask is not None:  # a prepared 4D mask (bool or additive), broadcast over heads
+        extra = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = mask & extra[0, 0, :, -n:]
+    return grouped_attention(q, k, v, mask, scale, softcap, off_by_one)

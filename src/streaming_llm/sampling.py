@@ -1,0 +1,86 @@
+"""Next-token sampling and incremental detokenization.
+
+`SamplingParams` holds the user's knobs (temperature 0 means greedy); `Sampler` turns one logits
+vector into a token id, deterministically for a given seed; `TextDecoder` turns a growing list of
+token ids into text pieces without splitting UTF-8 characters. No model code here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no top-k filter
+    repetition_penalty: float = 1.0  # 1.0: off (CTRL-style: divides positive logits of seen tokens)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (got {self.top_k})")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, device="cpu"):
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def sample(self, logits: torch.Tensor, previous: list[int] | None = None) -> int:
+        p = self.params
+        logits = logits.float().clone()
+        if p.repetition_penalty != 1.0 and previous:
+            idx = torch.tensor(sorted(set(previous)), device=logits.device)
+            seen = logits[idx]
+            logits[idx] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the token that crosses top_p
+            logits[order[drop]] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class TextDecoder:
+    """Decode token ids incrementally; hold back text while it ends in a partial character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already returned
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece

@@ -1,0 +1,87 @@
+"""A slow, literal implementation of the paper's streaming attention (the test oracle).
+
+Xiao et al. (2024), Sec. 3.2: the KV cache keeps the first S tokens and the last W; keys are cached
+*before* RoPE and positions are re-assigned within the cache at every step: if the cache holds
+tokens [0,1,2,3,6,7,8] and token 9 is decoded, positions [0..7] are used. Computed token by token,
+in float64, with its own rotation code; shares nothing with the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+NAME = "reference_paper"
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """float64 RoPE (rotate_half layout) of x (..., T, D) at positions pos (T,); partial rotary."""
+    r = 2 * inv_freq.numel()
+    ang = pos.double()[:, None] * inv_freq.double()[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    xr, xp = x[..., :r], x[..., r:]
+    half = r // 2
+    turned = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * ang.cos() + turned * ang.sin(), xp], dim=-1)
+
+
+class PaperReference:
+    """Streams tokens one at a time through `model` with the paper's cache; returns logits."""
+
+    def __init__(self, model, sinks: int, window: int, rotary_module):
+        self.model, self.sinks, self.window, self.rotary = model, sinks, window, rotary_module
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pre-RoPE keys, values
+        self.n = 0
+        AttentionInterface.register(NAME, self._attention)
+
+    def _inv_freq(self, module):
+        types = getattr(module.config, "layer_types", None)
+        if types is not None and hasattr(self.rotary, f"{types[module.layer_idx]}_inv_freq"):
+            return getattr(self.rotary, f"{types[module.layer_idx]}_inv_freq")
+        return self.rotary.inv_freq
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   sliding_window=None, softcap=None, **kwargs):
+        inv = self._inv_freq(module)
+        s, w = (0, sliding_window) if sliding_window else (self.sinks, self.window)
+        pos_q = torch.tensor([self.query_pos])
+        k_pre = _rotate(key.double(), -pos_q, inv)  # un-rotate: cache keys before RoPE
+        q_pre = _rotate(query.double(), -pos_q, inv)
+        ks, vs = self.layers.get(module.layer_idx, (k_pre[:, :, :0], value.double()[:, :, :0]))
+        ks, vs = torch.cat([ks, k_pre], 2), torch.cat([vs, value.double()], 2)
+        if ks.shape[2] > s + w:  # evict: keep the first s and the last w
+            ks = torch.cat([ks[:, :, :s], ks[:, :, -w:]], 2)
+            vs = torch.cat([vs[:, :, :s], vs[:, :, -w:]], 2)
+        self.layers[module.layer_idx] = (ks, vs)
+        L = ks.shape[2]
+        k_rot = _rotate(ks, torch.arange(L), inv)  # positions within the cache, every step
+        q_rot = _rotate(q_pre, torch.tensor([L - 1]), inv)
+        rep = query.shape[1] // ks.shape[1]
+        k_rot, vv = k_rot.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
+        scores = q_rot @ k_rot.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        if getattr(module.config, "softmax_off_by_one", False):
+            probs = scores.exp() / (1 + scores.exp().sum(-1, keepdim=True))
+        else:
+            probs = scores.softmax(-1)
+        return (probs @ vv).to(query.dtype).transpose(1, 2).contiguous(), None
+
+    @torch.no_grad()
+    def feed(self, ids) -> torch.Tensor:
+        """Logits (T, V) for each token fed, one forward per token."""
+        old = self.model.config._attn_implementation
+        self.model.set_attn_implementation(NAME)
+        try:
+            out = []
+            for tok in ids:
+                # The query's position is its index in the cache after eviction. Sliding layers
+                # (s=0) see the same distances under any consecutive positions.
+                self.query_pos = min(self.n, self.sinks + self.window - 1)
+                logits = self.model(torch.tensor([[int(tok)]]), position_ids=torch.tensor([[self.query_pos]]),
+                                    use_cache=False).logits
+                out.append(logits[0, -1].float())
+                self.n += 1
+            return torch.stack(out)
+        finally:
+            self.model.set_attn_implementation(old)
