@@ -15,6 +15,15 @@ from streaming_llm.train.tokenizer import SINK_TOKEN, load_tokenizer, sink_token
 TINY = tm.SIZES["tiny"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: threads only add sync overhead (and spin badly on a shared, busy CPU)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _text(seed: int, words: int) -> str:
     rng = np.random.default_rng(seed)
     vocab = "the a king queen lord lady sword crown night day love death and of to in my thy".split()
@@ -180,7 +189,8 @@ def test_pretrain_quick_like_end_to_end(tmp_path, monkeypatch, capsys):
         (books / f"book{i}.txt").write_text(_text(10 + i, 1500), encoding="utf-8")
     out = tmp_path / "run"
     argv = ["pretrain", "--quick", "--size", "tiny", "--corpus", str(books), "--val-books", "1", "--steps", "8",
-            "--batch-size", "4", "--eval-tokens", "200", "--window", "16", "--out", str(out), "--no-progress"]
+            "--batch-size", "4", "--eval-tokens", "200", "--window", "16", "--out", str(out), "--no-progress",
+            "--threads", "1"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["variants"]) == set(tm.VARIANTS)
@@ -200,3 +210,17 @@ def test_pretrain_quick_like_end_to_end(tmp_path, monkeypatch, capsys):
     again = json.loads((out / "results.json").read_text())
     for name in tm.VARIANTS:
         assert again["variants"][name]["ppl_by_sinks"] == results["variants"][name]["ppl_by_sinks"]
+
+
+@pytest.mark.parametrize("variant", tm.VARIANTS)
+def test_engine_with_large_window_matches_training_attention(variant, tokenizer):
+    """The engine streams each variant as it was trained: window >= length == dense forward."""
+    from streaming_llm.config import StreamingConfig
+    from streaming_llm.engine import StreamingLLM
+
+    m = tm.build_model(TINY, variant, seed=2, sink_token_id=sink_token_id(tokenizer)).eval()
+    x = torch.randint(2, len(tokenizer), (24,))
+    with torch.no_grad():
+        dense = m(x[None]).logits[0]
+    engine = StreamingLLM(m, tokenizer, StreamingConfig(method="streaming", sinks=4, window=64, chunk_size=5))
+    assert torch.allclose(engine.feed(x, logits="all"), dense, atol=1e-4)
