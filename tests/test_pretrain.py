@@ -128,16 +128,14 @@ def test_off_by_one_model_uses_it_and_differs_from_vanilla(tokenizer):
     assert torch.allclose(ob(x).logits, ref_logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["sink_token", "softmax_off_by_one"])
+@pytest.mark.parametrize("variant", tm.VARIANTS)
 def test_saved_model_reloads_with_identical_logits(variant, tokenizer, tmp_path):
     m = tm.build_model(TINY, variant, seed=1, sink_token_id=sink_token_id(tokenizer)).eval()
     m.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    if variant == "softmax_off_by_one":
-        assert cfg["softmax_off_by_one"] is True
-    else:
-        assert cfg["attention_sink_token_id"] == sink_token_id(tokenizer)
+    assert cfg.get("softmax_off_by_one", False) is (variant == "softmax_off_by_one")
+    assert cfg.get("attention_sink_token_id") == (sink_token_id(tokenizer) if variant == "sink_token" else None)
     r = tm.load_trained(tmp_path)
     tok2 = load_tokenizer(tmp_path)
     x = torch.tensor([tok2.encode("the king and the queen", add_special_tokens=False)])
