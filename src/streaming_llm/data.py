@@ -72,7 +72,9 @@ class Corpus:
 
 
 def cache_root() -> Path:
-    """Root of the user cache: $STREAMING_LLM_CACHE, else the platform's user cache dir."""
+    """Root of the user cache: $STREAMING_LLM_CACHE, else the platform's user cache dir.
+
+    The same folder as `loading.cache_dir()`; repeated here because `loading` imports torch."""
     env = os.environ.get("STREAMING_LLM_CACHE")
     if env:
         return Path(env).expanduser()
