@@ -17,6 +17,7 @@ from .errors import UserError
 # transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
+    "serve": ("streaming_llm.server.serve", "OpenAI-compatible HTTP server with persistent, endless sessions"),
 }
 
 

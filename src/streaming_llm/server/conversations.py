@@ -1,0 +1,132 @@
+"""What a server session holds: one engine stream plus its transcript, in two kinds.
+
+- `TextConversation` ("text", for /v1/completions): a raw token stream; each request's prompt is
+  appended to the stream and continued. Its transcript is the list of (prompt, completion) turns.
+- `ChatConversation` ("chat", for /v1/chat/completions): a `session.ChatSession` (chat template,
+  incremental prefill of only the new messages).
+
+Both expose the same small surface to the session manager: `reply(payload, max_new_tokens,
+sampling, fresh) -> (conversation, rebuilt, Iterator[Token])` (runs on the model thread; `fresh()`
+makes an empty conversation for a rebuild; the transcript is updated only when the iterator is
+exhausted), `transcript()`, `state()` / `restore(state, transcript)`, `replay(transcript)`,
+`tokens_seen` and `engine`. `pack_state` / `unpack_state` turn a state into bytes for the store
+and back. Nothing here knows about HTTP, locks or threads.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import torch
+
+from ..config import StreamingConfig
+from ..engine import StreamingLLM, Token
+from ..errors import UserError
+from ..sampling import SamplingParams
+
+KINDS = ("chat", "text")
+
+
+def pack_state(state: dict, dtype: torch.dtype | None = None) -> bytes:
+    """torch.save bytes of a state dict, floating tensors moved to CPU (and cast to `dtype`)."""
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(conv(v) for v in x)
+        return x
+
+    buf = io.BytesIO()
+    torch.save(conv(state), buf)
+    return buf.getvalue()
+
+
+def unpack_state(data: bytes, dtype: torch.dtype, device) -> dict:
+    """Inverse of `pack_state`: floating tensors back to the model's dtype and device."""
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(conv(v) for v in x)
+        return x
+
+    return conv(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the model's eos id(s) plus the tokenizer's eos."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(i) for i in eos)
+    return sorted(ids)
+
+
+class TextConversation:
+    """A raw stream: each prompt is appended to everything the stream has seen, then continued."""
+
+    kind = "text"
+
+    def __init__(self, model, tokenizer, config: StreamingConfig):
+        self.engine = StreamingLLM(model, tokenizer, config)
+        self.tokenizer = tokenizer
+        self.stop = stop_ids(model, tokenizer)
+        self.turns: list[dict] = []
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.engine.tokens_seen
+
+    def transcript(self) -> list[dict]:
+        return list(self.turns)
+
+    def reply(self, prompt: str, max_new_tokens: int, sampling: SamplingParams, fresh=None):
+        """-> (self, rebuilt=False, token iterator): the prompt is appended to the stream."""
+        if not prompt:
+            raise UserError("prompt must not be empty")
+        first = self.engine.tokens_seen == 0
+        ids = self.tokenizer(prompt, add_special_tokens=first)["input_ids"]
+        return self, False, self._run(prompt, ids, max_new_tokens, sampling)
+
+    def _run(self, prompt, ids, max_new_tokens, sampling) -> Iterator[Token]:
+        pieces = []
+        for tok in self.engine.generate(ids, max_new_tokens, sampling, stop_ids=self.stop):
+            pieces.append(tok.text)
+            yield tok
+        self.turns.append({"prompt": prompt, "completion": "".join(pieces)})
+
+    def state(self) -> dict:
+        return {"engine": self.engine.state_dict()}
+
+    def restore(self, state: dict, transcript: list[dict]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.turns = list(transcript)
+
+    def replay(self, transcript: list[dict]) -> None:
+        """Rebuild the stream from the transcript (when no usable snapshot exists)."""
+        self.engine.reset()
+        self.turns = []
+        text = "".join(t["prompt"] + t["completion"] for t in transcript)
+        if text:
+            self.engine.feed(self.tokenizer(text, add_special_tokens=True)["input_ids"], logits="none")
+        self.turns = list(transcript)
+
+
+def chat_factory(model, tokenizer, config: StreamingConfig):
+    """() -> an empty chat conversation, or None while `session.ChatSession` is unavailable."""
+    try:
+        from ..session import ChatSession  # noqa: F401
+    except ImportError:
+        return None
+    return lambda: ChatConversation(model, tokenizer, config)
