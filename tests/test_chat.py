@@ -1,0 +1,215 @@
+"""The chat session (multi-turn on one stream) and the `streaming-llm chat` command, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_llm.config import StreamingConfig
+from streaming_llm.engine import StreamingLLM
+from streaming_llm.errors import UserError
+from streaming_llm.sampling import SamplingParams
+from streaming_llm.session import ChatSession
+from tiny_models import save_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), tf.AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def make_session(tiny, system="be brief", **config):
+    model, tok = tiny
+    config = {"sinks": 4, "window": 60, "chunk_size": 16, **config}
+    return ChatSession(StreamingLLM(model, tok, StreamingConfig(**config)), system=system)
+
+
+def record_feeds(session):
+    """Wrap the engine's feed: returns the list every fed token id is appended to."""
+    fed, calls, orig = [], [], session.engine.feed
+
+    def feed(ids, logits="all"):
+        ids = torch.as_tensor(ids).reshape(-1).tolist()
+        fed.extend(ids)
+        calls.append(len(ids))
+        return orig(ids, logits)
+
+    session.engine.feed = feed
+    return fed, calls
+
+
+def scripted_sampler(monkeypatch, ids_per_turn):
+    """Make generation emit the given ids (per turn, in order) whatever the logits."""
+    import streaming_llm.engine as engine_mod
+
+    turns = iter(ids_per_turn)
+
+    class Scripted:
+        def __init__(self, params, device="cpu"):
+            self.ids = iter(next(turns))
+
+        def sample(self, logits, previous=None):
+            return next(self.ids)
+
+    monkeypatch.setattr(engine_mod, "Sampler", Scripted)
+
+
+def transcript_text(session):
+    """What the stream must hold: the rendered conversation, up to the last end-of-turn token."""
+    text = session.render(session.messages, add_generation_prompt=False)
+    assert text.endswith(session.eot_text + session.eot_separator)
+    return text[: len(text) - len(session.eot_separator)]
+
+
+# ---- session ---------------------------------------------------------------------------------
+
+
+def test_each_turn_prefills_only_the_new_tokens(tiny):
+    s = make_session(tiny, window=4000)
+    fed, calls = record_feeds(s)
+    for i, n in enumerate([7, 3, 12]):
+        before = len(fed)
+        out = list(s.reply(f"message number {i}", max_new_tokens=n, sampling=GREEDY))
+        assert len(out) == n and out[-1].finish_reason == "length"
+        turn = s.turns[-1]
+        assert calls[-(n + 2)] == turn.prompt_tokens  # one prefill call, n decode feeds, one end-of-turn feed
+        new_text = s.tokenizer.decode(fed[before : before + turn.prompt_tokens], skip_special_tokens=False)
+        assert new_text.endswith(f"<|im_start|>user\nmessage number {i}<|im_end|>\n<|im_start|>assistant\n")
+        if i:  # only the new turn, not the conversation again
+            assert new_text == f"\n<|im_start|>user\nmessage number {i}<|im_end|>\n<|im_start|>assistant\n"
+    # The stream is exactly the rendered conversation, fed once.
+    assert s.tokenizer.decode(fed, skip_special_tokens=False) == transcript_text(s)
+    assert s.engine.tokens_seen == len(fed)
+    assert [m["role"] for m in s.messages] == ["system", "user", "assistant"] * 1 + ["user", "assistant"] * 2
+
+
+def test_reply_stops_on_end_of_turn_and_feeds_it(tiny, monkeypatch):
+    s = make_session(tiny)
+    eot = s.eot_id
+    a, b = s.encode("ab"), s.encode("xyz")
+    scripted_sampler(monkeypatch, [a + [eot, 70, 71], b + [eot]])
+    fed, _ = record_feeds(s)
+    out = list(s.reply("hi", max_new_tokens=10))
+    assert [t.id for t in out] == a + [eot] and out[-1].finish_reason == "stop" and out[-1].text == ""
+    assert "".join(t.text for t in out) == "ab" == s.messages[-1]["content"]
+    assert s.turns[-1].generated_tokens == 3 and s.turns[-1].finish_reason == "stop"
+    list(s.reply("again", max_new_tokens=10))
+    assert s.messages[-1] == {"role": "assistant", "content": "xyz"}
+    assert s.tokenizer.decode(fed, skip_special_tokens=False) == transcript_text(s)
+
+
+def test_non_prefix_stable_template_falls_back_to_the_new_turn(tiny, monkeypatch):
+    s = make_session(tiny)
+    other = s.encode("!")[0]
+    s.stop_ids = s.stop_ids + [other]  # a stop token the template does not write: stream != rendering
+    scripted_sampler(monkeypatch, [s.encode("ok") + [other], s.encode("fine") + [s.eot_id]])
+    fed, _ = record_feeds(s)
+    list(s.reply("one", max_new_tokens=5))
+    assert s.messages[-1]["content"] == "ok"
+    list(s.reply("two", max_new_tokens=5))
+    text = s.tokenizer.decode(fed, skip_special_tokens=False)
+    # the end-of-turn token is fed after the odd stop token, then only the new turn
+    assert text.endswith("ok!<|im_end|>\n<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\nfine<|im_end|>")
+    assert text.count("<|im_start|>user\none") == 1
+
+
+def test_interrupted_reply_leaves_a_consistent_session(tiny):
+    s = make_session(tiny, window=4000)
+    fed, _ = record_feeds(s)
+    it = s.reply("tell me a long story", max_new_tokens=50, sampling=GREEDY)
+    got = [next(it) for _ in range(5)]  # the caller stops iterating (keeps `it` alive)
+    s.stats()  # any next call settles the interrupted reply
+    assert s.turns[-1].finish_reason == "interrupted" and s.turns[-1].generated_tokens == 5
+    assert s.messages[-1] == {"role": "assistant", "content": s.tokenizer.decode([t.id for t in got], skip_special_tokens=True)}
+    assert fed[-1] == s.eot_id and s.engine.tokens_seen == len(fed)
+    with pytest.raises(StopIteration):
+        next(it)
+    # the conversation goes on, and the stream is still exactly the transcript
+    for tok in s.reply("go on", max_new_tokens=4, sampling=GREEDY):
+        break  # a `for ... break` settles on the next call as well
+    list(s.reply("and?", max_new_tokens=3, sampling=GREEDY))
+    assert [m["role"] for m in s.messages[1:]] == ["user", "assistant"] * 3
+    assert s.tokenizer.decode(fed, skip_special_tokens=False) == transcript_text(s)
+
+
+def test_save_and_load_continue_token_for_token(tiny, tmp_path):
+    a = make_session(tiny, window=40)
+    for msg in ["first", "second"]:
+        list(a.reply(msg, max_new_tokens=12, sampling=GREEDY))
+    a.save(tmp_path / "s.pt")
+    b = make_session(tiny, system=None, window=999)  # other settings: load adopts the saved ones
+    b.load(tmp_path / "s.pt")
+    assert b.engine.config == a.engine.config and b.messages == a.messages
+    for msg in ["third", "fourth, a little longer than the others"]:
+        sampling = SamplingParams(temperature=1.0, seed=3)
+        ta = [t.id for t in a.reply(msg, max_new_tokens=15, sampling=sampling)]
+        tb = [t.id for t in b.reply(msg, max_new_tokens=15, sampling=sampling)]
+        assert ta == tb
+    assert a.stats().tokens_seen == b.stats().tokens_seen and a.engine.evicted > 0
+    with pytest.raises(UserError, match="no saved session"):
+        b.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a session")
+    with pytest.raises(UserError, match="not a saved chat session"):
+        b.load(tmp_path / "junk.pt")
+
+
+def test_server_flow_extends_a_matching_conversation(tiny):
+    s = make_session(tiny, system=None)
+    list(s.reply("hello", max_new_tokens=5, sampling=GREEDY))
+    conv = s.messages + [{"role": "user", "content": "and now?"}]
+    assert s.matches_prefix(conv) and s.matches_prefix(s.messages)
+    assert not s.matches_prefix([{"role": "user", "content": "something else"}] + conv[1:])
+    assert not s.matches_prefix(conv[:1])
+    s.extend(conv[len(s.messages) :])
+    list(s.generate(max_new_tokens=4, sampling=GREEDY))
+    assert s.turns[-1].prompt_tokens < 30 and len(s.messages) == 4
+    s.reset()
+    s.extend([{"role": "system", "content": "sys"}, {"role": "user", "content": "x"}])
+    list(s.generate(max_new_tokens=2, sampling=GREEDY))
+    assert s.system == "sys" and s.engine.tokens_seen == s.turns[-1].prompt_tokens + 2 + 1
+    with pytest.raises(UserError):
+        s.extend([{"role": "user"}])
+
+
+def test_long_messages_and_every_method_stay_within_the_cache(tiny):
+    for method in ("streaming", "window", "dense", "recompute"):
+        s = make_session(tiny, method=method, window=30)
+        seen = []
+        for i in range(3):
+            for tok in s.reply("a long message " * 8, max_new_tokens=6, sampling=GREEDY):
+                seen.append(tok.cache_tokens)
+        st = s.stats()
+        assert st.tokens_seen > 3 * 100 and st.turns == 3
+        if method == "dense":
+            assert st.capacity is None and st.cache_tokens == st.tokens_seen and "unbounded" in st.line()
+        else:
+            assert max(seen) <= s.engine.config.cache_size == st.capacity
+            assert st.evicted == st.tokens_seen - st.cache_tokens > 0
+
+
+def test_reset_and_bad_arguments(tiny):
+    s = make_session(tiny)
+    list(s.reply("hi", max_new_tokens=3, sampling=GREEDY))
+    s.reset("new system")
+    assert s.messages == [{"role": "system", "content": "new system"}] and s.engine.tokens_seen == 0
+    assert s.stats().turns == 0
+    with pytest.raises(UserError):
+        s.reply("hi", max_new_tokens=0)
+    model, _ = tiny
+    with pytest.raises(UserError, match="chat template"):
+        ChatSession(StreamingLLM(model, None, StreamingConfig()))
