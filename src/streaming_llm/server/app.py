@@ -155,8 +155,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
                 raise ApiError(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", code="invalid_json")
             if err["type"] in ("model_type", "model_attributes_type") and not err["loc"]:
                 raise ApiError(400, "request body must be a JSON object")
-            param = ".".join(str(p) for p in err["loc"]) or None
-            msg = err["msg"].removeprefix("Value error, ")
+            param, msg = _describe(e.errors(include_url=False))
             raise ApiError(400, f"{param}: {msg}" if param else msg, param=param, code=err["type"])
         bad = S.unsupported_features(req)
         if bad:
@@ -285,6 +284,23 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
     return app
+
+
+_UNION_TAGS = {"str": "a string", "list[str]": "a list of strings", "list[TextPart]": "a list of text parts",
+               "int": "an integer", "float": "a number", "bool": "a boolean", "dict": "an object"}
+
+
+def _describe(errors: list[dict]) -> tuple[str | None, str]:
+    """(param, message) for the first validation error; a union's alternatives are merged."""
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    cut = next((i for i, p in enumerate(loc) if p in _UNION_TAGS or "[" in p), None)
+    if cut is None:
+        return ".".join(loc) or None, first["msg"].removeprefix("Value error, ")
+    base = loc[:cut]
+    tags = [str(e["loc"][cut]) for e in errors if [str(p) for p in e["loc"][:cut]] == base and len(e["loc"]) > cut]
+    kinds = list(dict.fromkeys(_UNION_TAGS.get(t, t) for t in tags))
+    return ".".join(base) or None, f"expected {' or '.join(kinds)}"
 
 
 def _model_card(name: str, created: int) -> dict:

@@ -16,6 +16,7 @@ and back. Nothing here knows about HTTP, locks or threads.
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 from typing import Iterator
 
 import torch
@@ -83,6 +84,7 @@ class TextConversation:
         self.tokenizer = tokenizer
         self.stop = stop_ids(model, tokenizer)
         self.turns: list[dict] = []
+        self.last_prompt_tokens = 0
 
     @property
     def tokens_seen(self) -> int:
@@ -97,6 +99,7 @@ class TextConversation:
             raise UserError("prompt must not be empty")
         first = self.engine.tokens_seen == 0
         ids = self.tokenizer(prompt, add_special_tokens=first)["input_ids"]
+        self.last_prompt_tokens = len(ids)
         return self, False, self._run(prompt, ids, max_new_tokens, sampling)
 
     def _run(self, prompt, ids, max_new_tokens, sampling) -> Iterator[Token]:
@@ -123,10 +126,78 @@ class TextConversation:
         self.turns = list(transcript)
 
 
+
+class ChatConversation:
+    """A `ChatSession` seen through the server's conversation surface.
+
+    Payload: {"messages": [...], "append": bool}. Not appending, the messages are the whole
+    conversation (OpenAI style): if the session's messages are their prefix only the rest is fed,
+    otherwise the session is reset and rebuilt from them. Appending, they follow what the session
+    holds (for endless sessions whose full history the client does not resend)."""
+
+    kind = "chat"
+
+    def __init__(self, model, tokenizer, config: StreamingConfig):
+        from ..session import ChatSession
+
+        self.session = ChatSession(StreamingLLM(model, tokenizer, config))
+
+    @property
+    def engine(self) -> StreamingLLM:
+        return self.session.engine
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.session.engine.tokens_seen
+
+    @property
+    def last_prompt_tokens(self) -> int:
+        return self.session.turns[-1].prompt_tokens if self.session.turns else 0
+
+    def transcript(self) -> list[dict]:
+        return [dict(m) for m in self.session.messages]
+
+    def reply(self, payload: dict, max_new_tokens: int, sampling: SamplingParams, fresh=None):
+        s, messages, rebuilt = self.session, payload["messages"], False
+        if payload.get("append"):
+            s.extend(messages)
+        elif s.matches_prefix(messages):
+            s.extend(messages[len(s.messages) :])
+        else:
+            s.reset()
+            s.extend(messages)
+            rebuilt = True
+        return self, rebuilt, s.generate(max_new_tokens, sampling)
+
+    # ChatSession persists through files (save/load); the store wants bytes, so the same fields
+    # are gathered here. Keep in step with ChatSession.save/load.
+    def state(self) -> dict:
+        s = self.session
+        return {
+            "engine": s.engine.state_dict(),
+            "turns": [asdict(t) for t in s.turns],
+            "fed_text": s._fed_text,
+            "fed_messages": s._fed_messages,
+        }
+
+    def restore(self, state: dict, transcript: list[dict]) -> None:
+        from ..session import TurnStats
+
+        s = self.session
+        s.reset()
+        s.engine.load_state_dict(state["engine"])
+        s.messages = [dict(m) for m in transcript]
+        s.turns = [TurnStats(**t) for t in state["turns"]]
+        s._fed_text, s._fed_messages = state["fed_text"], state["fed_messages"]
+
+    def replay(self, transcript: list[dict]) -> None:
+        """No usable snapshot: the whole transcript is prefilled with the next reply."""
+        self.session.reset()
+        self.session.extend(transcript)
+
+
 def chat_factory(model, tokenizer, config: StreamingConfig):
-    """() -> an empty chat conversation, or None while `session.ChatSession` is unavailable."""
-    try:
-        from ..session import ChatSession  # noqa: F401
-    except ImportError:
+    """() -> an empty chat conversation, or None if the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
         return None
     return lambda: ChatConversation(model, tokenizer, config)

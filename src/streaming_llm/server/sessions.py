@@ -28,6 +28,7 @@ import torch
 
 from ..config import StreamingConfig
 from ..engine import Token
+from ..errors import UserError
 from ..sampling import SamplingParams
 from .conversations import TextConversation, pack_state, unpack_state
 from .store import SessionRecord, SessionStore
@@ -103,7 +104,7 @@ class SessionManager:
         if kind == "text":
             return TextConversation(self.model, self.tokenizer, self.config)
         if self.chat_factory is None:
-            raise RuntimeError("chat sessions are not available")
+            raise UserError("this model's tokenizer has no chat template; use /v1/completions")
         return self.chat_factory()
 
     def _restore(self, record: SessionRecord) -> Live:
@@ -253,7 +254,6 @@ class Turn:
         self.committed = False
         self.closed = False
         self.snapshot_bytes = 0
-        self._seen0 = 0
         self.loaded_from = live.source  # new | memory | snapshot | replay
 
     def start(self, payload, max_new_tokens: int, sampling: SamplingParams) -> None:
@@ -264,8 +264,7 @@ class Turn:
         fresh = lambda: self.m.new_conversation(kind)  # noqa: E731
         conv, self.rebuilt, self.gen = self.live.conv.reply(payload, max_new_tokens, sampling, fresh)
         self.live.conv = conv
-        self._seen0 = 0 if self.rebuilt else before
-        self.reused_tokens = self._seen0
+        self.reused_tokens = 0 if self.rebuilt else before
 
     async def tokens(self) -> AsyncIterator[Token]:
         """Step the reply one token per model-thread job until it ends."""
@@ -277,7 +276,7 @@ class Turn:
             if tok.finish_reason:
                 self.finish_reason = tok.finish_reason
             yield tok
-        self.prompt_tokens = self.live.conv.tokens_seen - self._seen0 - self.completion_tokens
+        self.prompt_tokens = self.live.conv.last_prompt_tokens
 
     def info(self) -> dict:
         conv = self.live.conv
