@@ -66,6 +66,17 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Server, clients and model share this process: one torch thread avoids OpenMP spin contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -312,7 +323,7 @@ def test_refuses_non_loopback_without_key(tmp_path):
 def _start_cli(model_path, data_dir, port):
     env = {**os.environ, "PYTHONPATH": SRC}
     cmd = [sys.executable, "-m", "streaming_llm.cli", "serve", "--model", model_path, "--served-model-name", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--sinks", "4", "--window", "48",
+           "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--sinks", "4", "--window", "48", "--threads", "1",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60

@@ -47,6 +47,8 @@ def add_arguments(p) -> None:
     p.add_argument("--snapshot-dtype", default="model", choices=SNAPSHOT_DTYPES,
                    help="dtype of stored streaming state: model (exact) or bfloat16 (half the size of float32)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model (default: torch's choice; 1 is best on a busy machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -76,6 +78,8 @@ def check_args(args) -> None:
     for flag in ("max_sessions", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {args.threads})")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535 (got {args.port})")
 
@@ -109,6 +113,10 @@ def run(args) -> int:
 
     from ..loading import load_model
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
