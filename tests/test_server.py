@@ -110,6 +110,33 @@ def conversation(client, sid, user_texts, n=12, messages=None):
     return replies
 
 
+# ---- store and snapshots (no server) ----------------------------------------------------------------
+def test_sqlite_store_and_snapshot_roundtrip(tmp_path, tiny):
+    import torch
+
+    from streaming_llm.server.conversations import ChatConversation, pack_state, unpack_state
+    from streaming_llm.server.store import SessionRecord, SessionStore
+
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    assert isinstance(store, SessionStore)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conv = ChatConversation(tiny[1], tiny[2], CONFIG)
+    list(conv.reply({"messages": [{"role": "user", "content": "hi"}]}, 5, None)[2])
+    state = conv.state()
+    full = len(pack_state(state))
+    store.put(SessionRecord("a", "chat", MODEL, CONFIG.to_dict(), conv.transcript(), pack_state(state), 1, {"x": 1}))
+    record = store.get("a")
+    assert record.messages == conv.transcript() and record.meta == {"x": 1} and store.get("b") is None
+    back = unpack_state(record.snapshot, torch.float32, "cpu")
+    for mine, theirs in zip(state["engine"]["cache"]["layers"], back["engine"]["cache"]["layers"]):
+        assert torch.equal(mine["keys"], theirs["keys"]) and torch.equal(mine["values"], theirs["values"])
+    raw = sum(t.numel() * 4 for layer in state["engine"]["cache"]["layers"] for t in (layer["keys"], layer["values"]))
+    assert full < 0.75 * raw  # a cache not yet full is stored without its empty slots
+    assert len(pack_state(state, torch.bfloat16)) < full  # half-size snapshots on request
+    assert [r["id"] for r in store.list()] == ["a"] and store.delete("a") and not store.delete("a")
+    store.close()
+
+
 # ---- OpenAI client: chat, completions, models ------------------------------------------------------
 def test_models_health_and_chat_stream_equals_nonstream(server):
     client = server.client()

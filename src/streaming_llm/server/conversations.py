@@ -29,13 +29,34 @@ from ..sampling import SamplingParams
 KINDS = ("chat", "text")
 
 
+def _trim(x: torch.Tensor):
+    """A KV buffer (..., N, D) whose trailing slots are all zero (a cache not yet full) is stored
+    without them; `_untrim` restores it exactly. Snapshots of short sessions stay small."""
+    if x.dim() < 3 or x.shape[-2] < 2:
+        return x
+    used = (x != 0).flatten(0, -3).any(0).any(-1).nonzero()  # (k, 1) slots holding anything
+    rows = int(used[-1]) + 1 if used.numel() else 0
+    if rows > x.shape[-2] * 3 // 4:
+        return x
+    return {"__trimmed__": x[..., :rows, :].clone(), "rows": x.shape[-2]}
+
+
+def _untrim(d: dict) -> torch.Tensor:
+    x = d["__trimmed__"]
+    pad = torch.zeros(*x.shape[:-2], d["rows"] - x.shape[-2], x.shape[-1], dtype=x.dtype)
+    return torch.cat([x, pad], dim=-2)
+
+
 def pack_state(state: dict, dtype: torch.dtype | None = None) -> bytes:
-    """torch.save bytes of a state dict, floating tensors moved to CPU (and cast to `dtype`)."""
+    """torch.save bytes of a state dict: tensors on CPU, floating ones cast to `dtype` (if given)
+    and trimmed of trailing all-zero cache slots."""
 
     def conv(x):
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu()
-            return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+            if not x.is_floating_point():
+                return x
+            return _trim(x.to(dtype) if dtype is not None else x)
         if isinstance(x, dict):
             return {k: conv(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -51,6 +72,8 @@ def unpack_state(data: bytes, dtype: torch.dtype, device) -> dict:
     """Inverse of `pack_state`: floating tensors back to the model's dtype and device."""
 
     def conv(x):
+        if isinstance(x, dict) and "__trimmed__" in x:
+            x = _untrim(x)
         if isinstance(x, torch.Tensor):
             return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
         if isinstance(x, dict):
