@@ -219,6 +219,15 @@ def test_concurrent_sessions_match_sequential(tiny, tmp_path):
         reloaded = httpx.get(srv.url + "/health").json()["reloaded"]
         for sid, texts in prompts.items():  # one more turn each, in turn: at least two must come back from the store
             got[sid] += conversation(client, sid, texts[3:], 12, histories[sid])
+        # two requests at once on one session are served one after the other, both kept
+        def append(text):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8,
+                    "session_id": "same", "session_append": True}
+            return httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code
+        with cf.ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(append, ["first", "second"])) == [200, 200]
+        same = httpx.get(srv.url + "/v1/sessions/same").json()
+        assert same["turns"] == 2 and [m["role"] for m in same["messages"]] == ["user", "assistant"] * 2
         health = httpx.get(srv.url + "/health").json()
     assert got == expected
     assert health["reloaded"] >= reloaded + 2 and health["rebuilt"] == 0 and health["sessions_in_memory"] <= 2

@@ -109,8 +109,10 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
-            await self.turn.close()
+            try:
+                await self.turn.close()  # no awaits inside: safe even while being cancelled
+            finally:
+                await self.body_iterator.aclose()
 
 
 def sse(obj) -> str:
@@ -182,13 +184,16 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         if n > settings.max_tokens_limit:
             raise ApiError(400, f"max_tokens {n} exceeds this server's limit of {settings.max_tokens_limit} (--max-tokens-limit)",
                            param="max_tokens", code="invalid_value")
-        sampling = SamplingParams(
-            temperature=settings.temperature if req.temperature is None else req.temperature,
-            top_p=settings.top_p if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            seed=req.seed,
-        )
+        try:
+            sampling = SamplingParams(
+                temperature=settings.temperature if req.temperature is None else req.temperature,
+                top_p=settings.top_p if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                seed=req.seed,
+            )
+        except UserError as e:
+            raise ApiError(400, str(e), code="invalid_value")
         return n, sampling
 
     async def open_turn(sid, kind, payload, n, sampling):

@@ -149,8 +149,8 @@ class SessionManager:
 
     # ---- turns -------------------------------------------------------------------------------
     async def open_turn(self, sid: str | None, kind: str, payload, max_new_tokens: int, sampling: SamplingParams) -> "Turn":
-        """Lock the session, bring it into memory and start its reply (prefill runs lazily, on the
-        first token). The caller must `await turn.close()` whatever happens."""
+        """Lock the session, bring it into memory, prefill and sample the first token. The caller
+        must `await turn.close()` whatever happens."""
         if sid is None:
             live = Live("", self.new_conversation(kind))
             turn = Turn(self, live, stateless=True)
@@ -246,6 +246,7 @@ class Turn:
     def __init__(self, manager: SessionManager, live: Live, stateless: bool):
         self.m, self.live, self.stateless = manager, live, stateless
         self.gen = None
+        self._next: Token | None = None
         self.prompt_tokens = 0
         self.reused_tokens = 0
         self.completion_tokens = 0
@@ -257,25 +258,25 @@ class Turn:
         self.loaded_from = live.source  # new | memory | snapshot | replay
 
     def start(self, payload, max_new_tokens: int, sampling: SamplingParams) -> None:
-        """(model thread) Reuse or rebuild the conversation and create the token generator; any
-        prefill of earlier messages happens here, the prompt's own prefill on the first token."""
+        """(model thread) Reuse or rebuild the conversation, prefill and sample the first token, so
+        that a failure here is still an HTTP error rather than an event in a started stream."""
         before = self.live.conv.tokens_seen
         kind = self.live.conv.kind
         fresh = lambda: self.m.new_conversation(kind)  # noqa: E731
         conv, self.rebuilt, self.gen = self.live.conv.reply(payload, max_new_tokens, sampling, fresh)
         self.live.conv = conv
         self.reused_tokens = 0 if self.rebuilt else before
+        self._next = next(self.gen, None)
 
     async def tokens(self) -> AsyncIterator[Token]:
-        """Step the reply one token per model-thread job until it ends."""
-        while True:
-            tok = await self.m.worker.call(next, self.gen, None)
-            if tok is None:
-                break
+        """The reply's tokens, one model-thread job per token after the first (call once)."""
+        tok, self._next = self._next, None
+        while tok is not None:
             self.completion_tokens += 1
             if tok.finish_reason:
                 self.finish_reason = tok.finish_reason
             yield tok
+            tok = await self.m.worker.call(next, self.gen, None)
         self.prompt_tokens = self.live.conv.last_prompt_tokens
 
     def info(self) -> dict:
