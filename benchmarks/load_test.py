@@ -134,6 +134,7 @@ def summarize(results, wall, model, args, health) -> dict:
     total = [r["total"] for r in ok]
     gen = [(r["total"] - r["ttft"]) / (r["completion_tokens"] - 1) for r in ok if r["completion_tokens"] > 1]
     later = [r["session"]["prefilled_tokens"] for r in ok if r["turn"] > 0 and r.get("session")]
+    persist = [r["session"]["persist_ms"] for r in ok if r.get("session")]
     tokens = sum(r["completion_tokens"] for r in ok)
     return {
         "model": model, "sessions": args.sessions, "turns": args.turns, "max_tokens": args.max_tokens,
@@ -145,6 +146,7 @@ def summarize(results, wall, model, args, health) -> dict:
         "total_ms": {q: ms(percentile(total, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
         "inter_token_ms_mean": ms(sum(gen) / len(gen)) if gen else None,
         "prefilled_tokens_after_turn1_mean": round(sum(later) / len(later), 1) if later else None,
+        "persist_ms": {q: percentile(persist, p) for q, p in (("p50", .5), ("max", 1.0))},
         "server": {k: health.get(k) for k in ("turns", "aborted", "evicted", "reloaded", "rebuilt")},
     }
 
@@ -158,7 +160,9 @@ def print_table(s: dict) -> None:
         row = s[name]
         print(f"{name[:-3]:<14}" + "".join(f"{'-' if row[q] is None else row[q]:>9}" for q in ("p50", "p90", "p99", "max")))
     print(f"mean inter-token latency {s['inter_token_ms_mean']} ms; mean prefill after turn 1: "
-          f"{s['prefilled_tokens_after_turn1_mean']} tokens; server counters {s['server']}")
+          f"{s['prefilled_tokens_after_turn1_mean']} tokens; persisting a turn p50 {s['persist_ms']['p50']} ms, "
+          f"max {s['persist_ms']['max']} ms")
+    print(f"server counters {s['server']}")
     for e in s["errors"]:
         print(f"error: {e}")
 

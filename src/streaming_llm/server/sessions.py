@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -255,6 +256,7 @@ class Turn:
         self.committed = False
         self.closed = False
         self.snapshot_bytes = 0
+        self.persist_ms = 0.0
         self.loaded_from = live.source  # new | memory | snapshot | replay
 
     def start(self, payload, max_new_tokens: int, sampling: SamplingParams) -> None:
@@ -293,6 +295,7 @@ class Turn:
             "cache_tokens": conv.engine.cache_tokens,
             "capacity": conv.engine.capacity,
             "snapshot_bytes": self.snapshot_bytes,
+            "persist_ms": self.persist_ms,  # state capture + serialization + durable SQLite write
         }
 
     async def commit(self) -> dict:
@@ -302,7 +305,9 @@ class Turn:
             self.m.counters["rebuilt"] += 1
         self.m.counters["turns"] += 1
         if not self.stateless:
+            t0 = time.perf_counter()
             self.snapshot_bytes = await self.m.persist(self.live)
+            self.persist_ms = round(1000 * (time.perf_counter() - t0), 1)
         self.committed = True
         self.live.source = "memory"
         return self.info()
