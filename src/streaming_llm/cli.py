@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
     "serve": ("streaming_llm.server.serve", "OpenAI-compatible HTTP server with persistent, endless sessions"),
 }
+COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
+COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
 
 
 def build_parser() -> argparse.ArgumentParser:
