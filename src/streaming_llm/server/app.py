@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -129,6 +130,11 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     async def _api_error(request, e: ApiError):
         return error_response(e.status, e.message, e.type, e.param, e.code)
 
+    @app.exception_handler(RequestValidationError)
+    async def _bad_params(request, e: RequestValidationError):  # query/path parameters
+        param, msg = _describe(list(e.errors()))
+        return error_response(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, e):
         msg = f"request body exceeds this server's limit of {settings.max_body_bytes} bytes (--max-body-bytes)"
@@ -171,7 +177,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         header = request.headers.get("x-session-id")
         if header is not None and not S.SESSION_ID_RE.match(header):
             raise ApiError(400, "X-Session-ID must be 1-128 characters from A-Z a-z 0-9 . _ : @ -", param="X-Session-ID")
-        sid = header or req.session_id or req.user
+        sid = header or req.session_id or req.user or None  # an empty user field names nothing
         if sid is not None and not S.SESSION_ID_RE.match(sid):
             raise ApiError(400, "user (used as the session id) must be 1-128 characters from A-Z a-z 0-9 . _ : @ -", param="user")
         return sid
