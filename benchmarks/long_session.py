@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             row = {"turn": info["turns"], "tokens_seen": info["tokens_seen"], "cache": info["cache_tokens"],
                    "capacity": info["capacity"], "prefilled": info["prefilled_tokens"], "loaded_from": info["loaded_from"],
                    "rebuilt": info["rebuilt"], "ttft_s": round(ttft or 0, 2), "total_s": round(time.perf_counter() - t0, 2),
-                   "snapshot_mb": round(info["snapshot_bytes"] / 1e6, 2)}
+                   "snapshot_mb": round(info["snapshot_bytes"] / 1e6, 2), "reply": messages[-1]["content"][:60]}
             rows.append(row)
             print(json.dumps(row), flush=True)
             assert row["turn"] == turn + 1 and not row["rebuilt"] and row["cache"] <= row["capacity"], row

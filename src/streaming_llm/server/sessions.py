@@ -153,8 +153,7 @@ class SessionManager:
         """Lock the session, bring it into memory, prefill and sample the first token. The caller
         must `await turn.close()` whatever happens."""
         if sid is None:
-            live = Live("", self.new_conversation(kind))
-            turn = Turn(self, live, stateless=True)
+            turn = Turn(self, Live("", await self.worker.call(self.new_conversation, kind)), stateless=True)
         else:
             await self._acquire(sid)
             turn = None
