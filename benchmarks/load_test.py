@@ -146,7 +146,7 @@ def summarize(results, wall, model, args, health) -> dict:
         "total_ms": {q: ms(percentile(total, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
         "inter_token_ms_mean": ms(sum(gen) / len(gen)) if gen else None,
         "prefilled_tokens_after_turn1_mean": round(sum(later) / len(later), 1) if later else None,
-        "persist_ms": {q: percentile(persist, p) for q, p in (("p50", .5), ("max", 1.0))},
+        "persist_ms": {q: ms(None if not persist else percentile(persist, p) / 1000) for q, p in (("p50", .5), ("max", 1.0))},
         "server": {k: health.get(k) for k in ("turns", "aborted", "evicted", "reloaded", "rebuilt")},
     }
 
