@@ -63,11 +63,24 @@ def quantizable(linear: nn.Linear, bits: int) -> bool:
     return bits == 8 or linear.in_features % GROUP == 0
 
 
-def quantize_linears(model: nn.Module, bits: int) -> nn.Module:
-    """Replace every eligible nn.Linear of `model` in place (CPU, float32 activations)."""
+QUANT_MODES = ("none", "int8", "int4")
+
+
+def quantize_linears(model: nn.Module, mode: str) -> nn.Module:
+    """Replace every eligible nn.Linear of `model` in place (CPU, float32 activations).
+
+    "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
+    head int8: the head is shared with the embedding, which GGUF files keep at higher precision."""
+    if mode == "none":
+        return model
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization must be one of {QUANT_MODES}, got {mode!r}")
+    head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and quantizable(child, bits):
-                setattr(parent, name, QuantLinear(child, bits))
-    model.config.streaming_llm_weight_bits = bits
+            if isinstance(child, nn.Linear):
+                bits = 8 if mode == "int8" or child is head else 4
+                if quantizable(child, bits):
+                    setattr(parent, name, QuantLinear(child, bits))
+    model.config.streaming_llm_quant = mode
     return model
