@@ -106,19 +106,17 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
 def run(args) -> int:
     check_args(args)
     api_key = resolve_api_key(args.host, args.api_key)  # before any model is loaded
-    from ..ppl import config_from_args
+    from ..ppl import config_from_args, load_model_from_args
 
     config = config_from_args(args)
     import uvicorn
-
-    from ..loading import load_model
 
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_from_args(args)  # honours --quant
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
     app, manager = build(
         model, tokenizer, config, model_name=args.served_model_name or args.model, data_dir=data_dir, api_key=api_key,

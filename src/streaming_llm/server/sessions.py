@@ -92,7 +92,7 @@ class SessionManager:
         self.max_sessions = max_sessions
         self.snapshot_dtype = snapshot_dtype
         self.chat_factory = chat_factory  # () -> ChatConversation
-        self.model_dtype = next(model.parameters()).dtype
+        self.model_dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # the KV cache's dtype
         self.device = next(model.parameters()).device
         self.worker = ModelWorker("model")
         self.io = ModelWorker("store-io")
