@@ -369,3 +369,25 @@ def pexpect_eof():
     import pexpect
 
     return pexpect.EOF
+
+
+def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_chat.py"
+    spec = importlib.util.spec_from_file_location("long_chat", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--model", tiny_dir, "--turns", "6", "--window", "30", "--max-new-tokens", "5",
+            "--min-times-context", "0", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets it for the whole process
+    rows = [json.loads(line) for line in (tmp_path / "streaming_transcript.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "streaming_summary.json").read_text())
+    assert len(rows) == 6 and KEYS <= set(rows[0]) and summary["max_cache_tokens"] == 34
+    assert summary["checks"]["cache_never_above_sinks_plus_window"]
+    assert len((tmp_path / "turns.txt").read_text().splitlines()) == 6
+    assert "Sample replies" in (tmp_path / "streaming_summary.md").read_text()
