@@ -50,6 +50,9 @@ def add_arguments(p) -> None:
 
     add_model_arguments(p)
     p.set_defaults(window=DEFAULT_WINDOW)
+    for action in p._actions:  # the shared flag, with this verb's default spelled out
+        if action.dest == "window":
+            action.help = f"most recent tokens kept (default {DEFAULT_WINDOW}: with 4 sinks, 2048 cached tokens)"
     g = p.add_argument_group("chat")
     g.add_argument("--system", default=None, help="system prompt (default: the chat template's own, if any)")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 for greedy decoding")
