@@ -213,3 +213,181 @@ def test_reset_and_bad_arguments(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="chat template"):
         ChatSession(StreamingLLM(model, None, StreamingConfig()))
+
+
+# ---- the `chat` command: scripted mode -------------------------------------------------------
+
+KEYS = {"turn", "user", "assistant", "prompt_tokens", "generated_tokens", "total_tokens_seen", "cache_tokens", "ms_per_token"}
+
+
+def run_cli(argv):
+    from streaming_llm.cli import main
+
+    return main(["chat", *map(str, argv)])
+
+
+def test_scripted_mode_end_to_end(tiny_dir, tmp_path, capsys):
+    msgs = ["hello there", "", "what is a cache?", "x" * 150, "ünïcödé ✓", "and finally, the last one"]
+    script = tmp_path / "turns.txt"
+    script.write_bytes("\n".join(msgs).encode() + b"\nbad \xff\xfe bytes\n")
+    out = tmp_path / "out.jsonl"
+    rc = run_cli(["--model", tiny_dir, "--window", 40, "--script", script, "--transcript", out,
+                  "--max-new-tokens", 7, "--seed", 5, "--no-progress"])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    users = [m for m in msgs if m] + ["bad \ufffd\ufffd bytes"]
+    assert [r["turn"] for r in rows] == list(range(1, len(users) + 1)) and [r["user"] for r in rows] == users
+    seen = [r["total_tokens_seen"] for r in rows]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert 0 < r["cache_tokens"] <= 44 and 1 <= r["generated_tokens"] <= 7 and r["ms_per_token"] > 0
+        assert r["prompt_tokens"] > 0 and isinstance(r["assistant"], str)
+    assert seen == sorted(seen) and len(set(seen)) == len(seen) and seen[-1] > 200
+    assert rows[2]["prompt_tokens"] > 150  # a message longer than the cache is chunk-prefilled
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["turns"] == len(users) and summary["max_cache_tokens"] == 44 and summary["capacity"] == 44
+    # the same seed gives the same conversation
+    out2 = tmp_path / "out2.jsonl"
+    run_cli(["--model", tiny_dir, "--window", 40, "--script", script, "--transcript", out2,
+             "--max-new-tokens", 7, "--seed", 5, "--no-progress"])
+    assert [json.loads(line)["assistant"] for line in out2.read_text(encoding="utf-8").splitlines()] == [
+        r["assistant"] for r in rows]
+
+
+@pytest.mark.parametrize("method", ["dense", "window"])
+def test_scripted_baselines_run(tiny_dir, tmp_path, capsys, method):
+    script = tmp_path / "t.txt"
+    script.write_text("one message\nanother message here\na third\n")
+    rc = run_cli(["--model", tiny_dir, "--method", method, "--window", 30, "--script", script,
+                  "--max-new-tokens", 5, "--temperature", 0])
+    assert rc == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert ">>> another message here" in out  # without --transcript the conversation is printed
+    if method == "dense":
+        assert summary["capacity"] is None and summary["max_cache_tokens"] == summary["total_tokens_seen"]
+    else:
+        assert summary["sinks"] == 0 and summary["max_cache_tokens"] == 30 < summary["total_tokens_seen"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--script", "/nonexistent/turns.txt"], "script file not found"),
+        (["--script", "{script}", "--transcript", "/nonexistent/dir/out.jsonl"], "cannot write transcript"),
+        (["--script", "{empty}"], "has no messages"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--window", "0"], "window"),
+    ],
+)
+def test_bad_arguments_fail_clearly_before_loading(tmp_path, capsys, argv, message):
+    (tmp_path / "s.txt").write_text("hi\n")
+    (tmp_path / "e.txt").write_text("\n  \n")
+    argv = [a.format(script=tmp_path / "s.txt", empty=tmp_path / "e.txt") for a in argv]
+    rc = run_cli(["--model", "/nonexistent/model", *argv])  # the model is never reached
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "model" not in err.split("error:", 1)[1].replace("max-new-tokens", "")
+
+
+# ---- the `chat` command: interactive, through a pseudo-terminal ------------------------------
+
+STATUS = r"\[tokens seen [\d,]+ \| cache [\d,]+/44 \| evicted [\d,]+ \| prefill [\d,]+ tok/s \| gen [\d,.]+ tok/s\]"
+
+
+def spawn_chat(tiny_dir, *extra):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "PYTHONPATH": SRC, "TERM": "dumb", "NO_COLOR": "1"}
+    argv = ["-m", "streaming_llm.cli", "chat", "--model", tiny_dir, "--window", "40", "--temperature", "0", *extra]
+    child = pexpect.spawn(sys.executable, argv, env=env, encoding="utf-8", codec_errors="replace", timeout=60)
+    child.expect_exact("Type /help for commands")
+    child.expect_exact(">>> ")
+    return child
+
+
+def test_repl_messages_commands_and_bad_input(tiny_dir, tmp_path):
+    child = spawn_chat(tiny_dir, "--max-new-tokens", "6")
+    child.sendline("hello, who are you?")
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    child.sendline("")  # an empty line does nothing
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect(r"turns 1 \| messages 2 \| streaming, sinks 4, window 40")
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    child.sendline("/frobnicate")
+    child.expect_exact("unknown command: /frobnicate")
+    child.expect_exact("/quit")  # the help follows
+    child.expect_exact(">>> ")
+    os.write(child.child_fd, b"bad \xff\xfe bytes\r")  # not UTF-8: must not crash
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    save = tmp_path / "chat.pt"
+    child.sendline(f"/save {save}")
+    child.expect_exact("saved 2 turns")
+    child.sendline("/reset")
+    child.expect_exact("(new conversation)")
+    child.sendline(f"/load {save}")
+    child.expect_exact("loaded 2 turns")
+    child.expect(STATUS)
+    child.sendline("/load /nonexistent/chat.pt")
+    child.expect_exact("error: no saved session")
+    child.expect_exact(">>> ")
+    child.sendintr()  # Ctrl-C at the prompt exits cleanly
+    child.expect(pexpect_eof())
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_repl_ctrl_c_stops_a_reply_and_keeps_the_session(tiny_dir):
+    child = spawn_chat(tiny_dir, "--max-new-tokens", "100000")
+    child.sendline("tell me a very long story")
+    child.expect_exact("tell me a very long story")
+    child.expect(r"\S")  # the reply is streaming
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect(r"turns 1 \| messages 2")
+    child.expect_exact(">>> ")
+    child.sendline("another one")
+    child.expect_exact("another one")
+    child.expect(r"\S")
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect(STATUS)
+    child.expect_exact(">>> ")
+    child.sendeof()  # Ctrl-D exits
+    child.expect(pexpect_eof())
+    child.close()
+    assert child.exitstatus == 0
+
+
+def pexpect_eof():
+    import pexpect
+
+    return pexpect.EOF
+
+
+def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_chat.py"
+    spec = importlib.util.spec_from_file_location("long_chat", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--model", tiny_dir, "--turns", "6", "--window", "30", "--max-new-tokens", "5",
+            "--min-times-context", "0", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets it for the whole process
+    rows = [json.loads(line) for line in (tmp_path / "streaming_transcript.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "streaming_summary.json").read_text())
+    assert len(rows) == 6 and KEYS <= set(rows[0]) and summary["max_cache_tokens"] == 34
+    assert summary["checks"]["cache_never_above_sinks_plus_window"]
+    assert len((tmp_path / "turns.txt").read_text().splitlines()) == 6
+    assert "Sample replies" in (tmp_path / "streaming_summary.md").read_text()
