@@ -47,7 +47,7 @@ def load_model_from_args(args):
     quant = getattr(args, "quant", "none")
     if quant != "none":
         if args.device != "cpu" or args.dtype != "float32":
-            raise UserError("--quant needs --device cpu and --dtype float32 (the kernels keep float32 activations)")
+            raise UserError("--quant needs --device cpu and --dtype float32")
         quantize_linears(model, quant)
     return model, tokenizer
 
