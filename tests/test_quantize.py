@@ -27,7 +27,7 @@ def test_int4_reproduces_4bit_grid_weights_to_bf16_precision():
     eye = torch.eye(96)
     grid = grid_linear()
     err = (QuantLinear(grid, 4)(eye).t() - grid.bias[:, None] - grid.weight).abs().max()
-    assert err < 2 ** -8 * grid.weight.abs().max()
+    assert err < 2 ** -7 * grid.weight.abs().max()  # bf16 scales and bf16 outputs: two roundings
     rough = nn.Linear(96, 48)
     err_rough = (QuantLinear(rough, 4)(eye).t() - rough.bias[:, None] - rough.weight).abs().max()
     assert err_rough > 4 * err
