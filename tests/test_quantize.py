@@ -48,3 +48,15 @@ def test_quantized_model_streams_and_stays_close():
     assert any(isinstance(m, QuantLinear) for m in q.modules())
     out = StreamingLLM(q, None, StreamingConfig(sinks=2, window=8, chunk_size=5)).feed(ids)
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_auto_quantizes_only_models_whose_weights_are_already_4bit():
+    from streaming_llm.quantize import resolve_mode
+
+    model = tiny_model("llama")
+    assert resolve_mode(model, "auto") == "none"
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m is not model.get_output_embeddings():
+                m.weight.copy_(grid_linear(*m.weight.shape).weight)
+    assert resolve_mode(model, "auto") == "int4"

@@ -65,14 +65,39 @@ def quantizable(linear: nn.Linear, bits: int) -> bool:
     return bits == 8 or linear.in_features % GROUP == 0
 
 
-QUANT_MODES = ("none", "int8", "int4")
+QUANT_MODES = ("auto", "none", "int8", "int4")
+
+
+def on_4bit_grid(weight: torch.Tensor) -> bool:
+    """True if every group of 32 weights is scale * q + min with q in 0..15 (a GGUF Q4 tensor)."""
+    n, k = weight.shape
+    if k % GROUP:
+        return False
+    g = weight.detach().float().view(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    resid = (g - lo) / scale
+    return bool((resid - resid.round()).abs().max() < 1e-2)
+
+
+def resolve_mode(model: nn.Module, mode: str) -> str:
+    """"auto" -> "int4" when the decoder's linears already hold 4-bit weights (a model converted
+    from a Q4 GGUF, so int4 loses nothing but bf16 rounding), else "none"."""
+    if mode != "auto":
+        return mode
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    on_grid = sum(on_4bit_grid(m.weight) for m in linears)
+    return "int4" if linears and on_grid >= 0.9 * len(linears) else "none"
 
 
 def quantize_linears(model: nn.Module, mode: str) -> nn.Module:
-    """Replace every eligible nn.Linear of `model` in place (CPU, float32 activations).
+    """Replace every eligible nn.Linear of `model` in place (CPU, float32 in and out).
 
     "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
-    head int8: the head is shared with the embedding, which GGUF files keep at higher precision."""
+    head int8: the head is shared with the embedding, which GGUF files keep at higher precision.
+    "auto": see `resolve_mode`."""
+    mode = resolve_mode(model, mode)
     if mode == "none":
         return model
     if mode not in QUANT_MODES:
