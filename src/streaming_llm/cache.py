@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .rope import LayerRope
+from .rope import LayerRope, apply_rotation
 
 _ACTIVE = threading.local()
 
@@ -276,7 +276,8 @@ class StreamingCache(Cache):
             if len(self._rotations) > 64:
                 self._rotations.clear()
             eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
-            rot = rope.rotate(eye, torch.full((like.shape[-1],), delta, device=like.device))
+            cos, sin = rope.cos_sin(torch.tensor([delta], device=like.device), like.dtype)  # (1, R): every row
+            rot = apply_rotation(eye, cos, sin, rope.interleaved)
             self._rotations[key] = rot
         return rot
 
