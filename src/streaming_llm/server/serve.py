@@ -33,7 +33,7 @@ def default_data_dir() -> str:
 def add_arguments(p) -> None:
     from ..ppl import add_model_arguments
 
-    add_model_arguments(p)
+    add_model_arguments(p, quant_default="auto")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (non-loopback needs --api-key)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-key", default=None, help=f"required bearer token (default: ${API_KEY_ENV})")
