@@ -18,6 +18,7 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
 }
+COMMANDS["bench"] = ("streaming_llm.bench", "decode latency and memory against cache size, per method")
 
 
 def build_parser() -> argparse.ArgumentParser:

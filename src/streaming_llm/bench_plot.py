@@ -1,0 +1,114 @@
+"""Plots of `streaming-llm bench` results. They read the results JSON only, never a model.
+
+- sweep results (`{"results": [...]}`): the Fig. 10 analog of the paper: per-token latency (p50,
+  p90 as a thin band) and memory (peak RSS, and its increase over the loaded model) against cache
+  size, one line per method;
+- long-stream results (`{"long_stream": {...}}`): latency (p50 and p90 of each block) and RSS
+  against tokens streamed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+STYLE = {  # method -> (colour, marker)
+    "streaming": ("tab:blue", "o"),
+    "window": ("tab:cyan", "v"),
+    "dense": ("tab:green", "s"),
+    "recompute": ("tab:red", "^"),
+    "hf": ("tab:gray", "D"),
+}
+
+
+def load_results(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"results file not found: {path}")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a JSON results file ({e})") from None
+    if not isinstance(data, dict) or ("results" not in data and "long_stream" not in data):
+        raise UserError(f"{path} has neither 'results' nor 'long_stream': not written by streaming-llm bench")
+    return data
+
+
+def plot_file(json_path: str, out: str | None = None) -> str:
+    return plot_data(load_results(json_path), out or str(Path(json_path).with_suffix(".png")))
+
+
+def _title(data: dict) -> str:
+    m = data.get("machine", {})
+    return f"{m.get('model', '')}  {m.get('dtype', '')}  |  {m.get('cpu', '')}, {m.get('torch_threads', '?')} threads"
+
+
+def plot_data(data: dict, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = _long(plt, data) if "long_stream" in data else _sweep(plt, data)
+    fig.suptitle(_title(data), fontsize=9)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _sweep(plt, data: dict):
+    results = data["results"]
+    if not results:
+        raise UserError("the results file has no results to plot")
+    fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(15, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    for method in methods:
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["cache_size"])
+        x = [r["cache_size"] for r in rows]
+        colour, marker = STYLE.get(method, ("black", "x"))
+        label = method + (f" ({rows[0]['dtype']})" if rows[0].get("dtype") else "")
+        ax_t.plot(x, [r["ms_per_token_p50"] for r in rows], marker=marker, color=colour, label=label)
+        ax_t.fill_between(x, [r["ms_per_token_p50"] for r in rows], [r["ms_per_token_p90"] for r in rows],
+                          color=colour, alpha=0.15, linewidth=0)
+        ax_m.plot(x, [r["peak_rss_mb"] for r in rows], marker=marker, color=colour, label=method)
+        ax_d.plot(x, [r["rss_increase_mb"] for r in rows], marker=marker, color=colour, label=method)
+        if rows[0].get("floor_ms") is not None:
+            ax_t.plot(x, [r.get("floor_ms") for r in rows], color=colour, linestyle=":", label=f"{method} floor")
+    for ax in (ax_t, ax_m, ax_d):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["cache_size"] for r in results}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("cache size (tokens)")
+        ax.grid(alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("decode latency, ms/token (p50; band to p90)")
+    ax_m.set_ylabel("peak RSS of the process, MB")
+    ax_d.set_ylabel("RSS increase over the loaded model, MB")
+    for ax in (ax_t, ax_m, ax_d):
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _long(plt, data: dict):
+    long = data["long_stream"]
+    cps = long["checkpoints"]
+    x = [c["tokens_decoded"] for c in cps]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_t.plot(x, [c["p50_ms"] for c in cps], color="tab:blue", label="p50 per block")
+    ax_t.plot(x, [c["p90_ms"] for c in cps], color="tab:blue", alpha=0.4, linestyle="--", label="p90 per block")
+    ax_t.axhline(long["p50_first_ms"] * 1.10, color="tab:red", linestyle=":", label="first-window p50 + 10%")
+    ax_t.set_ylim(bottom=0)
+    ax_t.set_ylabel("decode latency, ms/token")
+    ax_m.plot(x, [c["rss_mb"] for c in cps], color="tab:green", label="RSS")
+    ax_m.axhline(long["rss_first_mb"] * 1.05, color="tab:red", linestyle=":", label="first RSS + 5%")
+    ax_m.set_ylim(bottom=0)
+    ax_m.set_ylabel("RSS, MB")
+    for ax in (ax_t, ax_m):
+        ax.set_xlabel(f"tokens decoded ({long['method']}, cache {long['cache_size']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
