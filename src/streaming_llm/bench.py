@@ -211,6 +211,10 @@ def _load(spec: dict):
     dtype = HF_DTYPE if spec["method"] == "hf" else spec["dtype"]
     t0 = time.perf_counter()
     model, _ = load_model(spec["model"], dtype=dtype, device=spec["device"])
+    with torch.no_grad():  # page in memory-mapped weights now, so RSS increases measure the cache
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.numel():
+                t.sum()
     return model, dtype, time.perf_counter() - t0
 
 
@@ -294,6 +298,7 @@ def measure(spec: dict) -> dict:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "load_s": round(load_s, 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "samples_ms": [round(s, 3) for s in samples],
     }
     if cuda:
