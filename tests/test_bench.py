@@ -10,7 +10,7 @@ import json
 import pytest
 
 from streaming_llm import bench
-from streaming_llm.bench_plot import plot_file
+from streaming_llm.bench_report import plot_file
 from streaming_llm.cli import main
 from streaming_llm.errors import UserError
 from tiny_models import save_tiny_model
@@ -93,6 +93,8 @@ def test_long_stream_writes_checkpoints_and_plot(tiny, tmp_path, capsys):
         assert key in long
     assert png.stat().st_size > 10_000
     assert _summary(capsys)["tokens_decoded"] == 60
+    assert main(["bench", "--plot-from", str(out), "--markdown"]) == 0
+    assert "| streaming | 10 | 60 |" in capsys.readouterr().out
 
 
 def test_plot_from_json_only(tmp_path, capsys):
@@ -103,8 +105,11 @@ def test_plot_from_json_only(tmp_path, capsys):
     ]
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"results": rows, "machine": {"cpu": "test"}, "ratios": {}}))
-    assert main(["bench", "--plot-from", str(path)]) == 0
+    assert main(["bench", "--plot-from", str(path), "--markdown"]) == 0
     assert (tmp_path / "r.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "| streaming | float32 | 256 | 2.56 |" in printed and "| dense | float32 | 1024 |" in printed
+    assert main(["bench", "--plot-from", str(path)]) == 0
     assert _summary(capsys)["plot"] == str(tmp_path / "r.png")
     assert plot_file(str(path), str(tmp_path / "x" / "other.png")).endswith("other.png")
 

@@ -1,10 +1,11 @@
-"""Plots of `streaming-llm bench` results. They read the results JSON only, never a model.
+"""Plots and markdown tables of `streaming-llm bench` results. They read the results JSON only.
 
 - sweep results (`{"results": [...]}`): the Fig. 10 analog of the paper: per-token latency (p50,
   p90 as a thin band) and memory (peak RSS, and its increase over the loaded model) against cache
   size, one line per method;
 - long-stream results (`{"long_stream": {...}}`): latency (p50 and p90 of each block) and RSS
-  against tokens streamed.
+  against tokens streamed;
+- `markdown(data)`: the tables of BENCHMARKS.md, so the published tables come from the JSON as is.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ STYLE = {  # method -> (colour, marker)
     "streaming": ("tab:blue", "o"),
     "window": ("tab:cyan", "v"),
     "dense": ("tab:green", "s"),
-    "recompute": ("tab:red", "^"),
     "hf": ("tab:gray", "D"),
+    "recompute": ("tab:red", "^"),
 }
 
 
@@ -112,3 +113,51 @@ def _long(plt, data: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig
+
+
+def _cell(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(data: dict) -> str:
+    """BENCHMARKS.md tables for a results JSON (sweep or long stream), machine line first."""
+    m = data.get("machine", {})
+    bw = m.get("bandwidth")
+    lines = [f"Machine: {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} CPUs, torch {m.get('torch', '?')}, "
+             f"transformers {m.get('transformers', '?')}, {m.get('torch_threads', '?')} threads, "
+             f"dtype {m.get('dtype', '?')}, load average {m.get('load_avg_1m', '?')} at start"
+             + (f"; memory bandwidth read {bw['read_gb_s']} GB/s, copy {bw['copy_gb_s']} GB/s" if bw else ""), ""]
+    if "long_stream" in data:
+        ls = data["long_stream"]
+        lines += [
+            "| method | cache | tokens decoded | p50 first window (ms) | p50 last window (ms) | last/first (<= 1.10) "
+            "| RSS first (MB) | RSS max (MB) | RSS growth (< 5%) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {ls['method']} | {ls['cache_size']} | {ls['tokens_decoded']} | {ls['p50_first_ms']:.2f} | "
+            f"{ls['p50_last_ms']:.2f} | {ls['p50_last_over_first']:.3f} | {ls['rss_first_mb']:.0f} | "
+            f"{ls['rss_max_mb']:.0f} | {ls['rss_growth_pct']:.2f}% |",
+        ]
+        return "\n".join(lines)
+    results = data["results"]
+    floor = any(r.get("floor_ms") is not None for r in results)
+    lines += [
+        "| method | dtype | cache | p50 ms/tok | p90 ms/tok | tok/s | peak RSS MB | RSS increase MB | prefill tok/s |"
+        + (" floor ms | x floor |" if floor else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floor else ""),
+    ]
+    order = {m: i for i, m in enumerate(STYLE)}
+    for r in sorted(results, key=lambda r: (order.get(r["method"], len(order)), r["cache_size"])):
+        row = (f"| {r['method']} | {r.get('dtype', '')} | {r['cache_size']} | {r['ms_per_token_p50']:.2f} | "
+               f"{r['ms_per_token_p90']:.2f} | {_cell(r.get('tokens_per_s'), '.1f')} | {r['peak_rss_mb']:.0f} | "
+               f"{r['rss_increase_mb']:.1f} | {_cell(r.get('prefill_tok_per_s'), '.0f')} |")
+        if floor:
+            row += f" {_cell(r.get('floor_ms'))} | {_cell(r.get('x_floor'))} |"
+        lines.append(row)
+    ratios = data.get("ratios", {})
+    if ratios:
+        lines += ["", "| cache | streaming vs recompute speed-up (>= 100x at 4096) | streaming / dense (<= 1.15) "
+                  "| hf / streaming (>= 2) |", "|---:|---:|---:|---:|"]
+        for size, e in ratios.items():
+            lines.append(f"| {size} | {_cell(e.get('streaming_vs_recompute_speedup'), '.1f')} | "
+                         f"{_cell(e.get('streaming_over_dense'), '.3f')} | {_cell(e.get('hf_over_streaming'), '.2f')} |")
+    return "\n".join(lines)
