@@ -17,7 +17,7 @@ from tiny_models import save_tiny_model
 
 REQUIRED = {
     "method": str, "cache_size": int, "ms_per_token_p50": float, "ms_per_token_p90": float, "peak_rss_mb": float,
-    "rss_increase_mb": float, "baseline_rss_mb": float, "tokens_per_s": float, "steps": int, "dtype": str,
+    "rss_increase_mb": float, "baseline_rss_mb": float, "decode_rss_increase_mb": float, "tokens_per_s": float, "steps": int, "dtype": str,
     "threads": int, "cache_tokens": int, "kv_cache_mb": float, "weight_mb": float, "samples_ms": list,
 }
 MACHINE = ("cpu", "logical_cpus", "torch", "torch_threads", "dtype", "model")
@@ -108,7 +108,7 @@ def test_plot_from_json_only(tmp_path, capsys):
     assert main(["bench", "--plot-from", str(path), "--markdown"]) == 0
     assert (tmp_path / "r.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "| streaming | float32 | 256 | 2.56 |" in printed and "| dense | float32 | 1024 |" in printed
+    assert "| streaming | float32 | 256 | 2.56 |" in printed and "2.6 (-)" in printed and "| dense | float32 | 1024 |" in printed
     assert main(["bench", "--plot-from", str(path)]) == 0
     assert _summary(capsys)["plot"] == str(tmp_path / "r.png")
     assert plot_file(str(path), str(tmp_path / "x" / "other.png")).endswith("other.png")

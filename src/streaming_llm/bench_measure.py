@@ -171,6 +171,8 @@ def measure(spec: dict) -> dict:
     dec.prefill(ids)  # recompute only stores the ids: its prefill runs no forward
     _sync(device)
     prefill_s = time.perf_counter() - t0
+    prefill_peak = hardware.peak_rss_mb()
+    hardware.reset_peak_rss()  # from here on: the decode phase alone
     steps = spec["recompute_steps"] if spec["method"] == "recompute" else spec["steps"]
     warmup = min(spec["warmup"], 1) if spec["method"] == "recompute" else spec["warmup"]
     tok, samples = int(ids[-1]), []
@@ -183,7 +185,8 @@ def measure(spec: dict) -> dict:
         dt = (time.perf_counter() - t0) * 1000
         if i >= warmup:
             samples.append(dt)
-    peak = hardware.peak_rss_mb()
+    decode_peak = hardware.peak_rss_mb()
+    peak = max(prefill_peak, decode_peak)
     w = hardware.weight_bytes(model)
     kv = hardware.kv_bytes(dec.cache)
     p50 = statistics.median(samples)
@@ -201,13 +204,15 @@ def measure(spec: dict) -> dict:
         "peak_rss_mb": round(peak, 1),
         "baseline_rss_mb": round(base_rss, 1),
         "rss_increase_mb": round(peak - base_rss, 1),
+        "decode_peak_rss_mb": round(decode_peak, 1),
+        "decode_rss_increase_mb": round(decode_peak - base_rss, 1),
         "process_peak_rss_mb": round(hardware.process_peak_rss_mb(), 1),
         "peak_rss_reset": reset_ok,
         "prefill_tokens": int(ids.numel()),
         "prefill_s": round(prefill_s, 4),
         "prefill_tok_per_s": None if spec["method"] == "recompute" else round(ids.numel() / prefill_s, 1),
         **dec.state(),
-        "sinks": 0 if spec["method"] in ("window", "hf", "dense") else spec["sinks"],
+        "sinks": spec["sinks"] if spec["method"] == "streaming" else 0,
         "kv_cache_mb": round(kv / 2**20, 3),
         "weight_mb": round(w["weight_bytes"] / 2**20, 3),
         "weight_dtypes": w["weight_dtypes"],
@@ -242,10 +247,13 @@ def _profile(dec, tok: int, spec: dict) -> tuple[str, int]:
 
 def measure_long(spec: dict) -> dict:
     """Stream `long_stream` decoded tokens at one cache size; record latency and RSS every K."""
+    import torch
+
     from . import hardware
 
     model, dtype, _ = _load(spec)
     device, every = spec["device"], spec["every"]
+    cuda = str(device).startswith("cuda")
     dec = _decoder(model, spec)
     ids = _prompt(model, dec.prefill_len)
     dec.prefill(ids)
@@ -264,6 +272,7 @@ def measure_long(spec: dict) -> dict:
                 "p50_ms": round(statistics.median(block), 4), "p90_ms": round(_pct(block, 0.9), 4),
                 "max_ms": round(max(block), 3), "rss_mb": round(hardware.rss_mb(), 1),
                 "elapsed_s": round(time.perf_counter() - start, 1),
+                **({"gpu_mb": round(torch.cuda.memory_allocated(device) / 2**20, 1)} if cuda else {}),
             })
             print(f"bench long-stream: {i + 1}/{spec['long_stream']} tokens, p50 {checkpoints[-1]['p50_ms']:.2f} ms, "
                   f"RSS {checkpoints[-1]['rss_mb']:.0f} MB", file=sys.stderr, flush=True)

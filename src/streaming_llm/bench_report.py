@@ -77,6 +77,9 @@ def _sweep(plt, data: dict):
                           color=colour, alpha=0.15, linewidth=0)
         ax_m.plot(x, [r["peak_rss_mb"] for r in rows], marker=marker, color=colour, label=method)
         ax_d.plot(x, [r["rss_increase_mb"] for r in rows], marker=marker, color=colour, label=method)
+        if rows[0].get("decode_rss_increase_mb") is not None:
+            ax_d.plot(x, [r["decode_rss_increase_mb"] for r in rows], marker=marker, color=colour, linestyle="--",
+                      alpha=0.6, label=f"{method}, decode only")
         if rows[0].get("floor_ms") is not None:
             ax_t.plot(x, [r.get("floor_ms") for r in rows], color=colour, linestyle=":", label=f"{method} floor")
     for ax in (ax_t, ax_m, ax_d):
@@ -88,7 +91,7 @@ def _sweep(plt, data: dict):
     ax_t.set_yscale("log")
     ax_t.set_ylabel("decode latency, ms/token (p50; band to p90)")
     ax_m.set_ylabel("peak RSS of the process, MB")
-    ax_d.set_ylabel("RSS increase over the loaded model, MB")
+    ax_d.set_ylabel("RSS increase over the loaded model, MB\n(solid: prefill + decode; dashed: decode)")
     for ax in (ax_t, ax_m, ax_d):
         ax.legend(fontsize=8)
     return fig
@@ -141,7 +144,8 @@ def markdown(data: dict) -> str:
     results = data["results"]
     floor = any(r.get("floor_ms") is not None for r in results)
     lines += [
-        "| method | dtype | cache | p50 ms/tok | p90 ms/tok | tok/s | peak RSS MB | RSS increase MB | prefill tok/s |"
+        "| method | dtype | cache | p50 ms/tok | p90 ms/tok | tok/s | peak RSS MB | RSS increase MB (decode only) "
+        "| prefill tok/s |"
         + (" floor ms | x floor |" if floor else ""),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floor else ""),
     ]
@@ -149,7 +153,8 @@ def markdown(data: dict) -> str:
     for r in sorted(results, key=lambda r: (order.get(r["method"], len(order)), r["cache_size"])):
         row = (f"| {r['method']} | {r.get('dtype', '')} | {r['cache_size']} | {r['ms_per_token_p50']:.2f} | "
                f"{r['ms_per_token_p90']:.2f} | {_cell(r.get('tokens_per_s'), '.1f')} | {r['peak_rss_mb']:.0f} | "
-               f"{r['rss_increase_mb']:.1f} | {_cell(r.get('prefill_tok_per_s'), '.0f')} |")
+               f"{r['rss_increase_mb']:.1f} ({_cell(r.get('decode_rss_increase_mb'), '.1f')}) | "
+               f"{_cell(r.get('prefill_tok_per_s'), '.0f')} |")
         if floor:
             row += f" {_cell(r.get('floor_ms'))} | {_cell(r.get('x_floor'))} |"
         lines.append(row)
