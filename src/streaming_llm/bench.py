@@ -204,7 +204,7 @@ def run(args) -> int:
                 row["x_floor"] = round(row["ms_per_token_p50"] / row["floor_ms"], 2)
             if "profile_table" in row:
                 print(f"\nprofile: {method} @ cache {size}, {args.profile_steps} decode step(s), "
-                      f"{row['profile_ops']} op calls per step\n{row['profile_table']}")
+                      f"{row['profile_ops']} profiler op events per step (nested ones included)\n{row['profile_table']}")
             results.append(row)
     ratios = compute_ratios(results)
     print_table(results, ratios, args.floor)
