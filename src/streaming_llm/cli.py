@@ -18,6 +18,8 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
 }
+COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
+COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
 COMMANDS["bench"] = ("streaming_llm.bench", "decode latency and memory against cache size, per method")
 
 
