@@ -159,3 +159,14 @@ def test_ratios_per_size():
     assert bench.parse_sizes("1024, 256,256", 4) == [256, 1024]
     with pytest.raises(UserError):
         bench.parse_methods("streaming,nope")
+
+
+def test_quantized_engine_reads_fewer_weight_bytes(tiny, tmp_path):
+    out = tmp_path / "q.json"
+    base = ["bench", "--model", tiny, "--cache-sizes", "12", "--methods", "streaming,hf", "--steps", "3", "--warmup", "1",
+            "--in-process", "--json", str(out)]
+    assert main(base + ["--quant", "int8"]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["streaming"]["quant"] == "int8" and "int8" in rows["streaming"]["weight_dtypes"]
+    assert rows["hf"]["quant"] == "none" and rows["hf"]["dtype"] == "float32"  # the baseline stays plain
+    assert rows["streaming"]["weight_mb"] < rows["hf"]["weight_mb"]

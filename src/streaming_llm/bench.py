@@ -45,6 +45,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, help="engine weights dtype (hf always runs float32)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the engine's linears (hf stays float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of cached tokens")
@@ -148,7 +150,7 @@ def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
 
 def _spec(args, method: str, size: int) -> dict:
     return {
-        "model": args.model, "dtype": args.dtype, "device": args.device, "threads": args.threads,
+        "model": args.model, "dtype": args.dtype, "quant": args.quant, "device": args.device, "threads": args.threads,
         "method": method, "cache_size": size, "sinks": args.sinks, "steps": args.steps, "warmup": args.warmup,
         "recompute_steps": args.recompute_steps, "chunk_size": args.chunk_size, "profile": args.profile,
         "profile_steps": args.profile_steps, "long_stream": args.long_stream, "every": args.every,
@@ -163,7 +165,8 @@ def _machine(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {**hardware.machine_info(args.device), "dtype": args.dtype, "hf_dtype": HF_DTYPE, "model": args.model}
+    return {**hardware.machine_info(args.device), "dtype": args.dtype, "quant": args.quant, "hf_dtype": HF_DTYPE,
+            "model": args.model}
 
 
 def _write(path: str | None, data: dict) -> None:
@@ -214,7 +217,7 @@ def run(args) -> int:
     if args.markdown:
         print(bench_report.markdown(data))
     plot = bench_report.plot_data(data, args.plot) if args.plot else None
-    summary = {"model": args.model, "dtype": args.dtype, "threads": machine["torch_threads"],
+    summary = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": machine["torch_threads"],
                "p50_ms": {f"{r['method']}@{r['cache_size']}": r["ms_per_token_p50"] for r in results},
                "ratios": ratios, "json": args.json, "plot": plot}
     print(json.dumps(summary))

@@ -119,21 +119,25 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 def _load(spec: dict):
+    """(model, dtype, quant, seconds): the engine's model as the flags say; hf: plain float32."""
+    from types import SimpleNamespace
+
     import torch
 
-    from .loading import load_model
+    from .ppl import load_model_from_args
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(SEED)
-    dtype = HF_DTYPE if spec["method"] == "hf" else spec["dtype"]
+    hf = spec["method"] == "hf"
+    dtype, quant = (HF_DTYPE, "none") if hf else (spec["dtype"], spec.get("quant", "none"))
     t0 = time.perf_counter()
-    model, _ = load_model(spec["model"], dtype=dtype, device=spec["device"])
+    model, _ = load_model_from_args(SimpleNamespace(model=spec["model"], dtype=dtype, device=spec["device"], quant=quant))
     with torch.no_grad():  # page in memory-mapped weights now, so RSS increases measure the cache
         for t in list(model.parameters()) + list(model.buffers()):
             if t.numel():
                 t.sum()
-    return model, dtype, time.perf_counter() - t0
+    return model, dtype, quant, time.perf_counter() - t0
 
 
 def _decoder(model, spec: dict):
@@ -155,7 +159,7 @@ def measure(spec: dict) -> dict:
 
     from . import hardware
 
-    model, dtype, load_s = _load(spec)
+    model, dtype, quant, load_s = _load(spec)
     device = spec["device"]
     cuda = str(device).startswith("cuda")
     gc.collect()
@@ -218,6 +222,7 @@ def measure(spec: dict) -> dict:
         "weight_dtypes": w["weight_dtypes"],
         "bytes_per_token": None if spec["method"] == "recompute" else w["weight_bytes"] + kv,
         "dtype": dtype,
+        "quant": quant,
         "threads": torch.get_num_threads(),
         "device": str(device),
         "load_s": round(load_s, 2),
@@ -251,7 +256,7 @@ def measure_long(spec: dict) -> dict:
 
     from . import hardware
 
-    model, dtype, _ = _load(spec)
+    model, dtype, quant, _ = _load(spec)
     device, every = spec["device"], spec["every"]
     cuda = str(device).startswith("cuda")
     dec = _decoder(model, spec)
@@ -283,7 +288,8 @@ def measure_long(spec: dict) -> dict:
     rss0 = checkpoints[0]["rss_mb"]
     rss_max = max(c["rss_mb"] for c in checkpoints)
     return {
-        "method": spec["method"], "cache_size": spec["cache_size"], "dtype": dtype, "device": str(device),
+        "method": spec["method"], "cache_size": spec["cache_size"], "dtype": dtype, "quant": quant,
+        "device": str(device),
         "tokens_decoded": len(samples), "prefill_tokens": int(ids.numel()), "window_tokens": win,
         "p50_first_ms": round(first, 4), "p50_last_ms": round(last, 4), "p50_last_over_first": round(last / first, 4),
         "latency_flat": last / first <= 1.10,

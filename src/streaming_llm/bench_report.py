@@ -71,7 +71,7 @@ def _sweep(plt, data: dict):
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["cache_size"])
         x = [r["cache_size"] for r in rows]
         colour, marker = STYLE.get(method, ("black", "x"))
-        label = method + (f" ({rows[0]['dtype']})" if rows[0].get("dtype") else "")
+        label = method + (f" ({_precision(rows[0])})" if rows[0].get("dtype") else "")
         ax_t.plot(x, [r["ms_per_token_p50"] for r in rows], marker=marker, color=colour, label=label)
         ax_t.fill_between(x, [r["ms_per_token_p50"] for r in rows], [r["ms_per_token_p90"] for r in rows],
                           color=colour, alpha=0.15, linewidth=0)
@@ -122,13 +122,18 @@ def _cell(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _precision(r: dict) -> str:
+    quant = r.get("quant") or "none"
+    return r.get("dtype", "") + ("" if quant == "none" else f" + {quant}")
+
+
 def markdown(data: dict) -> str:
     """BENCHMARKS.md tables for a results JSON (sweep or long stream), machine line first."""
     m = data.get("machine", {})
     bw = m.get("bandwidth")
     lines = [f"Machine: {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} CPUs, torch {m.get('torch', '?')}, "
              f"transformers {m.get('transformers', '?')}, {m.get('torch_threads', '?')} threads, "
-             f"dtype {m.get('dtype', '?')}, load average {m.get('load_avg_1m', '?')} at start"
+             f"dtype {_precision(m)}, load average {m.get('load_avg_1m', '?')} at start"
              + (f"; memory bandwidth read {bw['read_gb_s']} GB/s, copy {bw['copy_gb_s']} GB/s" if bw else ""), ""]
     if "long_stream" in data:
         ls = data["long_stream"]
@@ -151,7 +156,7 @@ def markdown(data: dict) -> str:
     ]
     order = {m: i for i, m in enumerate(STYLE)}
     for r in sorted(results, key=lambda r: (order.get(r["method"], len(order)), r["cache_size"])):
-        row = (f"| {r['method']} | {r.get('dtype', '')} | {r['cache_size']} | {r['ms_per_token_p50']:.2f} | "
+        row = (f"| {r['method']} | {_precision(r)} | {r['cache_size']} | {r['ms_per_token_p50']:.2f} | "
                f"{r['ms_per_token_p90']:.2f} | {_cell(r.get('tokens_per_s'), '.1f')} | {r['peak_rss_mb']:.0f} | "
                f"{r['rss_increase_mb']:.1f} ({_cell(r.get('decode_rss_increase_mb'), '.1f')}) | "
                f"{_cell(r.get('prefill_tok_per_s'), '.0f')} |")

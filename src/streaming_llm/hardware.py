@@ -180,7 +180,7 @@ def weight_bytes(model) -> dict:
         total += _tensor_bytes(t)
     if skip is not None:
         total += embed_w.shape[-1] * embed_w.element_size()  # the one row looked up
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in list(model.parameters()) + list(model.buffers())})
     return {"weight_bytes": total, "weight_dtypes": dtypes, "tied_embeddings": tied}
 
 
