@@ -5,13 +5,15 @@
 #   benchmarks/run_all.sh            # sweep (with the floor), profile, long stream, in that order
 #   benchmarks/run_all.sh floor      # any of: sweep floor profile long (floor: quick re-check only)
 #
-# Environment: MODEL, DTYPE (engine weights; the hf baseline is always float32), THREADS, OUT,
+# Environment: MODEL, DTYPE (engine weights; the hf baseline is always float32), QUANT (none | int8 |
+# int4: the engine's weight-only quantization; hf stays plain), THREADS, OUT,
 # PYTHON, LONG (tokens of the long stream), LONG_CACHE. Outputs go to $OUT: <name>.json, .png,
 # .txt (stdout: table, markdown, one-line JSON summary) and .log (stderr: progress).
 set -euo pipefail
 
 MODEL=${MODEL:-smollm2-135m-instruct}
 DTYPE=${DTYPE:-float32}
+QUANT=${QUANT:-none}
 THREADS=${THREADS:-2}
 OUT=${OUT:-benchmarks/results}
 PYTHON=${PYTHON:-python}
@@ -25,21 +27,21 @@ bench() {  # bench NAME ARGS...: run one bench command, keep its outputs under $
     shift
     echo "== $name: streaming-llm bench $*" >&2
     local t0=$SECONDS
-    "$PYTHON" -m streaming_llm.cli bench --model "$MODEL" --dtype "$DTYPE" --threads "$THREADS" "$@" \
+    "$PYTHON" -m streaming_llm.cli bench --model "$MODEL" --dtype "$DTYPE" --quant "$QUANT" --threads "$THREADS" "$@" \
         2> "$OUT/$name.log" | tee "$OUT/$name.txt"
     echo "== $name: $((SECONDS - t0)) s" >&2
 }
 
 run() {
     case $1 in
-        # Table 1 + Fig. 10 analog: every method at every default cache size (about 10-20 min).
+        # Table 1 + Fig. 10 analog + floor: every method at every default cache size (about 15-25 min).
         sweep) bench sweep --floor --markdown --json "$OUT/sweep.json" --plot "$OUT/sweep.png" ;;
-        # Hardware floor: bandwidth + bytes per token for the engine's methods (about 3-5 min).
+        # Hardware floor alone, for a quick re-check after an engine change (about 5 min).
         floor) bench floor --methods streaming,dense --floor --markdown --json "$OUT/floor.json" ;;
-        # Where the time goes: profiler tables of 5 decode steps at cache 1024 (about 1 min).
+        # Where the time goes: profiler tables of 5 decode steps at cache 1024 (about 1-2 min).
         profile) bench profile --methods streaming,hf --cache-sizes 1024 --steps 50 --profile --profile-steps 5 \
                      --json "$OUT/profile.json" ;;
-        # Flat latency and memory over a long stream (LONG tokens; ~LONG x ms/token, e.g. 100K x 30 ms = 50 min).
+        # Flat latency and memory over a long stream (~LONG x p50 ms/token: 100K x 30 ms = 50 min, x 60 ms = 100 min).
         long) bench long --methods streaming --cache-sizes "$LONG_CACHE" --long-stream "$LONG" --every 1000 \
                   --markdown --json "$OUT/long.json" --plot "$OUT/long.png" ;;
         *) echo "unknown run '$1' (sweep | floor | profile | long)" >&2; exit 2 ;;
