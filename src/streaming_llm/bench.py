@@ -209,11 +209,11 @@ def run(args) -> int:
                 print(f"\nprofile: {method} @ cache {size}, {args.profile_steps} decode step(s), "
                       f"{row['profile_ops']} profiler op events per step (nested ones included)\n{row['profile_table']}")
             results.append(row)
-    ratios = compute_ratios(results)
+            data = {"results": results, "machine": machine, "ratios": compute_ratios(results),
+                    "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}}
+            _write(args.json, data)  # after every configuration: a crash late in a sweep loses nothing
+    ratios = data["ratios"]
     print_table(results, ratios, args.floor)
-    data = {"results": results, "machine": machine, "ratios": ratios,
-            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}}
-    _write(args.json, data)
     if args.markdown:
         print(bench_report.markdown(data))
     plot = bench_report.plot_data(data, args.plot) if args.plot else None
