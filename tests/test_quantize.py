@@ -22,10 +22,15 @@ def grid_linear(n=48, k=96, seed=0):
     return lin
 
 
-def test_int4_is_exact_on_4bit_grid_weights():
-    lin = grid_linear()
-    x = torch.randn(5, 96)
-    assert (QuantLinear(lin, 4)(x) - lin(x)).abs().max() < 1e-5
+def test_int4_reproduces_4bit_grid_weights_to_bf16_precision():
+    """Weights already on a Q4_1 grid come back up to bf16 rounding; arbitrary weights do not."""
+    eye = torch.eye(96)
+    grid = grid_linear()
+    err = (QuantLinear(grid, 4)(eye).t() - grid.bias[:, None] - grid.weight).abs().max()
+    assert err < 2 ** -7 * grid.weight.abs().max()  # bf16 scales and bf16 outputs: two roundings
+    rough = nn.Linear(96, 48)
+    err_rough = (QuantLinear(rough, 4)(eye).t() - rough.bias[:, None] - rough.weight).abs().max()
+    assert err_rough / rough.weight.abs().max() > 4 * err / grid.weight.abs().max()
 
 
 def test_int8_is_close():
@@ -43,3 +48,15 @@ def test_quantized_model_streams_and_stays_close():
     assert any(isinstance(m, QuantLinear) for m in q.modules())
     out = StreamingLLM(q, None, StreamingConfig(sinks=2, window=8, chunk_size=5)).feed(ids)
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_auto_quantizes_only_models_whose_weights_are_already_4bit():
+    from streaming_llm.quantize import resolve_mode
+
+    model = tiny_model("llama")
+    assert resolve_mode(model, "auto") == "none"
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m is not model.get_output_embeddings():
+                m.weight.copy_(grid_linear(*m.weight.shape).weight)
+    assert resolve_mode(model, "auto") == "int4"

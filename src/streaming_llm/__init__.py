@@ -14,6 +14,7 @@ _EXPORTS = {
     "StreamingConfig": "streaming_llm.config",
     "StreamingCache": "streaming_llm.cache",
     "SamplingParams": "streaming_llm.sampling",
+    "ChatSession": "streaming_llm.session",
     "load_model": "streaming_llm.loading",
     "enable_streaming_attention": "streaming_llm.attention",
     "UserError": "streaming_llm.errors",

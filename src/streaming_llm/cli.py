@@ -16,7 +16,9 @@ from .errors import UserError
 # subcommand -> (module, one-line help). Verb modules keep their top-level imports light (torch,
 # transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("streaming_llm.chat", "endless multi-turn chat (interactive, or scripted from a file)"),
     "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
+    "serve": ("streaming_llm.server.serve", "OpenAI-compatible HTTP server with persistent, endless sessions"),
 }
 COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
 COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")

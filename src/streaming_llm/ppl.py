@@ -22,7 +22,7 @@ from .errors import UserError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def add_model_arguments(p) -> None:
+def add_model_arguments(p, quant_default: str = "none") -> None:
     """Flags shared by every verb that loads a model and streams through it."""
     from .config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
 
@@ -34,8 +34,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per forward when feeding")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the linear layers (CPU decoding speed)")
+    p.add_argument("--quant", default=quant_default, choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization of the linear layers for CPU decoding speed; auto: int4 "
+                   "when the weights are already 4-bit (Q4 GGUF models), else none (default: %(default)s)")
 
 
 def load_model_from_args(args):
@@ -45,9 +46,11 @@ def load_model_from_args(args):
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     quant = getattr(args, "quant", "none")
+    if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):
+        quant = "none"
     if quant != "none":
         if args.device != "cpu" or args.dtype != "float32":
-            raise UserError("--quant needs --device cpu and --dtype float32 (the kernels keep float32 activations)")
+            raise UserError("--quant needs --device cpu and --dtype float32")
         quantize_linears(model, quant)
     return model, tokenizer
 

@@ -1,0 +1,371 @@
+"""ChatSession: a multi-turn chat kept on one endless StreamingLLM stream.
+
+The terminal chat (`chat.py`) and the HTTP server both build on this class. A session holds an
+engine (one stream: model + KV cache) and the message list, and keeps the two in step:
+
+- Each turn renders the conversation with the tokenizer's chat template and feeds ONLY the text
+  that is not in the stream yet (the rendered conversation minus what was already fed). If the
+  template is not prefix-stable, it falls back to rendering just the new messages.
+- A reply streams `engine.Token`s; it stops on the template's end-of-turn token, which is fed like
+  every generated token. A reply that ends any other way (length, or the caller stopped iterating)
+  is closed by feeding the end-of-turn token, so the stream stays a faithful transcript.
+- `save`/`load` write and read the transcript plus the engine's streaming state: a loaded session
+  continues exactly where the saved one stopped.
+
+What it does NOT do: print, read input, handle signals, or know about HTTP. Callers interrupt a
+reply by simply not asking for more tokens (see `ChatSession.generate`).
+
+Typical use::
+
+    session = ChatSession(engine, system="You are terse.")
+    for tok in session.reply("Hi!", max_new_tokens=64, sampling=SamplingParams(temperature=0)):
+        print(tok.text, end="", flush=True)
+    print(session.stats().line())
+
+Server use (a client re-sends the whole conversation each request)::
+
+    if session.matches_prefix(messages):
+        session.extend(messages[len(session.messages):])
+    else:
+        session.reset()
+        session.extend(messages)
+    for tok in session.generate(max_new_tokens, sampling): ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .errors import UserError
+
+SAVE_FORMAT = "streaming-llm-chat-session"
+SAVE_VERSION = 1
+# Tokens that end a chat turn in common templates (besides the tokenizer's eos).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+_MARK = "\u2063MARK\u2063"  # a content string no template touches: locates the end-of-turn text
+
+
+@dataclass
+class TurnStats:
+    """What one assistant turn cost."""
+
+    prompt_tokens: int = 0  # tokens prefilled for this turn (the new text only)
+    generated_tokens: int = 0  # tokens sampled, the end-of-turn token included if the model emitted it
+    prefill_s: float = 0.0
+    generate_s: float = 0.0  # wall time from the end of prefill to the last token
+    finish_reason: str = ""  # "stop" | "length" | "interrupted"
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * self.generate_s / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def gen_tok_s(self) -> float:
+        return self.generated_tokens / self.generate_s if self.generate_s > 0 else 0.0
+
+
+@dataclass
+class SessionStats:
+    """A snapshot of the stream: `line()` is the compact status line chat prints after a reply."""
+
+    turns: int
+    messages: int
+    tokens_seen: int  # every token ever fed to the stream
+    cache_tokens: int  # tokens the cache holds now
+    capacity: int | None  # most tokens it will ever hold (None: dense, unbounded)
+    evicted: int
+    method: str
+    last_prompt_tokens: int
+    last_generated_tokens: int
+    prefill_tok_s: float  # of the last turn
+    gen_tok_s: float  # of the last turn
+    ms_per_token: float  # of the last turn
+
+    def line(self) -> str:
+        cap = f"{self.capacity:,}" if self.capacity is not None else "unbounded"
+        return (
+            f"tokens seen {self.tokens_seen:,} | cache {self.cache_tokens:,}/{cap} | evicted {self.evicted:,} | "
+            f"prefill {self.prefill_tok_s:,.0f} tok/s | gen {self.gen_tok_s:,.1f} tok/s"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_ids(x) -> list[int]:
+    if x is None:
+        return []
+    if isinstance(x, int):
+        return [x]
+    return [int(i) for i in x]
+
+
+def _check_messages(messages: Iterable[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"a message must be a dict with string 'role' and 'content' (got {m!r})")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class ChatSession:
+    """A conversation on one stream. Not thread-safe: one caller at a time (the engine's rule).
+
+    Attributes: `engine` (a `StreamingLLM`; may be replaced by `load`), `messages` (list of
+    {"role", "content"} dicts, the system message first if any), `turns` (list of `TurnStats`).
+    """
+
+    def __init__(self, engine, system: str | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise UserError("this model's tokenizer has no chat template; chat needs an instruct/chat model")
+        self.stop_ids = self._find_stop_ids()
+        self.eot_id, self.eot_text, self.eot_separator = self._find_end_of_turn()
+        self._active: Iterator | None = None
+        self.reset(system)
+
+    # ---- template plumbing -------------------------------------------------------------------
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        """The conversation as the chat template writes it."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # jinja errors, e.g. a template that insists on alternating roles
+            raise UserError(f"the chat template rejected the conversation: {e}") from e
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _find_stop_ids(self) -> list[int]:
+        """The tokenizer's eos, the model's generation eos ids and known end-of-turn tokens, as far
+        as they are special tokens (a model config's default eos id may be an ordinary token)."""
+        special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}) or {})
+        gen = getattr(self.engine.model, "generation_config", None)
+        candidates = _as_ids(getattr(self.tokenizer, "eos_token_id", None)) + _as_ids(getattr(gen, "eos_token_id", None))
+        vocab = self.tokenizer.get_vocab()
+        candidates += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+        ids = sorted({i for i in candidates if i in special})
+        return ids or sorted(set(_as_ids(getattr(self.tokenizer, "eos_token_id", None))))
+
+    def _find_end_of_turn(self) -> tuple[int, str, str]:
+        """(token id, its text, the text the template writes after it) that closes an assistant turn.
+        For ChatML: (<|im_end|> id, "<|im_end|>", "\\n")."""
+        conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+        suffix = self.render(conv, add_generation_prompt=False).rsplit(_MARK, 1)[-1]
+        for tok in self.encode(suffix):
+            if tok in self.stop_ids:
+                text = self.tokenizer.decode([tok], skip_special_tokens=False)
+                after = suffix.split(text, 1)[1] if text in suffix else ""
+                return tok, text, after
+        if not self.stop_ids:
+            raise UserError("cannot tell which token ends a chat turn: the tokenizer has no eos token")
+        tok = self.stop_ids[0]
+        return tok, self.tokenizer.decode([tok], skip_special_tokens=False), ""
+
+    def _pending_text(self) -> str:
+        """The text to feed before the next reply: everything rendered that is not in the stream."""
+        full = self.render(self.messages, add_generation_prompt=True)
+        if full.startswith(self._fed_text):
+            return full[len(self._fed_text) :]
+        # Not prefix-stable (e.g. the template rewrites earlier turns): render the new messages only.
+        old, new = self.messages[: self._fed_messages], self.messages[self._fed_messages :]
+        sep = self.eot_separator if self._fed_text.endswith(self.eot_text) else ""
+        prev = self.render(old, add_generation_prompt=False) if old else ""
+        if old and full.startswith(prev):
+            return sep + full[len(prev) :]
+        # Last resort: the new messages on their own, without the default system prompt some templates add.
+        dummy = [{"role": "system", "content": _MARK}]
+        head = self.render(dummy, add_generation_prompt=False)
+        alone = self.render(dummy + new, add_generation_prompt=True)
+        return sep + (alone[len(head) :] if alone.startswith(head) else self.render(new, add_generation_prompt=True))
+
+    # ---- conversation ------------------------------------------------------------------------
+    def reset(self, system: str | None = None) -> None:
+        """Start a new conversation on a fresh stream, with `system` as its system message (if any)."""
+        self._close_active()
+        self.engine.reset()
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.turns: list[TurnStats] = []
+        self._fed_text = ""  # the rendered text the stream holds, as a string
+        self._fed_messages = 0  # how many of `messages` the stream holds
+
+    @property
+    def system(self) -> str | None:
+        return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+
+    def matches_prefix(self, messages: Sequence[dict]) -> bool:
+        """True if this session's messages are the start of `messages` (so only the rest is new)."""
+        mine = self.messages
+        if len(messages) < len(mine):
+            return False
+        return all(a["role"] == b.get("role") and a["content"] == b.get("content") for a, b in zip(mine, messages))
+
+    def extend(self, messages: Iterable[dict]) -> None:
+        """Append messages without generating. They are prefilled by the next `generate`/`reply`,
+        together with the assistant prompt, and only they are: the stream already holds the rest."""
+        self._close_active()
+        self.messages.extend(_check_messages(messages))
+
+    def reply(self, user_text: str, max_new_tokens: int = 256, sampling=None) -> Iterator:
+        """Add a user message and stream the assistant's reply as `engine.Token`s."""
+        self.extend([{"role": "user", "content": user_text}])
+        return self.generate(max_new_tokens, sampling)
+
+    def generate(self, max_new_tokens: int = 256, sampling=None) -> Iterator:
+        """Stream an assistant reply to the conversation so far.
+
+        Nothing runs until the first token is requested. Stopping early is safe: stop iterating
+        (and, to settle it at once, call `.close()` on the iterator, or just make the next call on
+        the session, which settles it). The partial reply becomes the assistant message and the
+        end-of-turn token is fed. With `sampling.seed` set, turn n samples with seed + n, so a
+        whole conversation is reproducible and a reloaded session continues it identically."""
+        self._close_active()
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
+        if sampling is not None and sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed + len(self.turns))
+        it = self._generate(max_new_tokens, sampling)
+        self._active = it
+        return it
+
+    def _generate(self, max_new_tokens: int, sampling) -> Iterator:
+        text = self._pending_text()
+        ids = self.encode(text)
+        turn = TurnStats(prompt_tokens=len(ids))
+        produced: list[int] = []
+        t0 = time.perf_counter()
+        t_prefilled = None
+        inner = self.engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids)
+        try:
+            for tok in inner:
+                if t_prefilled is None:  # the first token's forward and sampling belong to generation
+                    t_prefilled = time.perf_counter() - tok.ms / 1000
+                    turn.prefill_s = t_prefilled - t0
+                    self._fed_text += text
+                    self._fed_messages = len(self.messages)
+                produced.append(tok.id)
+                turn.generate_s = time.perf_counter() - t_prefilled
+                turn.finish_reason = tok.finish_reason or "interrupted"
+                yield tok
+        except GeneratorExit:
+            inner.close()
+            if t_prefilled is not None:
+                self._end_turn(turn, produced)
+            raise
+        self._end_turn(turn, produced)
+
+    def _end_turn(self, turn: TurnStats, produced: list[int]) -> None:
+        self._active = None
+        turn.generated_tokens = len(produced)
+        stopped = turn.finish_reason == "stop"
+        content_ids = produced[:-1] if stopped else produced
+        self._fed_text += self.tokenizer.decode(produced, skip_special_tokens=False)
+        if not (stopped and produced[-1] == self.eot_id):
+            # length, interrupted or another stop token: close the turn as the template does
+            self.engine.feed([self.eot_id], logits="none")
+            self._fed_text += self.eot_text
+        content = self.tokenizer.decode(content_ids, skip_special_tokens=True)
+        self.messages.append({"role": "assistant", "content": content})
+        self._fed_messages = len(self.messages)
+        self.turns.append(turn)
+
+    def _close_active(self) -> None:
+        """Settle a reply the caller stopped iterating: keeps the partial reply, feeds end-of-turn."""
+        it, self._active = self._active, None
+        if it is not None:
+            it.close()
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def stats(self) -> SessionStats:
+        self._close_active()
+        e = self.engine
+        last = self.turns[-1] if self.turns else TurnStats()
+        return SessionStats(
+            turns=len(self.turns),
+            messages=len(self.messages),
+            tokens_seen=e.tokens_seen,
+            cache_tokens=e.cache_tokens,
+            capacity=e.capacity,
+            evicted=e.evicted,
+            method=e.config.method,
+            last_prompt_tokens=last.prompt_tokens,
+            last_generated_tokens=last.generated_tokens,
+            prefill_tok_s=last.prefill_tok_s,
+            gen_tok_s=last.gen_tok_s,
+            ms_per_token=last.ms_per_token,
+        )
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _model_fingerprint(self) -> dict:
+        cfg = self.engine.model.config.get_text_config(decoder=True)
+        keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        return {k: getattr(cfg, k, None) for k in keys}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transcript and the streaming state (torch.save): `load` continues exactly."""
+        import torch
+
+        self._close_active()
+        path = Path(path).expanduser()
+        state = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model": self._model_fingerprint(),
+            "config": self.engine.config.to_dict(),
+            "messages": self.messages,
+            "turns": [asdict(t) for t in self.turns],
+            "fed_text": self._fed_text,
+            "fed_messages": self._fed_messages,
+            "engine": self.engine.state_dict(),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
+        except OSError as e:
+            raise UserError(f"cannot save the session to {path}: {e.strerror or e}") from None
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Replace this session with a saved one. If it was saved with other streaming settings
+        (sinks, window, method...), the engine is rebuilt on the same model with those settings.
+        The model must be the same one (checked by its shape)."""
+        import torch
+
+        from .config import StreamingConfig
+
+        self._close_active()
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"no saved session at {path}")
+        try:
+            state = torch.load(path, map_location=self.engine.device, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path} is not a saved chat session ({str(e).splitlines()[0]})") from None
+        if not isinstance(state, dict) or state.get("format") != SAVE_FORMAT:
+            raise UserError(f"{path} is not a saved chat session")
+        if state.get("version") != SAVE_VERSION:
+            raise UserError(f"{path} has session format version {state.get('version')}; this build reads {SAVE_VERSION}")
+        if state["model"] != self._model_fingerprint():
+            raise UserError(f"{path} was saved with another model ({state['model']}); load it with that model")
+        if state["config"] != self.engine.config.to_dict():
+            from .engine import StreamingLLM
+
+            e = self.engine
+            self.engine = StreamingLLM(e.model, e.tokenizer, StreamingConfig(**state["config"]), e.start_position)
+        self.engine.load_state_dict(state["engine"])
+        self.messages = state["messages"]
+        self.turns = [TurnStats(**t) for t in state["turns"]]
+        self._fed_text = state["fed_text"]
+        self._fed_messages = state["fed_messages"]
