@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
 COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
+COMMANDS["bench"] = ("streaming_llm.bench", "decode latency and memory against cache size, per method")
 
 
 def build_parser() -> argparse.ArgumentParser:
