@@ -45,8 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, help="engine weights dtype (hf always runs float32)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the engine's linears (hf stays float32)")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization of the engine's linears; auto: int4 for 4-bit GGUF models "
+                   "(the engine's default fast path); the hf baseline stays float32 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of cached tokens")

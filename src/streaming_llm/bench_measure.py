@@ -137,6 +137,7 @@ def _load(spec: dict):
         for t in list(model.parameters()) + list(model.buffers()):
             if t.numel():
                 t.sum()
+    quant = getattr(model.config, "streaming_llm_quant", "none")  # what "auto" resolved to
     return model, dtype, quant, time.perf_counter() - t0
 
 
