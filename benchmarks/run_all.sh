@@ -5,7 +5,7 @@
 #   benchmarks/run_all.sh            # sweep (with the floor), profile, long stream, in that order
 #   benchmarks/run_all.sh floor      # any of: sweep floor profile long (floor: quick re-check only)
 #
-# Environment: MODEL, DTYPE (engine weights; the hf baseline is always float32), QUANT (none | int8 |
+# Environment: MODEL, DTYPE (engine weights; the hf baseline is always float32), QUANT (auto | none | int8 |
 # int4: the engine's weight-only quantization; hf stays plain), THREADS, OUT,
 # PYTHON, LONG (tokens of the long stream), LONG_CACHE. Outputs go to $OUT: <name>.json, .png,
 # .txt (stdout: table, markdown, one-line JSON summary) and .log (stderr: progress).
@@ -13,7 +13,7 @@ set -euo pipefail
 
 MODEL=${MODEL:-smollm2-135m-instruct}
 DTYPE=${DTYPE:-float32}
-QUANT=${QUANT:-none}
+QUANT=${QUANT:-auto}
 THREADS=${THREADS:-2}
 OUT=${OUT:-benchmarks/results}
 PYTHON=${PYTHON:-python}
