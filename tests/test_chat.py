@@ -379,7 +379,7 @@ def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--model", tiny_dir, "--turns", "6", "--window", "30", "--max-new-tokens", "5",
-            "--min-times-context", "0", "--out", str(tmp_path)]
+            "--min-times-context", "0", "--score-prompts", "--out", str(tmp_path)]
     threads = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0
@@ -388,6 +388,7 @@ def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "streaming_transcript.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "streaming_summary.json").read_text())
     assert len(rows) == 6 and KEYS <= set(rows[0]) and summary["max_cache_tokens"] == 34
+    assert all(r["prompt_nll"] > 0 for r in rows) and summary["prompt_nll_by_tokens_seen"]
     assert summary["checks"]["cache_never_above_sinks_plus_window"]
     assert len((tmp_path / "turns.txt").read_text().splitlines()) == 6
     assert "Sample replies" in (tmp_path / "streaming_summary.md").read_text()
