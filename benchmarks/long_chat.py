@@ -211,14 +211,16 @@ def markdown(s: dict, rows: list[dict], command: str) -> str:
         f"- {s['turns']} turns, {s['total_tokens_seen']:,} tokens seen "
         f"({s['times_trained_context']}x the trained context of {s['trained_context']:,}), "
         f"{s['generated_tokens']:,} generated, {s['replies_stopped_by_model']} replies ended by the model",
-        f"- cache: max {s['max_cache_tokens']:,} / {cap}; {s['evicted']:,} tokens evicted; full from turn {s['cache_full_at_turn']}",
+        f"- cache: max {s['max_cache_tokens']:,} / {cap}; {s['evicted']:,} tokens evicted; "
+        + (f"full from turn {s['cache_full_at_turn']}" if s["cache_full_at_turn"] else "never full"),
         f"- ms per generated token (wall): first 10% of turns {s['ms_per_token_first_10pct']}, last 10% "
         f"{s['ms_per_token_last_10pct']} ({100 * s['last_vs_first_ms_per_token']:+.1f}%)",
         f"- CPU ms per generated token: first 10% {s['cpu_ms_per_token_first_10pct']}, last 10% "
         f"{s['cpu_ms_per_token_last_10pct']} ({100 * s['last_vs_first_cpu_ms_per_token']:+.1f}%)",
-        f"- RSS: {s['rss_mb_first_turn']:.0f} MiB after turn 1, {s['rss_mb_at_cache_full'] or 0:.0f} MiB when the cache "
-        f"filled, max {s['rss_mb_max_after_cache_full'] or 0:.0f} MiB after that, {s['rss_mb_last_turn']:.0f} MiB at the end "
-        f"(peak {s['peak_rss_mb_end']:.0f} MiB)",
+        f"- RSS: {s['rss_mb_first_turn']:.0f} MiB after turn 1, "
+        + (f"{s['rss_mb_at_cache_full']:.0f} MiB when the cache filled, max {s['rss_mb_max_after_cache_full']:.0f} MiB "
+           "after that, " if s["cache_full_at_turn"] else "")
+        + f"{s['rss_mb_last_turn']:.0f} MiB at the end (peak {s['peak_rss_mb_end']:.0f} MiB)",
         f"- wall time {s['seconds'] / 60:.1f} min, {s['threads']} torch thread(s) on {s['cpus']} shared CPUs "
         f"(load average at the end {s['loadavg_end'][0]}), commit {s['commit']}",
     ]
