@@ -219,3 +219,16 @@ def test_models_without_rope_are_refused_clearly():
 def test_bad_config_values_are_user_errors(bad):
     with pytest.raises(UserError):
         StreamingConfig(**bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cuda_matches_cpu(arch):
+    model = tiny_model(arch)
+    ids = ids_for(60)
+    cpu = engine(model, sinks=3, window=9, chunk_size=7).feed(ids)
+    gpu_model = tiny_model(arch).cuda()
+    for chunk in (1, 7):
+        out = engine(gpu_model, sinks=3, window=9, chunk_size=chunk).feed(ids)
+        assert out.device.type == "cuda"
+        close(out.cpu(), cpu, atol=1e-4)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .rope import LayerRope
+from .rope import LayerRope, apply_rotation
 
 _ACTIVE = threading.local()
 
@@ -136,14 +136,16 @@ class SinkWindowLayer(CacheLayerMixin):
     def plan(self) -> AttentionPlan:
         key_states, value_states, n, written = self._pending
         c, s, w = key_states.shape[-2], self.sinks, self.window
+        if written and n >= s + w - 1:  # decode with a full cache: every slot is visible
+            shift = self.sink_shift - self.owner.pos_shift
+            delta = shift if self.owner.positions == "absolute" else min(n, s + w - 1) - n + shift
+            self._set_sink_view(delta)
+            return AttentionPlan(self.keys, self.values, None, zero_slot=False)
         dev = key_states.device
         t = torch.arange(n, n + c, device=dev)  # query stream indices
         ring_end = n + c if written else n
         ring_start = max(s, ring_end - w)
         n_sinks = min(s, n + c)
-        if written and n >= s + w - 1 and c == 1:  # full cache, one query: every slot is visible
-            self._set_sink_view(int(self._sink_deltas(t)[0]))
-            return AttentionPlan(self.keys, self.values, None, zero_slot=False)
         # Stream index held by each ring slot (-1: empty).
         slot = torch.arange(w, device=dev)
         last = ring_end - 1
@@ -173,10 +175,11 @@ class SinkWindowLayer(CacheLayerMixin):
         )
 
     def _set_sink_view(self, delta: int) -> None:
-        """Make the sink slots of `keys` hold the sink keys rotated by -delta (decode fast path)."""
+        """Make the sink slots of `keys` hold the sink keys rotated by -delta (decode fast path):
+        one small matmul with a rotation matrix shared by all layers of the same rotary type."""
         if delta != self._view_delta and self.sinks:
-            d = torch.full((self.sinks,), -delta, device=self.sink_keys.device)
-            self.keys[:, :, : self.sinks] = self.rope.rotate(self.sink_keys, d)
+            rot = self.owner.rotation_matrix(self.rope, -delta, self.sink_keys)
+            self.keys[:, :, : self.sinks] = self.sink_keys @ rot
             self._view_delta = delta
 
     def commit(self) -> None:
@@ -246,6 +249,7 @@ class StreamingCache(Cache):
     ):
         self.positions = positions
         self.pos_shift = start_position  # storage position of stream token i is i + pos_shift
+        self._rotations: dict = {}
         largest = max(s + w for s, w in layer_shapes)
         self.position_limit = position_limit or max(4 * largest, 4096)
         layers = [SinkWindowLayer(s, w, r, self, off_by_one) for (s, w), r in zip(layer_shapes, ropes)]
@@ -263,6 +267,19 @@ class StreamingCache(Cache):
     @property
     def capacity(self) -> int:
         return max(layer.sinks + layer.window for layer in self.layers)
+
+    def rotation_matrix(self, rope: LayerRope, delta: int, like: torch.Tensor) -> torch.Tensor:
+        """(D, D) matrix R with x @ R == x rotated by `delta` positions; memoised per step."""
+        key = (id(rope.module), rope.buffer_name, rope.inv_freq._version, delta, like.dtype, like.device)
+        rot = self._rotations.get(key)
+        if rot is None:
+            if len(self._rotations) > 64:
+                self._rotations.clear()
+            eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
+            cos, sin = rope.cos_sin(torch.tensor([delta], device=like.device), like.dtype)  # (1, R): every row
+            rot = apply_rotation(eye, cos, sin, rope.interleaved)
+            self._rotations[key] = rot
+        return rot
 
     def prepare(self, n_new: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids (1, n_new) for the next forward, rebasing first if they would grow too big."""

@@ -18,7 +18,11 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("streaming_llm.chat", "endless multi-turn chat (interactive, or scripted from a file)"),
     "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
+    "serve": ("streaming_llm.server.serve", "OpenAI-compatible HTTP server with persistent, endless sessions"),
 }
+COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
+COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
+COMMANDS["bench"] = ("streaming_llm.bench", "decode latency and memory against cache size, per method")
 
 
 def build_parser() -> argparse.ArgumentParser:

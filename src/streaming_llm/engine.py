@@ -16,7 +16,7 @@ import inspect
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, get_layer_types_and_kwargs
@@ -161,8 +161,11 @@ class StreamingLLM:
 
     # ---- feeding -----------------------------------------------------------------------------
     def feed(self, ids: Sequence[int] | torch.Tensor, logits: str = "all") -> torch.Tensor | None:
-        """Append tokens to the stream. Returns float32 logits predicting each next token:
+        """Append tokens (ids, a tensor, or a tokenizer's output) to the stream. Returns float32
+        logits predicting each next token:
         (T, V) for logits="all", (V,) for "last", None for "none". Exact for any chunking."""
+        if isinstance(ids, Mapping):  # a tokenizer's BatchEncoding
+            ids = ids["input_ids"]
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise UserError("nothing to feed: empty token sequence")

@@ -22,7 +22,7 @@ from .errors import UserError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def add_model_arguments(p) -> None:
+def add_model_arguments(p, quant_default: str = "none") -> None:
     """Flags shared by every verb that loads a model and streams through it."""
     from .config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
 
@@ -34,6 +34,25 @@ def add_model_arguments(p) -> None:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per forward when feeding")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quant", default=quant_default, choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization of the linear layers for CPU decoding speed; auto: int4 "
+                   "when the weights are already 4-bit (Q4 GGUF models), else none (default: %(default)s)")
+
+
+def load_model_from_args(args):
+    """(model, tokenizer) as the shared model flags say, quantized if asked."""
+    from .loading import load_model
+    from .quantize import quantize_linears
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    quant = getattr(args, "quant", "none")
+    if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):
+        quant = "none"
+    if quant != "none":
+        if args.device != "cpu" or args.dtype != "float32":
+            raise UserError("--quant needs --device cpu and --dtype float32")
+        quantize_linears(model, quant)
+    return model, tokenizer
 
 
 def config_from_args(args):
@@ -100,7 +119,6 @@ def token_nlls(engine, ids, progress: bool = False, desc: str = "ppl") -> Iterat
 
 def run(args) -> int:
     from .engine import StreamingLLM
-    from .loading import load_model
 
     text = read_text(args.text)
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -108,7 +126,7 @@ def run(args) -> int:
     config = config_from_args(args)
     if args.reference:
         config = config.with_(chunk_size=1)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_from_args(args)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
@@ -133,6 +151,7 @@ def run(args) -> int:
         "model": args.model,
         **config.to_dict(),
         "dtype": args.dtype,
+        "quant": args.quant,
         "tokens": len(ids),
         "predicted": count,
         "nll_mean": total / count,

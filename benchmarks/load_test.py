@@ -1,0 +1,232 @@
+"""Bounded load test of `streaming-llm serve`: N concurrent chat sessions x T turns, streaming.
+
+Every session is a multi-turn conversation sent the OpenAI way (the whole history each request,
+named with `session_id`, so the server prefills only the new turn). Requests are streamed to
+measure time to first token (TTFT) and total latency. Bounded: exactly N*T requests at most,
+a wall-clock cap (`--time-cap-s`) after which no request starts and running ones are cut off,
+and loopback URLs only. Prints a table, then a one-line JSON summary (last line).
+
+    # against a running server
+    python benchmarks/load_test.py --url http://127.0.0.1:8000 --sessions 4 --turns 5 --max-tokens 32
+    # or start one for the run (temporary --data-dir, stopped at the end)
+    python benchmarks/load_test.py --serve smollm2-135m-instruct --sessions 4 --turns 5 --max-tokens 32
+
+What it does NOT do: run against a remote host, retry, or pace requests (each session sends its
+next turn as soon as the previous reply ends: closed-loop load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+DEFAULT_SESSIONS = 4
+DEFAULT_TURNS = 5
+DEFAULT_MAX_TOKENS = 32
+DEFAULT_TIME_CAP_S = 300.0
+QUESTIONS = [
+    "Hi! Who are you?",
+    "Name three colours of the rainbow.",
+    "Why is the sky blue? One sentence.",
+    "Give me a short tip for learning Python.",
+    "What is 12 times 7?",
+    "Tell me a very short joke.",
+    "What did I ask you first?",
+    "Summarise our conversation in one line.",
+]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        sys.exit(f"load_test: refusing to load {host!r}: loopback URLs only")
+
+
+async def one_request(http, model, sid, messages, max_tokens, deadline) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "session_id": sid}
+    t0 = time.perf_counter()
+    ttft, text, usage, session, err = None, [], None, None, None
+    try:
+        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    return {"ok": False, "error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        err = event["error"]["message"]
+                        break
+                    if event.get("usage"):
+                        usage = event["usage"]
+                    for choice in event.get("choices", []):
+                        piece = choice["delta"].get("content")
+                        if piece and ttft is None:
+                            ttft = time.perf_counter() - t0
+                        text.append(piece or "")
+                    session = event.get("session") or session
+    except TimeoutError:
+        return {"ok": False, "error": "cut off by --time-cap-s"}
+    except httpx.HTTPError as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    total = time.perf_counter() - t0
+    if err or usage is None:
+        return {"ok": False, "error": err or "stream ended without usage"}
+    return {"ok": True, "ttft": ttft if ttft is not None else total, "total": total, "text": "".join(text),
+            "completion_tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"], "session": session}
+
+
+async def run_session(http, model, index, args, deadline, results):
+    sid = f"load-{args.run_id}-{index}"
+    messages = []
+    for turn in range(args.turns):
+        if time.monotonic() >= deadline:
+            results.append({"ok": False, "error": "not started: --time-cap-s reached"})
+            continue
+        messages.append({"role": "user", "content": QUESTIONS[(index + turn) % len(QUESTIONS)]})
+        res = await one_request(http, model, sid, messages, args.max_tokens, deadline)
+        res.update(session_index=index, turn=turn)
+        results.append(res)
+        if not res["ok"]:
+            break  # the conversation cannot go on without its reply
+        messages.append({"role": "assistant", "content": res["text"]})
+
+
+async def run_load(args) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.sessions + 2)
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(args.time_cap_s), limits=limits) as http:
+        model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
+        results: list[dict] = []
+        t0, deadline = time.perf_counter(), time.monotonic() + args.time_cap_s
+        await asyncio.gather(*(run_session(http, model, i, args, deadline, results) for i in range(args.sessions)))
+        wall = time.perf_counter() - t0
+        health = (await http.get("/health")).json()
+    return summarize(results, wall, model, args, health)
+
+
+def summarize(results, wall, model, args, health) -> dict:
+    ok = [r for r in results if r["ok"]]
+    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
+    ttft = [r["ttft"] for r in ok]
+    total = [r["total"] for r in ok]
+    gen = [(r["total"] - r["ttft"]) / (r["completion_tokens"] - 1) for r in ok if r["completion_tokens"] > 1]
+    later = [r["session"]["prefilled_tokens"] for r in ok if r["turn"] > 0 and r.get("session")]
+    persist = [r["session"]["persist_ms"] for r in ok if r.get("session")]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    return {
+        "model": model, "sessions": args.sessions, "turns": args.turns, "max_tokens": args.max_tokens,
+        "requests": len(results), "ok": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
+        "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 3), "completion_tokens": tokens,
+        "completion_tokens_per_s": round(tokens / wall, 1),
+        "ttft_ms": {q: ms(percentile(ttft, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
+        "total_ms": {q: ms(percentile(total, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
+        "inter_token_ms_mean": ms(sum(gen) / len(gen)) if gen else None,
+        "prefilled_tokens_after_turn1_mean": round(sum(later) / len(later), 1) if later else None,
+        "persist_ms": {q: ms(None if not persist else percentile(persist, p) / 1000) for q, p in (("p50", .5), ("max", 1.0))},
+        "server": {k: health.get(k) for k in ("turns", "aborted", "evicted", "reloaded", "rebuilt")},
+    }
+
+
+def print_table(s: dict) -> None:
+    print(f"model {s['model']}: {s['sessions']} sessions x {s['turns']} turns, max_tokens {s['max_tokens']}, streaming, greedy")
+    print(f"requests {s['ok']}/{s['requests']} ok in {s['wall_s']} s: {s['requests_per_s']} req/s, "
+          f"{s['completion_tokens_per_s']} completion tok/s aggregate")
+    print(f"{'latency (ms)':<14}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}")
+    for name in ("ttft_ms", "total_ms"):
+        row = s[name]
+        print(f"{name[:-3]:<14}" + "".join(f"{'-' if row[q] is None else row[q]:>9}" for q in ("p50", "p90", "p99", "max")))
+    print(f"mean inter-token latency {s['inter_token_ms_mean']} ms; mean prefill after turn 1: "
+          f"{s['prefilled_tokens_after_turn1_mean']} tokens; persisting a turn p50 {s['persist_ms']['p50']} ms, "
+          f"max {s['persist_ms']['max']} ms")
+    print(f"server counters {s['server']}")
+    for e in s["errors"]:
+        print(f"error: {e}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
+    port, data_dir = free_port(), tempfile.mkdtemp(prefix="load-test-")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "streaming_llm.cli", "serve", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--data-dir", data_dir, "--log-level", "warning", *extra]
+    print("starting:", " ".join(cmd[1:]), file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"load_test: the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, data_dir
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("load_test: the server did not start within 300 s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (loopback only)")
+    p.add_argument("--serve", metavar="MODEL", default=None, help="start `streaming-llm serve --model MODEL` for the run")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra flag for --serve (repeatable), e.g. --serve-arg=--window=256")
+    p.add_argument("--model", default=None, help="model id to send (default: the server's first)")
+    p.add_argument("--api-key", default=os.environ.get("STREAMING_LLM_API_KEY"))
+    p.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS, help="concurrent sessions")
+    p.add_argument("--turns", type=int, default=DEFAULT_TURNS, help="requests per session")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--time-cap-s", type=float, default=DEFAULT_TIME_CAP_S, help="no request runs past this")
+    p.add_argument("--out", default=None, help="also write the JSON summary here")
+    args = p.parse_args(argv)
+    if not (1 <= args.sessions <= 256 and 1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0):
+        p.error("need 1 <= --sessions <= 256, 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0")
+    args.run_id = f"{int(time.time())}-{os.getpid()}"
+    proc = None
+    if args.serve:
+        proc, args.url, _ = spawn_server(args.serve, args.serve_arg)
+    check_loopback(args.url)
+    try:
+        summary = asyncio.run(run_load(args))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    print_table(summary)
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The README's API example, runnable: `python examples/api_quickstart.py`."""
+
+from streaming_llm import SamplingParams, StreamingCache, StreamingLLM
+
+# 1. An engine: the default offline model, 4 attention sinks + a 1020-token window.
+engine = StreamingLLM.from_pretrained("smollm2-135m-instruct", sinks=4, window=1020)
+tok = engine.tokenizer
+
+# 2. Feed any amount of text: logits for every token, constant memory however long the stream.
+ids = tok("The attention sink keeps the first tokens. " * 200, add_special_tokens=False)["input_ids"]
+logits = engine.feed(ids)  # (len(ids), vocab), float32, chunked with exact streaming semantics
+print(f"fed {engine.tokens_seen} tokens; cache holds {engine.cache_tokens}/{engine.capacity}, evicted {engine.evicted}")
+
+# 3. Generate: tokens stream out one by one (each is fed back before it is yielded).
+prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], add_generation_prompt=True)
+for t in engine.generate(prompt, max_new_tokens=40, sampling=SamplingParams(temperature=0), stop_ids=[tok.eos_token_id]):
+    print(t.text, end="", flush=True)
+print()
+
+# 4. The streaming cache with plain transformers `generate` (the model is already switched to the
+#    streaming attention by the engine; `streaming_llm.enable_streaming_attention(model)` does that).
+cache = engine.new_cache()
+out = engine.model.generate(tok("Once upon a time", return_tensors="pt")["input_ids"], cache=cache,
+                            max_new_tokens=20, do_sample=False)
+print(tok.decode(out[0]), f"[cache: {cache.cache_tokens} tokens]")

@@ -1,0 +1,250 @@
+"""`streaming-llm bench`: per-token decode latency and memory against cache size, per method.
+
+For each (method, cache size) a fresh subprocess loads the model, prefills the context in chunks
+(timed apart, reported as prefill tok/s), then decodes greedily one token per forward with
+`feed([tok], logits="last")`, timing each step with perf_counter after `--warmup` steps:
+- streaming: sinks + (size - sinks) window, measured at a FULL cache (eviction on every step);
+- window: the same without sinks (paper's window baseline; same cost as streaming);
+- dense: the engine with transformers' DynamicCache, cropped back (untimed) before each step so
+  every measured step attends over exactly `size` tokens, as streaming does;
+- recompute: every token recomputed over the last `size` tokens (slow: `--recompute-steps`);
+- hf: plain transformers, float32, `attn_implementation="eager"`, its default DynamicCache,
+  forward loop with `logits_to_keep=1` (what `generate` runs, minus its per-step overhead).
+Memory: peak RSS of the measurement (high-water mark reset after loading), its increase over
+the loaded-model RSS, and CUDA peak memory on GPUs. `--floor` adds the hardware floor (bytes of
+weights + KV read per token / measured bandwidth); `--profile` prints a torch.profiler table of
+decode steps; `--long-stream N` streams N tokens and checks that latency and RSS stay flat.
+Prints a table, the ratios, writes `--json` and `--plot` (plots read the JSON only, see
+`bench_report.py`), and a one-line JSON summary last. This module measures; it does not tune.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .bench_measure import HF_DTYPE, run_worker
+from .errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+METHODS = ("streaming", "window", "dense", "recompute", "hf")
+DEFAULT_METHODS = "streaming,dense,recompute,hf"
+DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
+DEFAULT_DTYPE = "float32"
+DEFAULT_SINKS = 4
+DEFAULT_STEPS = 200
+DEFAULT_WARMUP = 20
+DEFAULT_RECOMPUTE_STEPS = 5
+DEFAULT_CHUNK = 256
+DEFAULT_LONG_EVERY = 1000
+DEFAULT_LONG_WINDOW = 10_000
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, help="engine weights dtype (hf always runs float32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization of the engine's linears; auto: int4 for 4-bit GGUF models "
+                   "(the engine's default fast path); the hf baseline stays float32 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of cached tokens")
+    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="sinks of streaming (window = size - sinks)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="timed decode steps per configuration")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed decode steps first")
+    p.add_argument("--recompute-steps", type=int, default=DEFAULT_RECOMPUTE_STEPS, help="timed steps for recompute")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk (tokens per forward)")
+    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--plot", default=None, help="draw the latency/memory plot (PNG) here")
+    p.add_argument("--plot-from", default=None, help="only draw the plot of an existing results JSON")
+    p.add_argument("--markdown", action="store_true", help="also print the BENCHMARKS.md tables (with --plot-from too)")
+    p.add_argument("--floor", action="store_true", help="measure memory bandwidth; report the hardware floor")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
+    p.add_argument("--profile-steps", type=int, default=1, help="decode steps profiled (after timing)")
+    p.add_argument("--long-stream", type=int, default=None, metavar="N", help="stream N decoded tokens instead")
+    p.add_argument("--every", type=int, default=DEFAULT_LONG_EVERY, help="long stream: record every K tokens")
+    p.add_argument("--long-window", type=int, default=DEFAULT_LONG_WINDOW, help="long stream: tokens compared")
+    p.add_argument("--in-process", action="store_true", help="measure in this process (debugging only)")
+
+
+# ---- argument checks (all before anything is loaded) --------------------------------------------
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    if not methods:
+        raise UserError("--methods is empty; choose from " + ", ".join(METHODS))
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def parse_sizes(text: str, sinks: int) -> list[int]:
+    sizes = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            size = int(part)
+        except ValueError:
+            raise UserError(f"--cache-sizes: {part!r} is not an integer (expected e.g. 256,1024)") from None
+        if size <= sinks:
+            raise UserError(f"--cache-sizes: {size} must be greater than --sinks ({sinks}) to leave a window")
+        sizes.append(size)
+    if not sizes:
+        raise UserError("--cache-sizes is empty (expected e.g. 256,1024)")
+    return sorted(set(sizes))
+
+
+def _check_positive(args, names: list[str], minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum} (got {value})")
+
+
+# ---- the verb ------------------------------------------------------------------------------------
+def compute_ratios(results: list[dict]) -> dict:
+    """Per cache size, from p50s: streaming vs recompute speed-up, streaming/dense cost, hf/streaming."""
+    by = {(r["method"], r["cache_size"]): r["ms_per_token_p50"] for r in results}
+    out = {}
+    for size in sorted({r["cache_size"] for r in results}):
+        s, d, rc, hf = (by.get((m, size)) for m in ("streaming", "dense", "recompute", "hf"))
+        entry = {}
+        if s and rc:
+            entry["streaming_vs_recompute_speedup"] = round(rc / s, 2)
+        if s and d:
+            entry["streaming_over_dense"] = round(s / d, 3)
+        if s and hf:
+            entry["hf_over_streaming"] = round(hf / s, 3)
+        if entry:
+            out[str(size)] = entry
+    return out
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
+    head = f"{'method':<10} {'cache':>6} {'p50 ms':>9} {'p90 ms':>9} {'tok/s':>8} {'peak RSS MB':>12} {'+RSS MB':>8} {'prefill tok/s':>14}"
+    print(head + (f" {'floor ms':>9} {'x floor':>8}" if floor else ""))
+    for r in results:
+        line = (f"{r['method']:<10} {r['cache_size']:>6} {r['ms_per_token_p50']:>9.2f} {r['ms_per_token_p90']:>9.2f} "
+                f"{r['tokens_per_s']:>8.1f} {r['peak_rss_mb']:>12.0f} {r['rss_increase_mb']:>8.1f} "
+                f"{_fmt(r['prefill_tok_per_s'], '>14.0f')}")
+        if floor:
+            line += f" {_fmt(r.get('floor_ms'), '>9.2f')} {_fmt(r.get('x_floor'), '>8.2f')}"
+        print(line)
+    for size, e in ratios.items():
+        parts = []
+        if "streaming_vs_recompute_speedup" in e:
+            parts.append(f"streaming vs recompute speed-up {e['streaming_vs_recompute_speedup']:.1f}x")
+        if "streaming_over_dense" in e:
+            parts.append(f"streaming/dense cost {e['streaming_over_dense']:.3f} (target <= 1.15)")
+        if "hf_over_streaming" in e:
+            parts.append(f"hf/streaming {e['hf_over_streaming']:.2f}x (target >= 2)")
+        print(f"cache {size}: " + "; ".join(parts))
+
+
+def _spec(args, method: str, size: int) -> dict:
+    return {
+        "model": args.model, "dtype": args.dtype, "quant": args.quant, "device": args.device, "threads": args.threads,
+        "method": method, "cache_size": size, "sinks": args.sinks, "steps": args.steps, "warmup": args.warmup,
+        "recompute_steps": args.recompute_steps, "chunk_size": args.chunk_size, "profile": args.profile,
+        "profile_steps": args.profile_steps, "long_stream": args.long_stream, "every": args.every,
+        "long_window": args.long_window,
+    }
+
+
+def _machine(args) -> dict:
+    import torch
+
+    from . import hardware
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {**hardware.machine_info(args.device), "dtype": args.dtype, "quant": args.quant, "hf_dtype": HF_DTYPE,
+            "model": args.model}
+
+
+def _write(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def run(args) -> int:
+    from . import bench_report
+
+    if args.plot_from:
+        if args.markdown:
+            print(bench_report.markdown(bench_report.load_results(args.plot_from)))
+        out = bench_report.plot_file(args.plot_from, args.plot)
+        print(json.dumps({"plot": out, "from": args.plot_from}))
+        return 0
+    methods = parse_methods(args.methods)
+    sizes = parse_sizes(args.cache_sizes, args.sinks)
+    _check_positive(args, ["steps", "recompute_steps", "chunk_size", "threads", "profile_steps", "every", "long_window"])
+    _check_positive(args, ["warmup", "sinks"], minimum=0)
+    if args.long_stream is not None:
+        return run_long(args, methods, sizes)
+    machine = _machine(args)
+    if args.floor:
+        from .hardware import memory_bandwidth
+
+        machine["bandwidth"] = memory_bandwidth(device=args.device)
+        print(f"memory bandwidth: read {machine['bandwidth']['read_gb_s']} GB/s, "
+              f"copy {machine['bandwidth']['copy_gb_s']} GB/s", file=sys.stderr)
+    results = []
+    for size in sizes:  # all methods of one size close together in time: ratios see the same noise
+        for method in methods:
+            print(f"bench: {method} @ cache {size} ...", file=sys.stderr, flush=True)
+            row = run_worker(_spec(args, method, size), args.in_process)
+            if args.floor and row["bytes_per_token"]:
+                row["floor_ms"] = round(row["bytes_per_token"] / (machine["bandwidth"]["read_gb_s"] * 1e9) * 1000, 4)
+                row["x_floor"] = round(row["ms_per_token_p50"] / row["floor_ms"], 2)
+            if "profile_table" in row:
+                print(f"\nprofile: {method} @ cache {size}, {args.profile_steps} decode step(s), "
+                      f"{row['profile_ops']} profiler op events per step (nested ones included)\n{row['profile_table']}")
+            results.append(row)
+            data = {"results": results, "machine": machine, "ratios": compute_ratios(results),
+                    "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}}
+            _write(args.json, data)  # after every configuration: a crash late in a sweep loses nothing
+    ratios = data["ratios"]
+    print_table(results, ratios, args.floor)
+    if args.markdown:
+        print(bench_report.markdown(data))
+    plot = bench_report.plot_data(data, args.plot) if args.plot else None
+    summary = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": machine["torch_threads"],
+               "p50_ms": {f"{r['method']}@{r['cache_size']}": r["ms_per_token_p50"] for r in results},
+               "ratios": ratios, "json": args.json, "plot": plot}
+    print(json.dumps(summary))
+    return 0
+
+
+def run_long(args, methods: list[str], sizes: list[int]) -> int:
+    from . import bench_report
+
+    if args.long_stream < 2:
+        raise UserError(f"--long-stream must be at least 2 tokens (got {args.long_stream})")
+    method, size = methods[0], sizes[0]
+    if len(methods) > 1 or len(sizes) > 1:
+        print(f"bench long-stream: using the first method and size only ({method} @ {size})", file=sys.stderr)
+    machine = _machine(args)
+    long = run_worker(_spec(args, method, size), args.in_process)
+    print(f"{method} @ cache {size}: {long['tokens_decoded']} tokens decoded; p50 first {long['window_tokens']} "
+          f"{long['p50_first_ms']:.2f} ms, last {long['p50_last_ms']:.2f} ms, ratio {long['p50_last_over_first']:.3f} "
+          f"(target <= 1.10); RSS {long['rss_first_mb']:.0f} -> max {long['rss_max_mb']:.0f} MB, "
+          f"growth {long['rss_growth_pct']:.2f}% (target < 5%)")
+    data = {"long_stream": long, "machine": machine,
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}}
+    _write(args.json, data)
+    if args.markdown:
+        print(bench_report.markdown(data))
+    plot = bench_report.plot_data(data, args.plot) if args.plot else None
+    summary = {k: v for k, v in long.items() if k != "checkpoints"}
+    print(json.dumps({**summary, "json": args.json, "plot": plot}))
+    return 0

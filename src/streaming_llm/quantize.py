@@ -1,0 +1,115 @@
+"""Weight-only int8 / int4 linear layers for fast CPU decoding.
+
+Decoding one token reads every weight once, so it is memory-bound: fewer bytes per weight is
+fewer milliseconds. `quantize_linears(model, mode)` swaps each `nn.Linear` (the output head
+included) for a `QuantLinear` that calls PyTorch's packed kernels with bfloat16 inputs (their
+float32 paths are 20-90x slower on this CPU) and returns float32 (`_weight_int8pack_mm`: per-output-channel scales; `_weight_int4pack_mm_for_cpu`:
+asymmetric groups of 32 with a scale and a zero point, the same layout as GGUF Q4_1, so the
+default model's 4-bit weights map onto it almost exactly). Embedding lookups stay as they are.
+
+This changes the model's numbers slightly; `streaming-llm ppl` measures by how much. It does not
+touch attention or the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP = 32
+COMPUTE = torch.bfloat16  # the kernels' fast input dtype; outputs are cast back
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W stored as int8 (per-channel) or packed int4 (per group of 32)."""
+
+    def __init__(self, linear: nn.Linear, bits: int):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        if bits == 8:
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scales", scale.to(COMPUTE))
+        elif bits == 4:
+            n, k = w.shape
+            g = w.view(n, k // GROUP, GROUP)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).view(n, k)
+            # kernel convention: w = (q - 8) * scale + zero
+            sz = torch.cat([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales", sz.to(COMPUTE))
+        else:
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(COMPUTE)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
+
+
+def quantizable(linear: nn.Linear, bits: int) -> bool:
+    return bits == 8 or linear.in_features % GROUP == 0
+
+
+QUANT_MODES = ("auto", "none", "int8", "int4")
+
+
+def on_4bit_grid(weight: torch.Tensor) -> bool:
+    """True if the groups of 32 weights are scale * q + min with q in 0..15 (a GGUF Q4 tensor),
+    judged on the first rows (a sample keeps this cheap)."""
+    n, k = weight.shape
+    if k % GROUP:
+        return False
+    n = min(n, 16)
+    g = weight.detach()[:n].float().reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    resid = (g - lo) / scale
+    return bool((resid - resid.round()).abs().max() < 1e-2)
+
+
+def resolve_mode(model: nn.Module, mode: str) -> str:
+    """"auto" -> "int4" when the decoder's linears already hold 4-bit weights (a model converted
+    from a Q4 GGUF, so int4 loses nothing but bf16 rounding), else "none"."""
+    if mode != "auto":
+        return mode
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    on_grid = sum(on_4bit_grid(m.weight) for m in linears)
+    return "int4" if linears and on_grid >= 0.9 * len(linears) else "none"
+
+
+def quantize_linears(model: nn.Module, mode: str) -> nn.Module:
+    """Replace every eligible nn.Linear of `model` in place (CPU, float32 in and out).
+
+    "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
+    head int8: the head is shared with the embedding, which GGUF files keep at higher precision.
+    "auto": see `resolve_mode`."""
+    mode = resolve_mode(model, mode)
+    if mode == "none":
+        return model
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization must be one of {QUANT_MODES}, got {mode!r}")
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                bits = 8 if mode == "int8" or child is head else 4
+                if quantizable(child, bits):
+                    setattr(parent, name, QuantLinear(child, bits))
+    model.config.streaming_llm_quant = mode
+    return model

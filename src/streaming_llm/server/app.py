@@ -1,0 +1,351 @@
+"""The FastAPI application: OpenAI-style routes over a `SessionManager`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE or not),
+GET /v1/models[/{id}], GET /health, and GET/DELETE /v1/sessions[/{id}] to inspect and remove
+stored sessions. Every error is an OpenAI-style object `{"error": {message, type, param, code}}`
+with a 4xx status for bad input. Two pure-ASGI middlewares guard every route: the API key
+(`Authorization: Bearer`, all routes but /health, when a key is set) and the request body size.
+This module parses, validates and formats; generation and state live in `sessions.py`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from ..sampling import SamplingParams
+from . import schemas as S
+from .sessions import SessionConflict, SessionManager
+
+log = logging.getLogger("streaming_llm.server")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str
+    api_key: str | None = None
+    max_tokens_limit: int = 2048
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def error_response(status: int, message: str, type_="invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(S.error_body(message, type_, param, code), status_code=status)
+
+
+# ---- middlewares (pure ASGI: they also cover unknown routes and streaming) ------------------------
+class AuthMiddleware:
+    def __init__(self, app, api_key: str | None, open_paths=("/health",)):
+        self.app, self.key, self.open = app, api_key, set(open_paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.key is None or scope["path"] in self.open:
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):
+            msg = "Incorrect or missing API key: send 'Authorization: Bearer <key>'"
+            return await error_response(401, msg, code="invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max:
+                    raise BodyTooLarge()
+            return message
+
+        return await self.app(scope, limited, send)
+
+    async def _too_large(self, scope, receive, send):
+        msg = f"request body exceeds this server's limit of {self.max} bytes (--max-body-bytes)"
+        return await error_response(413, msg, code="request_too_large")(scope, receive, send)
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always closes its turn, even if the client left early."""
+
+    def __init__(self, content, turn):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.turn = turn
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.turn.close()  # no awaits inside: safe even while being cancelled
+            finally:
+                await self.body_iterator.aclose()
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- the app ---------------------------------------------------------------------------------
+def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
+    app = FastAPI(title="streaming-llm", docs_url=None, redoc_url=None)
+    app.state.manager, app.state.settings = manager, settings
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_params(request, e: RequestValidationError):  # query/path parameters
+        param, msg = _describe(list(e.errors()))
+        return error_response(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request, e):
+        msg = f"request body exceeds this server's limit of {settings.max_body_bytes} bytes (--max-body-bytes)"
+        return error_response(413, msg, code="request_too_large")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}", param=None, code=code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal server error ({type(e).__name__})", "server_error")
+
+    # ---- parsing helpers ---------------------------------------------------------------------
+    async def parse(request: Request, cls):
+        raw = await request.body()
+        if not raw.strip():
+            raise ApiError(400, "request body is empty; send a JSON object")
+        try:
+            req = cls.model_validate_json(raw)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            if err["type"] == "json_invalid":
+                raise ApiError(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", code="invalid_json")
+            if err["type"] in ("model_type", "model_attributes_type") and not err["loc"]:
+                raise ApiError(400, "request body must be a JSON object")
+            param, msg = _describe(e.errors(include_url=False))
+            raise ApiError(400, f"{param}: {msg}" if param else msg, param=param, code=err["type"])
+        bad = S.unsupported_features(req)
+        if bad:
+            raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
+        if req.model != settings.model_name:
+            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{settings.model_name}'",
+                           param="model", code="model_not_found")
+        return req
+
+    def session_id(request: Request, req) -> str | None:
+        header = request.headers.get("x-session-id")
+        if header is not None and not S.SESSION_ID_RE.match(header):
+            raise ApiError(400, "X-Session-ID must be 1-128 characters from A-Z a-z 0-9 . _ : @ -", param="X-Session-ID")
+        sid = header or req.session_id or req.user or None  # an empty user field names nothing
+        if sid is not None and not S.SESSION_ID_RE.match(sid):
+            raise ApiError(400, "user (used as the session id) must be 1-128 characters from A-Z a-z 0-9 . _ : @ -", param="user")
+        return sid
+
+    def generation_args(req, max_tokens: int | None) -> tuple[int, SamplingParams]:
+        n = settings.default_max_tokens if max_tokens is None else max_tokens
+        n = min(n, settings.max_tokens_limit) if max_tokens is None else n
+        if n < 1:
+            raise ApiError(400, f"max_tokens must be at least 1 (got {n})", param="max_tokens", code="invalid_value")
+        if n > settings.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {n} exceeds this server's limit of {settings.max_tokens_limit} (--max-tokens-limit)",
+                           param="max_tokens", code="invalid_value")
+        try:
+            sampling = SamplingParams(
+                temperature=settings.temperature if req.temperature is None else req.temperature,
+                top_p=settings.top_p if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                seed=req.seed,
+            )
+        except UserError as e:
+            raise ApiError(400, str(e), code="invalid_value")
+        return n, sampling
+
+    async def open_turn(sid, kind, payload, n, sampling):
+        try:
+            return await manager.open_turn(sid, kind, payload, n, sampling)
+        except SessionConflict as e:
+            raise ApiError(409, str(e), param="session_id", code="session_kind_conflict")
+        except UserError as e:
+            raise ApiError(400, str(e))
+
+    # ---- routes ------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
+                "queued_model_jobs": manager.worker.pending, **manager.counters}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(settings.model_name, started)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != settings.model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return _model_card(settings.model_name, started)
+
+    @app.get("/v1/sessions")
+    async def list_sessions(limit: int = 100):
+        data = await manager.io.call(manager.store.list, max(1, min(limit, 10000)))
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/sessions/{sid}")
+    async def get_session(sid: str):
+        info = await manager.describe(sid)
+        if info is None:
+            raise ApiError(404, f"no session {sid!r}", param="session_id", code="session_not_found")
+        return info
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete_session(sid: str):
+        if not await manager.delete(sid):
+            raise ApiError(404, f"no session {sid!r}", param="session_id", code="session_not_found")
+        return {"id": sid, "object": "session", "deleted": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, S.ChatCompletionRequest)
+        messages = [m.as_dict() for m in req.messages]
+        if messages[-1]["role"] != "user":
+            raise ApiError(400, f"the last message must have role 'user' (got '{req.messages[-1].role}')",
+                           param=f"messages.{len(messages) - 1}.role")
+        sid = session_id(request, req)
+        if req.session_append and sid is None:
+            raise ApiError(400, "session_append needs a named session (X-Session-ID, session_id or user)", param="session_append")
+        n, sampling = generation_args(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
+        turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling)
+        rid, created = S.new_id("chatcmpl"), int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return SSEResponse(_chat_events(turn, rid, req.model, created, include_usage), turn)
+        try:
+            text = "".join([tok.text async for tok in turn.tokens()])
+            info = await turn.commit()
+        finally:
+            await turn.close()
+        use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
+        return S.chat_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, S.CompletionRequest)
+        try:
+            prompt = req.prompt_text()
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt")
+        if not prompt:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        sid = session_id(request, req)
+        n, sampling = generation_args(req, req.max_tokens)
+        turn = await open_turn(sid, "text", prompt, n, sampling)
+        rid, created = S.new_id("cmpl"), int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return SSEResponse(_text_events(turn, rid, req.model, created, include_usage), turn)
+        try:
+            text = "".join([tok.text async for tok in turn.tokens()])
+            info = await turn.commit()
+        finally:
+            await turn.close()
+        use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
+        return S.text_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
+    return app
+
+
+_UNION_TAGS = {"str": "a string", "list[str]": "a list of strings", "list[TextPart]": "a list of text parts",
+               "int": "an integer", "float": "a number", "bool": "a boolean", "dict": "an object"}
+
+
+def _describe(errors: list[dict]) -> tuple[str | None, str]:
+    """(param, message) for the first validation error; a union's alternatives are merged."""
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    cut = next((i for i, p in enumerate(loc) if p in _UNION_TAGS or "[" in p), None)
+    if cut is None:
+        return ".".join(loc) or None, first["msg"].removeprefix("Value error, ")
+    base = loc[:cut]
+    tags = [str(e["loc"][cut]) for e in errors if [str(p) for p in e["loc"][:cut]] == base and len(e["loc"]) > cut]
+    kinds = list(dict.fromkeys(_UNION_TAGS.get(t, t) for t in tags))
+    return ".".join(base) or None, f"expected {' or '.join(kinds)}"
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "streaming-llm"}
+
+
+async def _chat_events(turn, rid, model, created, include_usage):
+    try:
+        yield sse(S.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+        async for tok in turn.tokens():
+            if tok.text:
+                yield sse(S.chat_chunk(rid, model, created, {"content": tok.text}))
+        info = await turn.commit()  # durable before the client sees the end of the reply
+        yield sse(S.chat_chunk(rid, model, created, {}, turn.finish_reason or "length", session=info))
+        if include_usage:
+            use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": use})
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the status line is gone: report in-band, then end the stream
+        log.exception("error while streaming %s", rid)
+        yield sse(S.error_body(f"internal error while generating ({type(e).__name__})", "server_error"))
+
+
+async def _text_events(turn, rid, model, created, include_usage):
+    try:
+        async for tok in turn.tokens():
+            if tok.text:
+                yield sse(S.text_chunk(rid, model, created, tok.text))
+        info = await turn.commit()
+        yield sse(S.text_chunk(rid, model, created, "", turn.finish_reason or "length", session=info))
+        if include_usage:
+            use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": use})
+        yield "data: [DONE]\n\n"
+    except Exception as e:
+        log.exception("error while streaming %s", rid)
+        yield sse(S.error_body(f"internal error while generating ({type(e).__name__})", "server_error"))

@@ -1,0 +1,226 @@
+"""What a server session holds: one engine stream plus its transcript, in two kinds.
+
+- `TextConversation` ("text", for /v1/completions): a raw token stream; each request's prompt is
+  appended to the stream and continued. Its transcript is the list of (prompt, completion) turns.
+- `ChatConversation` ("chat", for /v1/chat/completions): a `session.ChatSession` (chat template,
+  incremental prefill of only the new messages).
+
+Both expose the same small surface to the session manager: `reply(payload, max_new_tokens,
+sampling, fresh) -> (conversation, rebuilt, Iterator[Token])` (runs on the model thread; `fresh()`
+makes an empty conversation for a rebuild; the transcript is updated only when the iterator is
+exhausted), `transcript()`, `state()` / `restore(state, transcript)`, `replay(transcript)`,
+`tokens_seen` and `engine`. `pack_state` / `unpack_state` turn a state into bytes for the store
+and back. Nothing here knows about HTTP, locks or threads.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from typing import Iterator
+
+import torch
+
+from ..config import StreamingConfig
+from ..engine import StreamingLLM, Token
+from ..errors import UserError
+from ..sampling import SamplingParams
+
+KINDS = ("chat", "text")
+
+
+def _trim(x: torch.Tensor):
+    """A KV buffer (..., N, D) whose trailing slots are all zero (a cache not yet full) is stored
+    without them; `_untrim` restores it exactly. Snapshots of short sessions stay small."""
+    if x.dim() < 3 or x.shape[-2] < 2:
+        return x
+    used = (x != 0).flatten(0, -3).any(0).any(-1).nonzero()  # (k, 1) slots holding anything
+    rows = int(used[-1]) + 1 if used.numel() else 0
+    if rows > x.shape[-2] * 3 // 4:
+        return x
+    return {"__trimmed__": x[..., :rows, :].clone(), "rows": x.shape[-2]}
+
+
+def _untrim(d: dict) -> torch.Tensor:
+    x = d["__trimmed__"]
+    pad = torch.zeros(*x.shape[:-2], d["rows"] - x.shape[-2], x.shape[-1], dtype=x.dtype)
+    return torch.cat([x, pad], dim=-2)
+
+
+def pack_state(state: dict, dtype: torch.dtype | None = None) -> bytes:
+    """torch.save bytes of a state dict: tensors on CPU, floating ones cast to `dtype` (if given)
+    and trimmed of trailing all-zero cache slots."""
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if not x.is_floating_point():
+                return x
+            return _trim(x.to(dtype) if dtype is not None else x)
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(conv(v) for v in x)
+        return x
+
+    buf = io.BytesIO()
+    torch.save(conv(state), buf)
+    return buf.getvalue()
+
+
+def unpack_state(data: bytes, dtype: torch.dtype, device) -> dict:
+    """Inverse of `pack_state`: floating tensors back to the model's dtype and device."""
+
+    def conv(x):
+        if isinstance(x, dict) and "__trimmed__" in x:
+            x = _untrim(x)
+        if isinstance(x, torch.Tensor):
+            return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(conv(v) for v in x)
+        return x
+
+    return conv(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the model's eos id(s) plus the tokenizer's eos."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(i) for i in eos)
+    return sorted(ids)
+
+
+class TextConversation:
+    """A raw stream: each prompt is appended to everything the stream has seen, then continued."""
+
+    kind = "text"
+
+    def __init__(self, model, tokenizer, config: StreamingConfig):
+        self.engine = StreamingLLM(model, tokenizer, config)
+        self.tokenizer = tokenizer
+        self.stop = stop_ids(model, tokenizer)
+        self.turns: list[dict] = []
+        self.last_prompt_tokens = 0
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.engine.tokens_seen
+
+    def transcript(self) -> list[dict]:
+        return list(self.turns)
+
+    def reply(self, prompt: str, max_new_tokens: int, sampling: SamplingParams, fresh=None):
+        """-> (self, rebuilt=False, token iterator): the prompt is appended to the stream."""
+        if not prompt:
+            raise UserError("prompt must not be empty")
+        first = self.engine.tokens_seen == 0
+        ids = self.tokenizer(prompt, add_special_tokens=first)["input_ids"]
+        self.last_prompt_tokens = len(ids)
+        return self, False, self._run(prompt, ids, max_new_tokens, sampling)
+
+    def _run(self, prompt, ids, max_new_tokens, sampling) -> Iterator[Token]:
+        pieces = []
+        for tok in self.engine.generate(ids, max_new_tokens, sampling, stop_ids=self.stop):
+            pieces.append(tok.text)
+            yield tok
+        self.turns.append({"prompt": prompt, "completion": "".join(pieces)})
+
+    def state(self) -> dict:
+        return {"engine": self.engine.state_dict()}
+
+    def restore(self, state: dict, transcript: list[dict]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.turns = list(transcript)
+
+    def replay(self, transcript: list[dict]) -> None:
+        """Rebuild the stream from the transcript (when no usable snapshot exists)."""
+        self.engine.reset()
+        self.turns = []
+        text = "".join(t["prompt"] + t["completion"] for t in transcript)
+        if text:
+            self.engine.feed(self.tokenizer(text, add_special_tokens=True)["input_ids"], logits="none")
+        self.turns = list(transcript)
+
+
+
+class ChatConversation:
+    """A `ChatSession` seen through the server's conversation surface.
+
+    Payload: {"messages": [...], "append": bool}. Not appending, the messages are the whole
+    conversation (OpenAI style): if the session's messages are their prefix only the rest is fed,
+    otherwise the session is reset and rebuilt from them. Appending, they follow what the session
+    holds (for endless sessions whose full history the client does not resend)."""
+
+    kind = "chat"
+
+    def __init__(self, model, tokenizer, config: StreamingConfig):
+        from ..session import ChatSession
+
+        self.session = ChatSession(StreamingLLM(model, tokenizer, config))
+
+    @property
+    def engine(self) -> StreamingLLM:
+        return self.session.engine
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.session.engine.tokens_seen
+
+    @property
+    def last_prompt_tokens(self) -> int:
+        return self.session.turns[-1].prompt_tokens if self.session.turns else 0
+
+    def transcript(self) -> list[dict]:
+        return [dict(m) for m in self.session.messages]
+
+    def reply(self, payload: dict, max_new_tokens: int, sampling: SamplingParams, fresh=None):
+        s, messages, rebuilt = self.session, payload["messages"], False
+        if payload.get("append"):
+            s.extend(messages)
+        elif s.matches_prefix(messages):
+            s.extend(messages[len(s.messages) :])
+        else:
+            s.reset()
+            s.extend(messages)
+            rebuilt = True
+        return self, rebuilt, s.generate(max_new_tokens, sampling)
+
+    # ChatSession persists through files (save/load); the store wants bytes, so the same fields
+    # are gathered here. Keep in step with ChatSession.save/load.
+    def state(self) -> dict:
+        s = self.session
+        return {
+            "engine": s.engine.state_dict(),
+            "turns": [asdict(t) for t in s.turns],
+            "fed_text": s._fed_text,
+            "fed_messages": s._fed_messages,
+        }
+
+    def restore(self, state: dict, transcript: list[dict]) -> None:
+        from ..session import TurnStats
+
+        s = self.session
+        s.reset()
+        s.engine.load_state_dict(state["engine"])
+        s.messages = [dict(m) for m in transcript]
+        s.turns = [TurnStats(**t) for t in state["turns"]]
+        s._fed_text, s._fed_messages = state["fed_text"], state["fed_messages"]
+
+    def replay(self, transcript: list[dict]) -> None:
+        """No usable snapshot: the whole transcript is prefilled with the next reply."""
+        self.session.reset()
+        self.session.extend(transcript)
+
+
+def chat_factory(model, tokenizer, config: StreamingConfig):
+    """() -> an empty chat conversation, or None if the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return lambda: ChatConversation(model, tokenizer, config)

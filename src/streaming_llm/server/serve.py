@@ -1,0 +1,134 @@
+"""`streaming-llm serve`: an OpenAI-compatible HTTP server with persistent, endless sessions.
+
+Binds to 127.0.0.1 by default. Binding anything but loopback requires an API key (`--api-key` or
+the STREAMING_LLM_API_KEY environment variable); without one the command refuses to start, before
+any model is loaded. Sessions are stored in SQLite under `--data-dir`. See docs/server.md.
+This module wires flags to the app; it does not handle requests itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+from ..errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_SESSIONS = 16
+DEFAULT_MAX_TOKENS_LIMIT = 2048
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+API_KEY_ENV = "STREAMING_LLM_API_KEY"
+SNAPSHOT_DTYPES = ("model", "bfloat16", "float16", "float32")
+
+
+def default_data_dir() -> str:
+    from platformdirs import user_data_dir
+
+    return os.path.join(user_data_dir("streaming-llm"), "server")
+
+
+def add_arguments(p) -> None:
+    from ..ppl import add_model_arguments
+
+    add_model_arguments(p, quant_default="auto")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (non-loopback needs --api-key)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--api-key", default=None, help=f"required bearer token (default: ${API_KEY_ENV})")
+    p.add_argument("--data-dir", default=None, help="where sessions are stored (SQLite); 'none' keeps them in memory only")
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, help="sessions kept in memory (the rest on disk)")
+    p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="max_tokens when a request gives none")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
+    p.add_argument("--temperature", type=float, default=0.7, help="when a request gives none (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="when a request gives none")
+    p.add_argument("--snapshot-dtype", default="model", choices=SNAPSHOT_DTYPES,
+                   help="dtype of stored streaming state: model (exact) or bfloat16 (half the size of float32)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model (default: torch's choice; 1 is best on a busy machine)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def resolve_api_key(host: str, api_key: str | None) -> str | None:
+    """The key to enforce (None: open). Raises UserError for non-loopback binds without one."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    key = key.strip() if key else None
+    if not key and not is_loopback(host):
+        raise UserError(
+            f"refusing to bind {host}: it is not a loopback address, and no API key is set. "
+            f"Pass --api-key KEY or set {API_KEY_ENV} (clients then send 'Authorization: Bearer KEY'), "
+            f"or bind 127.0.0.1."
+        )
+    return key or None
+
+
+def check_args(args) -> None:
+    for flag in ("max_sessions", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {args.threads})")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535 (got {args.port})")
+
+
+def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, max_sessions=DEFAULT_MAX_SESSIONS,
+          max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT, default_max_tokens=DEFAULT_MAX_TOKENS,
+          max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=0.7, top_p=0.9, snapshot_dtype="model"):
+    """The app and its session manager for a loaded model (used by `run` and by the tests)."""
+    import torch
+
+    from .app import Settings, create_app
+    from .conversations import chat_factory
+    from .sessions import SessionManager
+    from .store import open_store
+
+    dtype = None if snapshot_dtype == "model" else getattr(torch, snapshot_dtype)
+    manager = SessionManager(model, tokenizer, config, model_name, open_store(data_dir), max_sessions, dtype,
+                             chat_factory(model, tokenizer, config))
+    settings = Settings(model_name, api_key, max_tokens_limit, min(default_max_tokens, max_tokens_limit),
+                        max_body_bytes, temperature, top_p)
+    return create_app(manager, settings), manager
+
+
+def run(args) -> int:
+    check_args(args)
+    api_key = resolve_api_key(args.host, args.api_key)  # before any model is loaded
+    from ..ppl import config_from_args, load_model_from_args
+
+    config = config_from_args(args)
+    import uvicorn
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, tokenizer = load_model_from_args(args)  # honours --quant
+    data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
+    app, manager = build(
+        model, tokenizer, config, model_name=args.served_model_name or args.model, data_dir=data_dir, api_key=api_key,
+        max_sessions=args.max_sessions, max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
+        temperature=args.temperature, top_p=args.top_p, snapshot_dtype=args.snapshot_dtype,
+    )
+    where = "memory only" if str(data_dir).lower() == "none" else data_dir
+    print(f"serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "
+          f"(sessions: {where}; API key {'required' if api_key else 'off'})", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        manager.shutdown()
+    return 0
