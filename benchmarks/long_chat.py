@@ -156,6 +156,7 @@ def summarize(rows: list[dict], session, args, trained: int | None, seconds: flo
         "model": args.model,
         **e.config.to_dict(),
         "threads": args.threads,
+        "quant": args.quant,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -253,6 +254,8 @@ def main(argv=None) -> int:
                    help="the chat's default; 0 is greedy, with which a 135M model soon repeats earlier replies verbatim")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", default="none", choices=["auto", "none", "int8", "int4"],
+                   help="weight quantization as in `chat --quant` (the recorded runs used none: float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--score-prompts", action="store_true",
@@ -264,13 +267,14 @@ def main(argv=None) -> int:
     from streaming_llm.chat import turn_record
     from streaming_llm.config import StreamingConfig
     from streaming_llm.engine import StreamingLLM
-    from streaming_llm.loading import load_model
+    from streaming_llm.ppl import load_model_from_args
     from streaming_llm.sampling import SamplingParams
     from streaming_llm.session import ChatSession
 
     torch.set_num_threads(args.threads)
     args.commit = _git_commit()  # of the code that runs (taken now: the tree may change during a long run)
-    model, tokenizer = load_model(args.model)
+    args.dtype, args.device = "float32", "cpu"
+    model, tokenizer = load_model_from_args(args)
     trained = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     config = StreamingConfig(method=args.method, sinks=args.sinks, window=args.window)
     session = ChatSession(StreamingLLM(model, tokenizer, config))

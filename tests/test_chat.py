@@ -152,15 +152,21 @@ def test_save_and_load_continue_token_for_token(tiny, tmp_path):
     for msg in ["first", "second"]:
         list(a.reply(msg, max_new_tokens=12, sampling=GREEDY))
     a.save(tmp_path / "s.pt")
+    snapshot = a.state_dict()  # in memory (what the server stores), a copy
     b = make_session(tiny, system=None, window=999)  # other settings: load adopts the saved ones
     b.load(tmp_path / "s.pt")
     assert b.engine.config == a.engine.config and b.messages == a.messages
+    c = make_session(tiny)
     for msg in ["third", "fourth, a little longer than the others"]:
         sampling = SamplingParams(temperature=1.0, seed=3)
         ta = [t.id for t in a.reply(msg, max_new_tokens=15, sampling=sampling)]
         tb = [t.id for t in b.reply(msg, max_new_tokens=15, sampling=sampling)]
         assert ta == tb
-    assert a.stats().tokens_seen == b.stats().tokens_seen and a.engine.evicted > 0
+    c.load_state_dict(snapshot)  # taken before a went on: unchanged by it
+    for msg in ["third", "fourth, a little longer than the others"]:
+        list(c.reply(msg, max_new_tokens=15, sampling=SamplingParams(temperature=1.0, seed=3)))
+    assert c.messages == a.messages
+    assert a.stats().tokens_seen == b.stats().tokens_seen == c.stats().tokens_seen and a.engine.evicted > 0
     with pytest.raises(UserError, match="no saved session"):
         b.load(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a session")
