@@ -81,6 +81,46 @@ def user_messages(tokenizer, n: int, seed: int = 0) -> list[str]:
     return out
 
 
+class PromptScorer:
+    """Instrument `engine.feed` to score each turn's prefill: the prompt that `generate` feeds with
+    logits="last" is fed with logits="all" instead (the same forward passes), and the mean NLL of its
+    tokens (each given everything before it in the stream) is kept in `last`. This is the paper's
+    perplexity, measured on the user turns of the chat: flat for streaming, up for dense past the
+    trained context, up for window once the first tokens are evicted."""
+
+    def __init__(self, engine):
+        import torch
+
+        self.torch, self.orig, self.last = torch, engine.feed, None
+        engine.feed = self
+
+    def __call__(self, ids, logits="all"):
+        ids = self.torch.as_tensor(ids, dtype=self.torch.long).reshape(-1)
+        if logits != "last" or ids.numel() < 2:  # decode steps pass through
+            return self.orig(ids, logits)
+        out = self.orig(ids, logits="all")  # (T, V): out[i] predicts ids[i + 1]
+        nll = self.torch.nn.functional.cross_entropy(out[:-1], ids[1:])
+        self.last = (float(nll), ids.numel() - 1)
+        return out[-1]
+
+
+SEGMENTS = [0, 2048, 8192, 16384, 24576, None]  # tokens seen at the start of a turn
+
+
+def nll_by_segment(rows: list[dict]) -> dict:
+    out = {}
+    for lo, hi in zip(SEGMENTS, SEGMENTS[1:]):
+        sel = [r for r in rows if r.get("prompt_nll") is not None
+               and lo <= r["total_tokens_seen"] - r["generated_tokens"] - r["prompt_tokens"] and (hi is None or
+               r["total_tokens_seen"] - r["generated_tokens"] - r["prompt_tokens"] < hi)]
+        n = sum(r["prompt_nll_tokens"] for r in sel)
+        if n:
+            key = f"{lo // 1024}K-{hi // 1024}K" if hi else f"{lo // 1024}K+"
+            out[key] = {"turns": len(sel), "tokens": n,
+                        "nll": round(sum(r["prompt_nll"] * r["prompt_nll_tokens"] for r in sel) / n, 4)}
+    return out
+
+
 def rss_mb() -> tuple[float, float]:
     """(current RSS, peak RSS) of this process in MiB, from /proc (Linux)."""
     cur = peak = 0.0
@@ -116,6 +156,7 @@ def summarize(rows: list[dict], session, args, trained: int | None, seconds: flo
         "model": args.model,
         **e.config.to_dict(),
         "threads": args.threads,
+        "quant": args.quant,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -140,10 +181,12 @@ def summarize(rows: list[dict], session, args, trained: int | None, seconds: flo
         "peak_rss_mb_end": rows[-1]["peak_rss_mb"],
         "rss_mb_first_turn": rows[0]["rss_mb"],
         "rss_mb_last_turn": rows[-1]["rss_mb"],
+        "distinct_replies": len({r["assistant"] for r in rows}),
+        "prompt_nll_by_tokens_seen": nll_by_segment(rows),
         "seconds": round(seconds, 1),
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
-        "commit": _git_commit(),
+        "commit": args.commit,
     }
     s["last_vs_first_ms_per_token"] = round(s["ms_per_token_last_10pct"] / s["ms_per_token_first_10pct"] - 1, 4)
     s["last_vs_first_cpu_ms_per_token"] = round(
@@ -169,17 +212,23 @@ def markdown(s: dict, rows: list[dict], command: str) -> str:
         f"- {s['turns']} turns, {s['total_tokens_seen']:,} tokens seen "
         f"({s['times_trained_context']}x the trained context of {s['trained_context']:,}), "
         f"{s['generated_tokens']:,} generated, {s['replies_stopped_by_model']} replies ended by the model",
-        f"- cache: max {s['max_cache_tokens']:,} / {cap}; {s['evicted']:,} tokens evicted; full from turn {s['cache_full_at_turn']}",
+        f"- cache: max {s['max_cache_tokens']:,} / {cap}; {s['evicted']:,} tokens evicted; "
+        + (f"full from turn {s['cache_full_at_turn']}" if s["cache_full_at_turn"] else "never full"),
         f"- ms per generated token (wall): first 10% of turns {s['ms_per_token_first_10pct']}, last 10% "
         f"{s['ms_per_token_last_10pct']} ({100 * s['last_vs_first_ms_per_token']:+.1f}%)",
         f"- CPU ms per generated token: first 10% {s['cpu_ms_per_token_first_10pct']}, last 10% "
         f"{s['cpu_ms_per_token_last_10pct']} ({100 * s['last_vs_first_cpu_ms_per_token']:+.1f}%)",
-        f"- RSS: {s['rss_mb_first_turn']:.0f} MiB after turn 1, {s['rss_mb_at_cache_full'] or 0:.0f} MiB when the cache "
-        f"filled, max {s['rss_mb_max_after_cache_full'] or 0:.0f} MiB after that, {s['rss_mb_last_turn']:.0f} MiB at the end "
-        f"(peak {s['peak_rss_mb_end']:.0f} MiB)",
+        f"- RSS: {s['rss_mb_first_turn']:.0f} MiB after turn 1, "
+        + (f"{s['rss_mb_at_cache_full']:.0f} MiB when the cache filled, max {s['rss_mb_max_after_cache_full']:.0f} MiB "
+           "after that, " if s["cache_full_at_turn"] else "")
+        + f"{s['rss_mb_last_turn']:.0f} MiB at the end (peak {s['peak_rss_mb_end']:.0f} MiB)",
         f"- wall time {s['seconds'] / 60:.1f} min, {s['threads']} torch thread(s) on {s['cpus']} shared CPUs "
         f"(load average at the end {s['loadavg_end'][0]}), commit {s['commit']}",
     ]
+    if s["prompt_nll_by_tokens_seen"]:
+        lines.append("- NLL of the user turns by tokens seen: " + ", ".join(
+            f"{k}: {v['nll']:.3f} ({v['turns']} turns)" for k, v in s["prompt_nll_by_tokens_seen"].items()))
+    lines.append(f"- {s['distinct_replies']} distinct replies in {s['turns']} turns")
     if "checks" in s:
         lines += ["", "Checks: " + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in s["checks"].items())]
     lines += ["", "Sample replies:", ""]
@@ -205,8 +254,12 @@ def main(argv=None) -> int:
                    help="the chat's default; 0 is greedy, with which a 135M model soon repeats earlier replies verbatim")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", default="none", choices=["auto", "none", "int8", "int4"],
+                   help="weight quantization as in `chat --quant` (the recorded runs used none: float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--score-prompts", action="store_true",
+                   help="also record each user turn's NLL under the stream (the paper's perplexity, on the chat)")
     args = p.parse_args(argv)
 
     import torch
@@ -214,15 +267,18 @@ def main(argv=None) -> int:
     from streaming_llm.chat import turn_record
     from streaming_llm.config import StreamingConfig
     from streaming_llm.engine import StreamingLLM
-    from streaming_llm.loading import load_model
+    from streaming_llm.ppl import load_model_from_args
     from streaming_llm.sampling import SamplingParams
     from streaming_llm.session import ChatSession
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    args.commit = _git_commit()  # of the code that runs (taken now: the tree may change during a long run)
+    args.dtype, args.device = "float32", "cpu"
+    model, tokenizer = load_model_from_args(args)
     trained = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     config = StreamingConfig(method=args.method, sinks=args.sinks, window=args.window)
     session = ChatSession(StreamingLLM(model, tokenizer, config))
+    scorer = PromptScorer(session.engine) if args.score_prompts else None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     min_tokens = int(args.min_times_context * trained) if trained and args.min_times_context else 0
 
@@ -236,6 +292,8 @@ def main(argv=None) -> int:
         turn += 1
         max_cache, cpu_first, cpu0 = 0, None, time.process_time()
         n = 0
+        if scorer:
+            scorer.last = None
         for tok in session.reply(text, args.max_new_tokens, sampling):
             n += 1
             max_cache = max(max_cache, tok.cache_tokens)
@@ -247,6 +305,8 @@ def main(argv=None) -> int:
         row = turn_record(turn, text, session)
         row.update(cpu_ms_per_token=round(1000 * cpu_gen / n, 3), max_cache_tokens_in_turn=max_cache,
                    rss_mb=round(cur, 1), peak_rss_mb=round(peak, 1))
+        if scorer and scorer.last:
+            row.update(prompt_nll=round(scorer.last[0], 4), prompt_nll_tokens=scorer.last[1])
         rows.append(row)
         if fill_turn is None and session.engine.capacity is not None and max_cache >= session.engine.capacity:
             fill_turn = turn

@@ -152,15 +152,21 @@ def test_save_and_load_continue_token_for_token(tiny, tmp_path):
     for msg in ["first", "second"]:
         list(a.reply(msg, max_new_tokens=12, sampling=GREEDY))
     a.save(tmp_path / "s.pt")
+    snapshot = a.state_dict()  # in memory (what the server stores), a copy
     b = make_session(tiny, system=None, window=999)  # other settings: load adopts the saved ones
     b.load(tmp_path / "s.pt")
     assert b.engine.config == a.engine.config and b.messages == a.messages
+    c = make_session(tiny)
     for msg in ["third", "fourth, a little longer than the others"]:
         sampling = SamplingParams(temperature=1.0, seed=3)
         ta = [t.id for t in a.reply(msg, max_new_tokens=15, sampling=sampling)]
         tb = [t.id for t in b.reply(msg, max_new_tokens=15, sampling=sampling)]
         assert ta == tb
-    assert a.stats().tokens_seen == b.stats().tokens_seen and a.engine.evicted > 0
+    c.load_state_dict(snapshot)  # taken before a went on: unchanged by it
+    for msg in ["third", "fourth, a little longer than the others"]:
+        list(c.reply(msg, max_new_tokens=15, sampling=SamplingParams(temperature=1.0, seed=3)))
+    assert c.messages == a.messages
+    assert a.stats().tokens_seen == b.stats().tokens_seen == c.stats().tokens_seen and a.engine.evicted > 0
     with pytest.raises(UserError, match="no saved session"):
         b.load(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a session")
@@ -379,7 +385,7 @@ def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--model", tiny_dir, "--turns", "6", "--window", "30", "--max-new-tokens", "5",
-            "--min-times-context", "0", "--out", str(tmp_path)]
+            "--min-times-context", "0", "--score-prompts", "--out", str(tmp_path)]
     threads = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0
@@ -388,6 +394,7 @@ def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "streaming_transcript.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "streaming_summary.json").read_text())
     assert len(rows) == 6 and KEYS <= set(rows[0]) and summary["max_cache_tokens"] == 34
+    assert all(r["prompt_nll"] > 0 for r in rows) and summary["prompt_nll_by_tokens_seen"]
     assert summary["checks"]["cache_never_above_sinks_plus_window"]
     assert len((tmp_path / "turns.txt").read_text().splitlines()) == 6
     assert "Sample replies" in (tmp_path / "streaming_summary.md").read_text()

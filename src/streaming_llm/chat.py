@@ -48,7 +48,7 @@ _UNPRINTABLE = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127]}
 def add_arguments(p) -> None:
     from .ppl import add_model_arguments
 
-    add_model_arguments(p)
+    add_model_arguments(p, quant_default="auto")  # int4 for the default (Q4 GGUF) model: fast CPU decoding
     p.set_defaults(window=DEFAULT_WINDOW)
     for action in p._actions:  # the shared flag, with this verb's default spelled out
         if action.dest == "window":
@@ -163,13 +163,13 @@ def run(args) -> int:
 
 def _load_session(args, config):
     from .engine import StreamingLLM
-    from .loading import load_model
+    from .ppl import load_model_from_args
     from .session import ChatSession
 
     interactive = args.script is None and sys.stdout.isatty()
     if interactive:
         print(f"loading {args.model}...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_from_args(args)  # honours --quant
     return ChatSession(StreamingLLM(model, tokenizer, config), system=args.system)
 
 

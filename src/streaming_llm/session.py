@@ -311,23 +311,53 @@ class ChatSession:
         keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         return {k: getattr(cfg, k, None) for k in keys}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the transcript and the streaming state (torch.save): `load` continues exactly."""
-        import torch
-
+    def state_dict(self) -> dict:
+        """Everything needed to continue this conversation exactly, as plain containers and
+        tensors (torch.save-able, loadable with weights_only=True): format tag, model fingerprint,
+        streaming config, messages, turn stats, what the stream holds, the engine's state."""
         self._close_active()
-        path = Path(path).expanduser()
-        state = {
+        return {
             "format": SAVE_FORMAT,
             "version": SAVE_VERSION,
             "model": self._model_fingerprint(),
             "config": self.engine.config.to_dict(),
-            "messages": self.messages,
+            "messages": [dict(m) for m in self.messages],
             "turns": [asdict(t) for t in self.turns],
             "fed_text": self._fed_text,
             "fed_messages": self._fed_messages,
             "engine": self.engine.state_dict(),
         }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace this session with a saved one (see `state_dict`). If it was saved with other
+        streaming settings (sinks, window, method...), the engine is rebuilt on the same model with
+        those settings. The model must be the same one (checked by its shape)."""
+        from .config import StreamingConfig
+
+        self._close_active()
+        if not isinstance(state, dict) or state.get("format") != SAVE_FORMAT:
+            raise UserError("not a saved chat session")
+        if state.get("version") != SAVE_VERSION:
+            raise UserError(f"session format version {state.get('version')}; this build reads {SAVE_VERSION}")
+        if state["model"] != self._model_fingerprint():
+            raise UserError(f"saved with another model ({state['model']}); load it with that model")
+        if state["config"] != self.engine.config.to_dict():
+            from .engine import StreamingLLM
+
+            e = self.engine
+            self.engine = StreamingLLM(e.model, e.tokenizer, StreamingConfig(**state["config"]), e.start_position)
+        self.engine.load_state_dict(state["engine"])
+        self.messages = [dict(m) for m in state["messages"]]
+        self.turns = [TurnStats(**t) for t in state["turns"]]
+        self._fed_text = state["fed_text"]
+        self._fed_messages = state["fed_messages"]
+
+    def save(self, path: str | Path) -> Path:
+        """Write `state_dict()` with torch.save (atomically): `load` continues exactly."""
+        import torch
+
+        path = Path(path).expanduser()
+        state = self.state_dict()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
@@ -338,12 +368,8 @@ class ChatSession:
         return path
 
     def load(self, path: str | Path) -> None:
-        """Replace this session with a saved one. If it was saved with other streaming settings
-        (sinks, window, method...), the engine is rebuilt on the same model with those settings.
-        The model must be the same one (checked by its shape)."""
+        """Replace this session with one saved by `save` (see `load_state_dict`)."""
         import torch
-
-        from .config import StreamingConfig
 
         self._close_active()
         path = Path(path).expanduser()
@@ -353,19 +379,7 @@ class ChatSession:
             state = torch.load(path, map_location=self.engine.device, weights_only=True)
         except Exception as e:
             raise UserError(f"{path} is not a saved chat session ({str(e).splitlines()[0]})") from None
-        if not isinstance(state, dict) or state.get("format") != SAVE_FORMAT:
-            raise UserError(f"{path} is not a saved chat session")
-        if state.get("version") != SAVE_VERSION:
-            raise UserError(f"{path} has session format version {state.get('version')}; this build reads {SAVE_VERSION}")
-        if state["model"] != self._model_fingerprint():
-            raise UserError(f"{path} was saved with another model ({state['model']}); load it with that model")
-        if state["config"] != self.engine.config.to_dict():
-            from .engine import StreamingLLM
-
-            e = self.engine
-            self.engine = StreamingLLM(e.model, e.tokenizer, StreamingConfig(**state["config"]), e.start_position)
-        self.engine.load_state_dict(state["engine"])
-        self.messages = state["messages"]
-        self.turns = [TurnStats(**t) for t in state["turns"]]
-        self._fed_text = state["fed_text"]
-        self._fed_messages = state["fed_messages"]
+        try:
+            self.load_state_dict(state)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
