@@ -174,13 +174,14 @@ def _trained_context(model) -> int | None:
     return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
-def headline(r: Runner, out: Path, stride: int) -> dict:
-    """fig3 / gemma3: dense, window, recompute (every `stride`-th token), streaming at 4+1020."""
+def headline(r: Runner, out: Path, stride: int, window_tokens: int | None = None) -> dict:
+    """fig3 / gemma3: dense, window, recompute (every `stride`-th token), streaming at 4+1020.
+    `window_tokens` caps the window baseline's stream (it has collapsed long before)."""
     import numpy as np
 
     runs = {
         "streaming": r.nll("streaming", 4, CACHE - 4),
-        "window": r.nll("window", 0, CACHE),
+        "window": r.nll("window", 0, CACHE, n=window_tokens),
         "dense": r.nll("dense", 0, CACHE),
     }
     n = len(r.ids)
@@ -192,25 +193,26 @@ def headline(r: Runner, out: Path, stride: int) -> dict:
     summary = {"model": r.model_name, "corpus": r.corpus, "tokens": n, "cache": "4+1020 (window: 0+1024)",
                "trained_context": trained, "recompute_stride": stride,
                "ppl": {m: _segments(v, CACHE, trained) for m, v in runs.items()},
-               "subsampled_ppl": {m: ppl(v[pos - 1]) for m, v in runs.items()} | {"recompute": ppl(rec)},
+               "tokens_per_method": {m: len(v) + 1 for m, v in runs.items()},
+               "subsampled_ppl": {m: ppl(v[pos[pos <= len(v)] - 1]) for m, v in runs.items()} | {"recompute": ppl(rec)},
                "runs": r.log}
     _write(out, "summary.json", summary)
     return summary
 
 
 def exp_fig3(r, out, args):
-    return headline(r, out, args.recompute_stride)
+    return headline(r, out, args.recompute_stride, args.window_tokens)
 
 
 def exp_gemma3(r, out, args):
-    return headline(r, out, args.recompute_stride)
+    return headline(r, out, args.recompute_stride, args.window_tokens)
 
 
 def exp_table2(r, out, args):
     """Sinks 0,1,2,4,8 at cache 1024 and 2048, plus 4 newline tokens as the sinks (prepended)."""
     nl = r.tokenizer("\n", add_special_tokens=False)["input_ids"]
     rows = []
-    for cache in (1024, 2048):
+    for cache in args.caches:
         for s in (0, 1, 2, 4, 8):
             v = r.nll("streaming", s, cache - s)
             rows.append({"cache": cache, "sinks": s, "sink_tokens": "text", "ppl_after_fill": segment_ppl(v, cache),
@@ -226,11 +228,11 @@ def exp_table2(r, out, args):
 
 
 def exp_table6(r, out, args):
-    rows = []
-    for w in (252, 508, 1020, 2044, 4092):
+    rows, common = [], max(args.windows) + 4  # every row is also scored on the same tokens: [common, end)
+    for w in args.windows:
         v = r.nll("streaming", 4, w)
         rows.append({"cache": f"4+{w}", "window": w, "ppl_after_fill": segment_ppl(v, w + 4),
-                     "ppl_from_4096": segment_ppl(v, 4096), "ppl_all": segment_ppl(v, 1)})
+                     f"ppl_from_{common}": segment_ppl(v, common), "ppl_all": segment_ppl(v, 1)})
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "table.csv", list(rows[0]), [list(x.values()) for x in rows])
     res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": r.log}
@@ -317,6 +319,10 @@ EXPERIMENTS = {"throughput": exp_throughput, "fig3": exp_fig3, "table2": exp_tab
                "positions": exp_positions, "gemma3": exp_gemma3, "fig5": exp_fig5}
 
 
+def _int_list(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
 def add_arguments(p) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), help="which reproduction to run")
     p.add_argument("--model", default=None, help="default: smollm2-135m-instruct (gemma3-270m for gemma3)")
@@ -326,6 +332,9 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
     p.add_argument("--recompute-stride", type=int, default=DEFAULT_RECOMPUTE_STRIDE,
                    help="fig3/gemma3: recompute every Nth token only (one full-cache forward each); 0: skip")
+    p.add_argument("--window-tokens", type=int, default=None, help="fig3/gemma3: cap the window baseline's stream")
+    p.add_argument("--caches", type=_int_list, default=[1024, 2048], help="table2: cache sizes (comma-separated)")
+    p.add_argument("--windows", type=_int_list, default=[252, 508, 1020, 2044, 4092], help="table6: windows (4 sinks)")
     p.add_argument("--reference-tokens", type=int, default=3000, help="throughput: tokens for the token-by-token path")
     p.add_argument("--checkpoint-every", type=int, default=20_000, help="fig5: tokens between checkpoints")
     p.add_argument("--plot", action="store_true", help="draw the plots from the result files afterwards")

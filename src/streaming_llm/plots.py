@@ -75,7 +75,8 @@ def plot_curves(d: Path, keys: list[str] | None = None, title: str = "") -> list
     if trained and trained < len(z[keys[0]]):
         ax.axvline(trained, color="gray", ls=":", lw=1)
         ax.text(trained, ax.get_ylim()[1], " trained context", va="top", fontsize=8, color="gray")
-    ax.axvline(1024, color="gray", ls="--", lw=0.6)
+    if len(z[keys[0]]) > 1024:
+        ax.axvline(1024, color="gray", ls="--", lw=0.6)  # the cache fills: evictions start
     ax.set_xlabel("input length (tokens)")
     ax.set_ylabel(f"log perplexity ({SMOOTH}-token moving average)")
     ax.set_title(title or f"{summary.get('model')}: {summary.get('tokens')} tokens of {summary.get('corpus')}")
@@ -128,9 +129,17 @@ def plot_table(d: Path) -> list[Path]:
         ax.set_title(f"{res.get('model')}: ppl after the cache fills ({res.get('tokens')} tokens)")
         ax.legend(fontsize=8)
     else:
-        vals = [r["ppl_after_fill"] for r in rows]
-        bars = ax.bar([r["cache"] for r in rows], vals, color="tab:red")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        common = next((k for k in rows[0] if k.startswith("ppl_from_")), None)
+        xs = range(len(rows))
+        for off, key, color in ((-0.2, "ppl_after_fill", "tab:red"), (0.2, common, "tab:gray")):
+            vals = [r.get(key) if key else None for r in rows]
+            if any(v is None for v in vals):
+                continue
+            label = "tokens after this cache fills" if key == "ppl_after_fill" else f"tokens {key[9:]}..end (same for all)"
+            bars = ax.bar([x + off for x in xs], vals, 0.4, color=color, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(list(xs), [r["cache"] for r in rows])
+        ax.legend(fontsize=8)
         ax.set_title(f"{res.get('model')}: streaming ppl vs cache size ({res.get('tokens')} tokens)")
         ax.set_xlabel("cache (sinks + window)")
     ax.set_ylabel("perplexity (tokens after the cache is full)")

@@ -125,7 +125,8 @@ def _progress(blocks, total: int, enabled: bool, desc: str, done: int = 0):
         nll = item[2]
         s, c = s + float(nll.sum()), c + nll.numel()
         bar.update(nll.numel())
-        bar.set_postfix(ppl=f"{math.exp(s / c):.3f}", tok_s=f"{c / (time.perf_counter() - t0):.0f}")
+        if c and enabled:
+            bar.set_postfix(ppl=f"{math.exp(s / c):.3f}", tok_s=f"{c / (time.perf_counter() - t0):.0f}")
         yield item
     bar.close()
 
