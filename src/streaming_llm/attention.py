@@ -131,4 +131,6 @@ def causal_attention(q, k, v, attention_mask, scale, softcap, sliding_window, of
     if attention_mask is not None:  # a prepared 4D mask (bool or additive), broadcast over heads
         extra = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         mask = mask & extra[0, 0, :, -n:]
+    if softcap is None and not off_by_one:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return grouped_attention(q, k, v, mask, scale, softcap, off_by_one)

@@ -72,7 +72,9 @@ class Corpus:
 
 
 def cache_root() -> Path:
-    """Root of the user cache: $STREAMING_LLM_CACHE, else the platform's user cache dir."""
+    """Root of the user cache: $STREAMING_LLM_CACHE, else the platform's user cache dir.
+
+    The same folder as `loading.cache_dir()`; repeated here because `loading` imports torch."""
     env = os.environ.get("STREAMING_LLM_CACHE")
     if env:
         return Path(env).expanduser()
@@ -414,17 +416,16 @@ def tokenize_corpus(corpus: Corpus, tokenizer, cache: bool = True):
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def load_tokenizer(name: str):
-    """A tokenizer for --model: through streaming_llm.loading when present, else a local path or .gguf."""
-    try:
-        from . import loading  # written in parallel; use it when it has a tokenizer loader
-    except ImportError:
-        loading = None
-    fn = getattr(loading, "load_tokenizer", None)
-    if fn is not None:
-        return fn(name)
+    """A tokenizer for --model: a model alias (see streaming_llm.loading), a .gguf file or a model folder.
+
+    Only the tokenizer is read (a GGUF's vocabulary, not its weights); the hub is never used."""
     import transformers
 
+    from . import loading  # imports torch: only here
+
     path = Path(name).expanduser()
+    if name.strip().lower() in loading.ALIASES:
+        path = loading.resolve_alias(name)
     try:
         if path.is_file() and path.suffix == ".gguf":
             return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -432,7 +433,7 @@ def load_tokenizer(name: str):
             return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"could not load a tokenizer from {name}: {e}") from None
-    raise UserError(f"--model {name!r}: not a model folder or .gguf file (model aliases need streaming_llm.loading)")
+    raise UserError(f"--model {name!r}: not a model alias ({', '.join(loading.ALIASES)}), .gguf file or model folder")
 
 
 def add_arguments(parser) -> None:

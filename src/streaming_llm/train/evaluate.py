@@ -21,9 +21,6 @@ import numpy as np
 from .loop import lm_loss, make_batch
 from .model import EXPLICIT_ATTN, register_attention, use_training_attention
 
-EVAL_PIECE = 1024  # tokens fed to the engine per call (bounds the logits kept in memory)
-
-
 def window_offsets(n_tokens: int, context: int, n_windows: int) -> np.ndarray:
     """Evenly spaced, deterministic sample offsets over held-out tokens."""
     high = n_tokens - (context + 1)
@@ -58,21 +55,13 @@ def stream_for(val_ids: np.ndarray, n_tokens: int, sink_id: int | None) -> tuple
 
 def streaming_nlls(model, tokenizer, stream: np.ndarray, first: int, sinks: int, window: int, chunk_size: int = 256) -> np.ndarray:
     """NLL (nats) of each next token stream[first+1:], streamed with `sinks` + `window` cache."""
-    import torch
-
     from ..config import StreamingConfig
     from ..engine import StreamingLLM
+    from ..ppl import token_nlls
 
     config = StreamingConfig(method="streaming", sinks=sinks, window=window, chunk_size=chunk_size)
-    engine = StreamingLLM(model, tokenizer, config)
-    ids = torch.as_tensor(stream, dtype=torch.long)
-    out = []
-    for lo in range(0, len(ids) - 1, EVAL_PIECE):
-        piece = ids[lo : min(lo + EVAL_PIECE, len(ids) - 1)]  # the last token predicts nothing scored
-        logits = engine.feed(piece, logits="all")  # (P, V) float32: prediction of the next token
-        targets = ids[lo + 1 : lo + 1 + len(piece)]
-        out.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none").numpy())
-    nll = np.concatenate(out)
+    engine = StreamingLLM(model, tokenizer, config)  # switches the model to the engine's attention
+    nll = np.array([v for _, _, v in token_nlls(engine, stream)], dtype=np.float64)  # predictions of stream[1:]
     return nll[first:]
 
 

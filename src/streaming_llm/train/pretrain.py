@@ -27,7 +27,7 @@ DEFAULT_SINKS = "0,1,2,4"
 DEFAULT_VAL_BOOKS = 4  # the last books of the corpus (for Gutenberg: Two Gentlemen, Winter's Tale, both editions)
 # Budgets. Default: ~15 min per variant on a 2-core CPU (measured: see docs); quick: a smoke run.
 PRESETS = {
-    "default": dict(size="default", steps=1200, batch_size=16, lr=3e-3, eval_tokens=4096, window=128,
+    "default": dict(size="default", steps=1000, batch_size=16, lr=3e-3, eval_tokens=4096, window=128,
                     val_windows=64, tokenizer_chars=0),
     "quick": dict(size="quick", steps=120, batch_size=8, lr=3e-3, eval_tokens=1024, window=64,
                   val_windows=16, tokenizer_chars=2_000_000),
@@ -114,6 +114,9 @@ def _write_json(path: Path, obj) -> None:
 
 def run_pretrain(args) -> dict:
     """Train and evaluate every requested variant; returns the results dict (also written to DIR)."""
+    # OpenMP threads that spin while waiting slow training 10-20x when other processes share the
+    # cores; sleeping ones cost little here. Read once when torch loads, so set it before that.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from .. import data

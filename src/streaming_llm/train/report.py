@@ -76,6 +76,7 @@ def plot(results: dict, png: Path) -> None:
         if items:
             ax.plot([int(k) for k, _ in items], [x for _, x in items], marker="o", label=LABELS.get(name, name))
     ax.set_yscale("log")
+    ax.set_xticks(results.get("evaluation", {}).get("sinks") or ax.get_xticks())
     ax.set_xlabel("sinks kept (S)")
     ax.set_ylabel("streaming perplexity")
     ev = results.get("evaluation", {})
@@ -86,6 +87,7 @@ def plot(results: dict, png: Path) -> None:
         share = v.get("attention", {}).get("first_position_share", [])
         if share:
             ax.plot(range(len(share)), share, marker="o", label=LABELS.get(name, name))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer")
     ax.set_ylabel("attention share on position 0")
     ax.set_ylim(0, 1)

@@ -1,0 +1,93 @@
+"""The engine on the two real offline models: exact against the literal paper reference, and the
+`ppl` command's contract. Slower than the tiny-model tests (seconds to a minute each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reference import PaperReference
+from streaming_llm.cli import main
+from streaming_llm.config import StreamingConfig
+from streaming_llm.engine import StreamingLLM
+from streaming_llm.loading import load_model
+from streaming_llm.rope import find_rotary_module
+
+pytestmark = pytest.mark.real_model
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered the rightful property of some one or other of "
+    "their daughters."
+)
+
+
+def nlls(logits, ids):
+    return -torch.log_softmax(logits[:-1].double(), -1).gather(1, ids[1:, None])[:, 0]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_model_matches_literal_paper_reference(name):
+    model, tokenizer = load_model(name)
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"][:40])
+    sinks, window = 4, 12  # eviction from token 16 on
+    ref = PaperReference(model, sinks, window, find_rotary_module(model)).feed(ids)
+    for chunk in (1, 40):
+        out = StreamingLLM(model, tokenizer, StreamingConfig(sinks=sinks, window=window, chunk_size=chunk)).feed(ids)
+        assert (nlls(out, ids) - nlls(ref, ids)).abs().max() < 1e-4
+
+
+def test_ppl_command_contract(tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text(TEXT * 8, encoding="utf-8")
+    out = tmp_path / "nll.jsonl"
+    argv = ["ppl", "--model", "smollm2-135m-instruct", "--text", str(text), "--method", "streaming", "--sinks", "4",
+            "--window", "60", "--max-tokens", "300", "--per-token-out", str(out)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["i"] for r in rows] == list(range(1, 300))
+    assert set(rows[0]) == {"i", "token", "nll"} and all(r["nll"] >= 0 for r in rows)
+    stdout = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(stdout[-1])
+    mean = sum(r["nll"] for r in rows) / len(rows)
+    assert abs(summary["nll_mean"] - mean) < 1e-9 and summary["predicted"] == 299
+    assert stdout[-2].startswith("perplexity:")
+    # the slow token-by-token path (--reference) gives the same numbers
+    short = ["--max-tokens", "100", "--no-progress"]
+    fast_out, ref_out = tmp_path / "fast.jsonl", tmp_path / "ref.jsonl"
+    assert main(argv[:-4] + short + ["--per-token-out", str(fast_out)]) == 0
+    assert main(argv[:-4] + short + ["--per-token-out", str(ref_out), "--reference"]) == 0
+    fast = [json.loads(x)["nll"] for x in fast_out.read_text().splitlines()]
+    ref = [json.loads(x)["nll"] for x in ref_out.read_text().splitlines()]
+    assert len(fast) == len(ref) == 99 and max(abs(a - b) for a, b in zip(fast, ref)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--text", "/nonexistent.txt"], "not found"),
+        (["--window", "0"], "--window"),
+        (["--sinks", "-1"], "--sinks"),
+    ],
+)
+def test_ppl_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    base = {"--model": "smollm2-135m-instruct", "--text": str(text)}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    assert main(["ppl", *[x for kv in base.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert message.lower() in err.lower() and "Traceback" not in err
+
+
+def test_ppl_rejects_empty_short_and_non_utf8_text(tmp_path, capsys):
+    for content, message in [(b"", "empty"), (b"\xff\xfe\x00bad", "UTF-8"), (b"a", "at least 2")]:
+        f = tmp_path / "x.txt"
+        f.write_bytes(content)
+        assert main(["ppl", "--text", str(f)]) == 2
+        assert message in capsys.readouterr().err
