@@ -67,21 +67,30 @@ def plot_curves(d: Path, keys: list[str] | None = None, title: str = "") -> list
         ax.plot(x, y, label=k, color=COLORS.get(k), lw=1.2)
     if "recompute" in z.files and len(z["recompute"]):
         pos, rec = z["recompute_positions"], z["recompute"]
-        k = max(1, SMOOTH // max(int(summary.get("recompute_stride") or 1), 1))
-        y, x = _moving(rec, k)
-        ax.plot(pos[x - 1], y, label=f"recompute (every {summary.get('recompute_stride')}th token)",
-                color=COLORS["recompute"], lw=1.2, ls="--")
+        stride = summary.get("recompute_stride")
+        if len(rec) < 50:  # too few for a moving average: show each recomputed token against streaming's
+            ax.scatter(pos, rec, marker="x", s=30, color=COLORS["recompute"], zorder=3,
+                       label=f"recompute: NLL of every {stride}th token")
+            if "streaming" in z.files:
+                ok = pos <= len(z["streaming"])
+                ax.scatter(pos[ok], z["streaming"][pos[ok] - 1], marker="o", s=30, facecolors="none",
+                           edgecolors=COLORS["streaming"], zorder=3, label="streaming: NLL of the same tokens")
+        else:
+            y, x = _moving(rec, max(1, SMOOTH // max(int(stride or 1), 1)))
+            ax.plot(pos[x - 1], y, label=f"recompute (every {stride}th token)", color=COLORS["recompute"], lw=1.2, ls="--")
     trained = summary.get("trained_context")
     if trained and trained < len(z[keys[0]]):
         ax.axvline(trained, color="gray", ls=":", lw=1)
-        ax.text(trained, ax.get_ylim()[1], " trained context", va="top", fontsize=8, color="gray")
+        ax.text(trained, 0.3, " trained context", fontsize=8, color="gray")
     if len(z[keys[0]]) > 1024:
         ax.axvline(1024, color="gray", ls="--", lw=0.6)  # the cache fills: evictions start
     ax.set_xlabel("input length (tokens)")
     ax.set_ylabel(f"log perplexity ({SMOOTH}-token moving average)")
     ax.set_title(title or f"{summary.get('model')}: {summary.get('tokens')} tokens of {summary.get('corpus')}")
-    ymax = max(float(np.nanmax(_moving(z[k], SMOOTH)[0])) for k in keys)
-    ax.set_ylim(0, min(ymax * 1.05, 12))
+    ymax = max([float(np.nanmax(_moving(z[k], SMOOTH)[0])) for k in keys] + [float(np.max(z["recompute"], initial=0))
+                                                                               if "recompute" in z.files else 0])
+    ax.set_ylim(0, min(ymax * 1.08, 16))
+    ax.set_ylabel(f"log perplexity ({SMOOTH}-token moving average)\nor one token's NLL (markers)", fontsize=9)
     ax.legend(fontsize=8)
     return [_save(fig, d / f"{d.name}.png")]
 
