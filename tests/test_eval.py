@@ -189,6 +189,8 @@ def test_experiments_write_results_and_plots_render(tmp_path, monkeypatch):
     f5 = json.loads((tmp_path / "fig5" / "result.json").read_text())
     assert f5["complete"] and [b["title"] for b in f5["per_book"]] == ["one", "two"]
     assert len(json.loads((tmp_path / "table2" / "results.json").read_text())["rows"]) == 12
+    ex.exp_table6(r, tmp_path / "table6", SimpleNamespace(windows=[20]))  # fills in one more row
+    assert [x["window"] for x in json.loads((tmp_path / "table6" / "results.json").read_text())["rows"]] == [12, 20, 28]
     for name in ("fig3", "positions", "throughput", "fig5", "table2", "table6"):
         paths = plot(name, tmp_path / name)
         assert paths and all(p.stat().st_size > 1000 for p in paths)
@@ -197,12 +199,12 @@ def test_experiments_write_results_and_plots_render(tmp_path, monkeypatch):
 def test_table_plots_render_from_small_result_files(tmp_path):
     from streaming_llm.plots import plot
 
-    rows2 = [{"cache": c, "sinks": s, "sink_tokens": "text", "ppl_after_fill": 30 - s, "ppl_all": 20}
+    rows2 = [{"cache": c, "sinks": s, "sink_tokens": "text", "tokens": 9, "ppl_after_fill": 30 - s, "ppl_all": 20}
              for c in (1024, 2048) for s in (0, 1, 2, 4, 8)]
     rows2 += [{"cache": c, "sinks": 4, "sink_tokens": "4x newline", "ppl_after_fill": 27, "ppl_all": 20} for c in (1024, 2048)]
     (tmp_path / "table2").mkdir()
     (tmp_path / "table2" / "results.json").write_text(json.dumps({"rows": rows2, "tokens": 4096, "model": "m"}))
-    rows6 = [{"cache": f"4+{w}", "window": w, "ppl_after_fill": 25 - w / 1000, "ppl_from_1024": 20, "ppl_all": 20}
+    rows6 = [{"cache": f"4+{w}", "window": w, "ppl_after_fill": 25 - w / 1000, "tokens": 6144, "ppl_all": 20}
              for w in (252, 508, 1020)]
     (tmp_path / "table6").mkdir()
     (tmp_path / "table6" / "results.json").write_text(json.dumps({"rows": rows6, "tokens": 6144, "model": "m"}))

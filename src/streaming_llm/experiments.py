@@ -208,6 +208,23 @@ def exp_gemma3(r, out, args):
     return headline(r, out, args.recompute_stride, args.window_tokens)
 
 
+def _merge_rows(r, out: Path, rows: list[dict], key: str):
+    """Keep rows of an earlier run of this table (same model and corpus) whose `key` was not
+    recomputed now, so a table can be filled in several invocations (each row records its tokens)."""
+    old = out / "results.json"
+    keep, log = [], list(r.log)
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if prev.get("model") == r.model_name and prev.get("corpus") == r.corpus:
+            done = {x[key] for x in rows}
+            keep = [{**x, "tokens": x.get("tokens", prev.get("tokens"))} for x in prev["rows"] if x[key] not in done]
+            log = prev.get("runs", []) + log
+    out.mkdir(parents=True, exist_ok=True)
+    merged = keep + rows
+    merged.sort(key=lambda x: x[key])  # stable: keeps each cache's row order
+    return merged, log
+
+
 def exp_table2(r, out, args):
     """Sinks 0,1,2,4,8 at cache 1024 and 2048, plus 4 newline tokens as the sinks (prepended)."""
     nl = r.tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -215,27 +232,27 @@ def exp_table2(r, out, args):
     for cache in args.caches:
         for s in (0, 1, 2, 4, 8):
             v = r.nll("streaming", s, cache - s)
-            rows.append({"cache": cache, "sinks": s, "sink_tokens": "text", "ppl_after_fill": segment_ppl(v, cache),
-                         "ppl_all": segment_ppl(v, 1)})
+            rows.append({"cache": cache, "sinks": s, "sink_tokens": "text", "tokens": len(r.ids),
+                         "ppl_after_fill": segment_ppl(v, cache), "ppl_all": segment_ppl(v, 1)})
         v = r.nll("streaming", 4, cache - 4, prefix=nl * 4)
-        rows.append({"cache": cache, "sinks": 4, "sink_tokens": "4x newline", "ppl_after_fill": segment_ppl(v, cache),
-                     "ppl_all": segment_ppl(v, 1)})
-    out.mkdir(parents=True, exist_ok=True)
+        rows.append({"cache": cache, "sinks": 4, "sink_tokens": "4x newline", "tokens": len(r.ids),
+                     "ppl_after_fill": segment_ppl(v, cache), "ppl_all": segment_ppl(v, 1)})
+    rows, log = _merge_rows(r, out, rows, "cache")
     _write_csv(out / "table.csv", list(rows[0]), [list(x.values()) for x in rows])
-    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "newline_ids": nl, "rows": rows, "runs": r.log}
+    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "newline_ids": nl, "rows": rows, "runs": log}
     _write(out, "results.json", res)
     return res
 
 
 def exp_table6(r, out, args):
-    rows, common = [], max(args.windows) + 4  # every row is also scored on the same tokens: [common, end)
+    rows = []
     for w in args.windows:
         v = r.nll("streaming", 4, w)
-        rows.append({"cache": f"4+{w}", "window": w, "ppl_after_fill": segment_ppl(v, w + 4),
-                     f"ppl_from_{common}": segment_ppl(v, common), "ppl_all": segment_ppl(v, 1)})
-    out.mkdir(parents=True, exist_ok=True)
+        rows.append({"cache": f"4+{w}", "window": w, "tokens": len(r.ids), "ppl_after_fill": segment_ppl(v, w + 4),
+                     "ppl_all": segment_ppl(v, 1)})
+    rows, log = _merge_rows(r, out, rows, "window")
     _write_csv(out / "table.csv", list(rows[0]), [list(x.values()) for x in rows])
-    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": r.log}
+    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": log}
     _write(out, "results.json", res)
     return res
 

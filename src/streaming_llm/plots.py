@@ -135,7 +135,8 @@ def plot_table(d: Path) -> list[Path]:
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks([j + width * (len(caches) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
         ax.set_yscale("log")
-        ax.set_title(f"{res.get('model')}: ppl after the cache fills ({res.get('tokens')} tokens)")
+        toks = sorted({f"cache {r['cache']}: {r.get('tokens', res.get('tokens'))}" for r in rows})
+        ax.set_title(f"{res.get('model')}: ppl after the cache fills\n(tokens streamed: {', '.join(toks)})", fontsize=9)
         ax.legend(fontsize=8)
     else:
         common = next((k for k in rows[0] if k.startswith("ppl_from_")), None)
@@ -147,9 +148,9 @@ def plot_table(d: Path) -> list[Path]:
             label = "tokens after this cache fills" if key == "ppl_after_fill" else f"tokens {key[9:]}..end (same for all)"
             bars = ax.bar([x + off for x in xs], vals, 0.4, color=color, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks(list(xs), [r["cache"] for r in rows])
+        ax.set_xticks(list(xs), [f"{r['cache']}\n({r.get('tokens', '?')} tok)" for r in rows], fontsize=8)
         ax.legend(fontsize=8)
-        ax.set_title(f"{res.get('model')}: streaming ppl vs cache size ({res.get('tokens')} tokens)")
+        ax.set_title(f"{res.get('model')}: streaming ppl vs cache size")
         ax.set_xlabel("cache (sinks + window)")
     ax.set_ylabel("perplexity (tokens after the cache is full)")
     return [_save(fig, d / f"{d.name}.png")]
