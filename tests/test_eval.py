@@ -204,10 +204,10 @@ def test_table_plots_render_from_small_result_files(tmp_path):
     rows2 += [{"cache": c, "sinks": 4, "sink_tokens": "4x newline", "ppl_after_fill": 27, "ppl_all": 20} for c in (1024, 2048)]
     (tmp_path / "table2").mkdir()
     (tmp_path / "table2" / "results.json").write_text(json.dumps({"rows": rows2, "tokens": 4096, "model": "m"}))
-    rows6 = [{"cache": f"4+{w}", "window": w, "ppl_after_fill": 25 - w / 1000, "tokens": 6144, "ppl_all": 20}
+    rows6 = [{"cache": f"4+{w}", "window": w, "ppl_after_fill": 25 - w / 1000, "tokens": 6144, "ppl_1024_2048": 21, "ppl_all": 20}
              for w in (252, 508, 1020)]
     (tmp_path / "table6").mkdir()
-    (tmp_path / "table6" / "results.json").write_text(json.dumps({"rows": rows6, "tokens": 6144, "model": "m"}))
+    (tmp_path / "table6" / "results.json").write_text(json.dumps({"rows": rows6, "tokens": 6144, "ppl_1024_2048": 21, "model": "m"}))
     assert plot("table2", tmp_path / "table2") and plot("table6", tmp_path / "table6")
 
 

@@ -194,6 +194,9 @@ def headline(r: Runner, out: Path, stride: int, window_tokens: int | None = None
                "trained_context": trained, "recompute_stride": stride,
                "ppl": {m: _segments(v, CACHE, trained) for m, v in runs.items()},
                "tokens_per_method": {m: len(v) + 1 for m, v in runs.items()},
+               # every method on the same tokens: from the first eviction to the end of the shortest run
+               "same_tokens": {"range": [CACHE, min(len(v) for v in runs.values()) + 1],
+                               **{m: segment_ppl(v, CACHE, min(len(x) for x in runs.values()) + 1) for m, v in runs.items()}},
                "subsampled_ppl": {m: ppl(v[pos[pos <= len(v)] - 1]) for m, v in runs.items()} | {"recompute": ppl(rec)},
                "runs": r.log}
     _write(out, "summary.json", summary)
@@ -249,7 +252,7 @@ def exp_table6(r, out, args):
     for w in args.windows:
         v = r.nll("streaming", 4, w)
         rows.append({"cache": f"4+{w}", "window": w, "tokens": len(r.ids), "ppl_after_fill": segment_ppl(v, w + 4),
-                     "ppl_all": segment_ppl(v, 1)})
+                     "ppl_1024_2048": segment_ppl(v, 1024, 2048), "ppl_all": segment_ppl(v, 1)})  # same tokens in every row
     rows, log = _merge_rows(r, out, rows, "window")
     _write_csv(out / "table.csv", list(rows[0]), [list(x.values()) for x in rows])
     res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": log}
