@@ -205,9 +205,31 @@ def plot_attention(d: Path) -> list[Path]:
     return out
 
 
+def plot_positions(d: Path) -> list[Path]:
+    """Both curves, plus the moving average of the per-token NLL difference (absolute - cache)."""
+    import numpy as np
+
+    paths = plot_curves(d, ["cache", "absolute"], "positions in the cache (paper) vs absolute positions")
+    z = np.load(d / "nll.npz")
+    diff = z["absolute"].astype(np.float64) - z["cache"].astype(np.float64)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for k, c in ((SMOOTH, "tab:purple"), (2000, "black")):
+        y, x = _moving(diff, k)
+        ax.plot(x, y, lw=1 if k == SMOOTH else 1.8, color=c, label=f"{k}-token moving average")
+    ax.axhline(0, color="gray", lw=0.6)
+    trained = _json(d, "summary.json").get("trained_context")
+    if trained and trained < len(diff):
+        ax.axvline(trained, color="gray", ls=":", lw=1)
+    ax.set_xlabel("input length (tokens)")
+    ax.set_ylabel("NLL(absolute) - NLL(cache)")
+    ax.legend(fontsize=8)
+    return paths + [_save(fig, d / "positions_diff.png")]
+
+
 PLOTTERS = {
     "fig3": plot_curves, "gemma3": plot_curves,
-    "positions": lambda d: plot_curves(d, ["cache", "absolute"], "positions in the cache (paper) vs absolute positions"),
+    "positions": plot_positions,
     "fig5": plot_fig5, "table2": plot_table, "table6": plot_table, "throughput": plot_throughput,
     "attention": plot_attention,
 }
