@@ -321,7 +321,8 @@ def exp_fig5(r, out, args):
 
     def publish(res: dict, done: int, final: bool) -> dict:
         res = {"model": r.model_name, "corpus": r.corpus, "cache": "4+1020", "tokens_total": len(r.ids),
-               "tokens_done": done, "complete": final, **res}
+               "tokens_done": done, "complete": final, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "resume_command": "streaming-llm reproduce fig5 --plot  (resumes from the checkpoint automatically)", **res}
         res.pop("nll", None)
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "curve.csv", ["i", "running_nll", "bucket_nll"],
