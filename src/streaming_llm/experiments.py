@@ -241,7 +241,7 @@ def exp_table2(r, out, args):
         rows.append({"cache": cache, "sinks": 4, "sink_tokens": "4x newline", "tokens": len(r.ids),
                      "ppl_after_fill": segment_ppl(v, cache), "ppl_all": segment_ppl(v, 1)})
     rows, log = _merge_rows(r, out, rows, "cache")
-    _write_csv(out / "table.csv", list(rows[0]), [list(x.values()) for x in rows])
+    _write_csv(out / "table.csv", list(rows[0]), [[x.get(k) for k in rows[0]] for x in rows])
     res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "newline_ids": nl, "rows": rows, "runs": log}
     _write(out, "results.json", res)
     return res
@@ -254,7 +254,7 @@ def exp_table6(r, out, args):
         rows.append({"cache": f"4+{w}", "window": w, "tokens": len(r.ids), "ppl_after_fill": segment_ppl(v, w + 4),
                      "ppl_1024_2048": segment_ppl(v, 1024, 2048), "ppl_all": segment_ppl(v, 1)})  # same tokens in every row
     rows, log = _merge_rows(r, out, rows, "window")
-    _write_csv(out / "table.csv", list(rows[0]), [list(x.values()) for x in rows])
+    _write_csv(out / "table.csv", list(rows[0]), [[x.get(k) for k in rows[0]] for x in rows])
     res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": log}
     _write(out, "results.json", res)
     return res

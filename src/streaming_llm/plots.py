@@ -149,10 +149,12 @@ def plot_table(d: Path) -> list[Path]:
             bars = ax.bar([x + off for x in xs], vals, 0.4, color=color, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(list(xs), [f"{r['cache']}\n({r.get('tokens', '?')} tok)" for r in rows], fontsize=8)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.set_ylabel("perplexity")
         ax.set_title(f"{res.get('model')}: streaming ppl vs cache size")
         ax.set_xlabel("cache (sinks + window)")
-    ax.set_ylabel("perplexity (tokens after the cache is full)")
+    if not ax.get_ylabel():
+        ax.set_ylabel("perplexity (tokens after the cache is full)")
     return [_save(fig, d / f"{d.name}.png")]
 
 
