@@ -252,7 +252,8 @@ def exp_table6(r, out, args):
     for w in args.windows:
         v = r.nll("streaming", 4, w)
         rows.append({"cache": f"4+{w}", "window": w, "tokens": len(r.ids), "ppl_after_fill": segment_ppl(v, w + 4),
-                     "ppl_1024_2048": segment_ppl(v, 1024, 2048), "ppl_all": segment_ppl(v, 1)})  # same tokens in every row
+                     "ppl_1024_2048": segment_ppl(v, 1024, 2048), "ppl_4096_end": segment_ppl(v, 4096),
+                     "ppl_all": segment_ppl(v, 1)})  # the middle two: the same tokens in every row
     rows, log = _merge_rows(r, out, rows, "window")
     _write_csv(out / "table.csv", list(rows[0]), [[x.get(k) for k in rows[0]] for x in rows])
     res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": log}

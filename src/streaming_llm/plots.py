@@ -139,13 +139,14 @@ def plot_table(d: Path) -> list[Path]:
         ax.set_title(f"{res.get('model')}: ppl after the cache fills\n(tokens streamed: {', '.join(toks)})", fontsize=9)
         ax.legend(fontsize=8)
     else:
-        common = "ppl_1024_2048" if all(r.get("ppl_1024_2048") for r in rows) else None
+        common = next((k for k in ("ppl_4096_end", "ppl_1024_2048") if all(r.get(k) for r in rows)), None)
         xs = range(len(rows))
         for off, key, color in ((-0.2, "ppl_after_fill", "tab:red"), (0.2, common, "tab:gray")):
             vals = [r.get(key) if key else None for r in rows]
             if any(v is None for v in vals):
                 continue
-            label = "tokens after this cache fills" if key == "ppl_after_fill" else "tokens 1024-2048 (the same in every row)"
+            span = "4096-end" if key == "ppl_4096_end" else "1024-2048"
+            label = "tokens after this cache fills" if key == "ppl_after_fill" else f"tokens {span} (the same in every row)"
             bars = ax.bar([x + off for x in xs], vals, 0.4, color=color, label=label)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(list(xs), [f"{r['cache']}\n({r.get('tokens', '?')} tok)" for r in rows], fontsize=8)
