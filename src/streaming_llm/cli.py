@@ -17,15 +17,15 @@ from .errors import UserError
 # transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("streaming_llm.chat", "endless multi-turn chat (interactive, or scripted from a file)"),
-    "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
     "serve": ("streaming_llm.server.serve", "OpenAI-compatible HTTP server with persistent, endless sessions"),
+    "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
+    "reproduce": ("streaming_llm.experiments", "rerun one of the paper's experiments; results under docs/results/"),
+    "plot": ("streaming_llm.plots", "draw the plots of a reproduction from its result files"),
+    "attention-map": ("streaming_llm.attention_map", "average attention maps and the attention share of the first tokens"),
+    "bench": ("streaming_llm.bench", "decode latency and memory against cache size, per method"),
+    "data": ("streaming_llm.data", "build and inspect the offline text corpus"),
+    "pretrain": ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them"),
 }
-COMMANDS["reproduce"] = ("streaming_llm.experiments", "rerun one of the paper's experiments; results under docs/results/")
-COMMANDS["plot"] = ("streaming_llm.plots", "draw the plots of a reproduction from its result files")
-COMMANDS["attention-map"] = ("streaming_llm.attention_map", "average attention maps and the attention share of the first tokens")
-COMMANDS["data"] = ("streaming_llm.data", "build and inspect the offline text corpus")
-COMMANDS["pretrain"] = ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them")
-COMMANDS["bench"] = ("streaming_llm.bench", "decode latency and memory against cache size, per method")
 
 
 def build_parser() -> argparse.ArgumentParser:

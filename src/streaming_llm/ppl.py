@@ -318,7 +318,7 @@ def run(args) -> int:
     ckpt = args.checkpoint or (base + ".ckpt" if base else None)
     if args.resume and ckpt is None:
         raise UserError("--resume needs --checkpoint, --per-token-out or --out to know where the checkpoint is")
-    fingerprint = {"model": args.model, "config": config.to_dict(), "dtype": args.dtype, "source": label,
+    fingerprint = {"model": args.model, "config": config.to_dict(), "dtype": args.dtype, "quant": args.quant, "source": label,
                    "tokens": len(ids), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()[:16]}
     engine = StreamingLLM(model, tokenizer, config)
     res = evaluate(engine, ids, books, args.per_token_out, ckpt, args.checkpoint_every, args.resume,
@@ -328,7 +328,7 @@ def run(args) -> int:
     for b in res["per_book"]:
         if b["predicted"]:
             print(f"  {b['ppl']:10.4f}  {b['predicted']:>9} tok  {b['title']}")
-    summary = {"model": args.model, **config.to_dict(), "dtype": args.dtype, "source": label, "tokens": len(ids),
+    summary = {"model": args.model, **config.to_dict(), "dtype": args.dtype, "quant": args.quant, "source": label, "tokens": len(ids),
                "predicted": res["predicted"], "nll_mean": res["nll_mean"], "ppl": res["ppl"],
                "seconds": res["seconds"], "tokens_per_s": res["tokens_per_s"]}
     if res["per_book"]:

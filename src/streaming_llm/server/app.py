@@ -260,13 +260,17 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return SSEResponse(_chat_events(turn, rid, req.model, created, include_usage), turn)
+        text, info, use = await _collect(turn)
+        return S.chat_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
+
+    async def _collect(turn):
+        """Run a non-streaming turn to its end: (text, commit info, usage)."""
         try:
             text = "".join([tok.text async for tok in turn.tokens()])
             info = await turn.commit()
         finally:
             await turn.close()
-        use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
-        return S.chat_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
+        return text, info, S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -284,12 +288,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return SSEResponse(_text_events(turn, rid, req.model, created, include_usage), turn)
-        try:
-            text = "".join([tok.text async for tok in turn.tokens()])
-            info = await turn.commit()
-        finally:
-            await turn.close()
-        use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
+        text, info, use = await _collect(turn)
         return S.text_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
