@@ -274,6 +274,10 @@ class Repl:
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
+        # Ctrl-C at the prompt must exit even when we were started with SIGINT ignored (a
+        # background job of a non-interactive shell inherits SIG_IGN, and Python then never
+        # installs its KeyboardInterrupt handler).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print(_describe(self.session, self.args.model))
         print("Type /help for commands, Ctrl-D to quit.", flush=True)
         while True:
