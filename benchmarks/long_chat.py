@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from streaming_llm.config import DEFAULT_MODEL
 DEFAULT_TURNS = 300
 DEFAULT_MAX_NEW_TOKENS = 40
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "long_chat"
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     from streaming_llm.chat import turn_record
     from streaming_llm.config import StreamingConfig
     from streaming_llm.engine import StreamingLLM
-    from streaming_llm.ppl import load_model_from_args
+    from streaming_llm.cliargs import load_model_from_args
     from streaming_llm.sampling import SamplingParams
     from streaming_llm.session import ChatSession
 
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     while turn < args.turns or (session.engine.tokens_seen <= min_tokens and turn < len(pool)):
         text = pool[turn]
         turn += 1
-        max_cache, cpu_first, cpu0 = 0, None, time.process_time()
+        max_cache, cpu_first = 0, None
         n = 0
         if scorer:
             scorer.last = None

@@ -1,5 +1,5 @@
 """Profile 10 decode steps of the default model at cache 4+1020 with int4 weights, 1 thread (BENCHMARKS.md)."""
-import torch, time
+import torch
 from streaming_llm.loading import load_model
 from streaming_llm.engine import StreamingLLM
 from streaming_llm.config import StreamingConfig

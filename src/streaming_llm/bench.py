@@ -25,13 +25,12 @@ import sys
 from pathlib import Path
 
 from .bench_measure import HF_DTYPE, run_worker
+from .cliargs import add_load_arguments
 from .errors import UserError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 METHODS = ("streaming", "window", "dense", "recompute", "hf")
 DEFAULT_METHODS = "streaming,dense,recompute,hf"
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
-DEFAULT_DTYPE = "float32"
 DEFAULT_SINKS = 4
 DEFAULT_STEPS = 200
 DEFAULT_WARMUP = 20
@@ -42,12 +41,7 @@ DEFAULT_LONG_WINDOW = 10_000
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, help="engine weights dtype (hf always runs float32)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization of the engine's linears; auto: int4 for 4-bit GGUF models "
-                   "(the engine's default fast path); the hf baseline stays float32 (default: %(default)s)")
+    add_load_arguments(p, quant_default="auto")  # the hf baseline always runs float32 without --quant
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of cached tokens")

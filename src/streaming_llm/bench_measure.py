@@ -124,7 +124,7 @@ def _load(spec: dict):
 
     import torch
 
-    from .ppl import load_model_from_args
+    from .cliargs import load_model_from_args
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

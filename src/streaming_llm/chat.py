@@ -46,7 +46,7 @@ _UNPRINTABLE = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127]}
 
 
 def add_arguments(p) -> None:
-    from .ppl import add_model_arguments
+    from .cliargs import add_model_arguments
 
     add_model_arguments(p, quant_default="auto")  # int4 for the default (Q4 GGUF) model: fast CPU decoding
     p.set_defaults(window=DEFAULT_WINDOW)
@@ -142,7 +142,7 @@ class InterruptFlag:
 
 
 def run(args) -> int:
-    from .ppl import config_from_args
+    from .cliargs import config_from_args
 
     # Everything the user can get wrong is checked before the (slow) model load.
     sampling = sampling_from_args(args)
@@ -163,7 +163,7 @@ def run(args) -> int:
 
 def _load_session(args, config):
     from .engine import StreamingLLM
-    from .ppl import load_model_from_args
+    from .cliargs import load_model_from_args
     from .session import ChatSession
 
     interactive = args.script is None and sys.stdout.isatty()

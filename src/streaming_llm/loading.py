@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Callable
 import platformdirs
 import torch
 
+from .config import DEFAULT_MODEL
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_ENV_VAR = "STREAMING_LLM_CACHE"
 
 # Bump to invalidate every converted folder (e.g. when the conversion below changes).

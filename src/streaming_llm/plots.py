@@ -165,7 +165,7 @@ def plot_throughput(d: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     names = ["token_by_token", "chunked"]
     vals = [res[n]["tokens_per_s"] for n in names]
-    bars = ax.bar([f"token by token\n(--reference)", f"chunked ({res['chunked']['chunk_size']})"], vals,
+    bars = ax.bar(["token by token\n(--reference)", f"chunked ({res['chunked']['chunk_size']})"], vals,
                   color=["gray", "tab:red"])
     ax.bar_label(bars, fmt="%.1f tok/s", fontsize=8)
     ax.set_title(f"{res['model']} 4+1020: {res['speedup']}x, max |dNLL| {res['nll_max_abs_diff']:.1e}", fontsize=9)

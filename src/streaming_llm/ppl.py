@@ -23,52 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from .cliargs import add_model_arguments, config_from_args, load_model_from_args
 from .errors import UserError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CHECKPOINT_EVERY = 50_000
 CURVE_EVERY = 1000  # tokens per point of the downsampled curve kept in results
-
-
-def add_model_arguments(p, quant_default: str = "none") -> None:
-    """Flags shared by every verb that loads a model and streams through it."""
-    from .config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
-    p.add_argument("--method", default="streaming", choices=METHODS)
-    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention sinks kept (0 for --method window)")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most recent tokens kept")
-    p.add_argument("--positions", default="cache", choices=POSITIONS, help="cache: the paper; absolute: ablation")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per forward when feeding")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quant", default=quant_default, choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization of the linear layers for CPU decoding speed; auto: int4 "
-                   "when the weights are already 4-bit (Q4 GGUF models), else none (default: %(default)s)")
-
-
-def load_model_from_args(args):
-    """(model, tokenizer) as the shared model flags say, quantized if asked."""
-    from .loading import load_model
-    from .quantize import quantize_linears
-
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    quant = getattr(args, "quant", "none")
-    if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):
-        quant = "none"
-    if quant != "none":
-        if args.device != "cpu" or args.dtype != "float32":
-            raise UserError("--quant needs --device cpu and --dtype float32")
-        quantize_linears(model, quant)
-    return model, tokenizer
-
-
-def config_from_args(args):
-    from .config import StreamingConfig
-
-    return StreamingConfig(
-        method=args.method, sinks=args.sinks, window=args.window, positions=args.positions, chunk_size=args.chunk_size
-    )
 
 
 def add_arguments(p) -> None:

@@ -31,7 +31,7 @@ def default_data_dir() -> str:
 
 
 def add_arguments(p) -> None:
-    from ..ppl import add_model_arguments
+    from ..cliargs import add_model_arguments
 
     add_model_arguments(p, quant_default="auto")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (non-loopback needs --api-key)")
@@ -106,7 +106,7 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
 def run(args) -> int:
     check_args(args)
     api_key = resolve_api_key(args.host, args.api_key)  # before any model is loaded
-    from ..ppl import config_from_args, load_model_from_args
+    from ..cliargs import config_from_args, load_model_from_args
 
     config = config_from_args(args)
     import uvicorn

@@ -30,7 +30,7 @@ def markdown(results: dict) -> str:
     variants = results["variants"]
     sinks = sorted({s for v in variants.values() for s in v.get("ppl_by_sinks", {})}, key=int)
     lines = [
-        f"# Pre-training with attention sinks: streaming perplexity (Table 3 analog)",
+        "# Pre-training with attention sinks: streaming perplexity (Table 3 analog)",
         "",
         f"Streaming perplexity on {ev.get('tokens', '?')} held-out tokens ({ev.get('stream_over_context', '?')}x the "
         f"training context of {ev.get('context', '?')}), window {ev.get('window', '?')} recent tokens plus S sinks. "

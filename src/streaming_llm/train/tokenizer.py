@@ -22,7 +22,6 @@ _CHUNK_CHARS = 100_000  # pieces fed to the trainer (pre-tokenization splits on 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Train byte-level BPE on texts; returns a transformers `PreTrainedTokenizerFast`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,68 @@
+"""Command-line flags shared by the verbs that load a model (chat, serve, ppl, bench, ...).
+
+`add_load_arguments` adds where the model comes from and how its weights are held (--model,
+--dtype, --device, --quant); `add_streaming_arguments` adds the cache settings (--method, --sinks,
+--window, --positions, --chunk-size); `add_model_arguments` adds both. `load_model_from_args` and
+`config_from_args` turn the parsed flags into a (model, tokenizer) pair and a `StreamingConfig`.
+This module only defines flags; each verb owns the rest of its command line.
+"""
+
+from __future__ import annotations
+
+from .config import DEFAULT_MODEL
+from .errors import UserError
+
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def add_load_arguments(p, quant_default: str = "none") -> None:
+    """--model, --dtype, --device, --quant."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quant", default=quant_default, choices=QUANT_CHOICES,
+                   help="weight-only quantization of the linear layers for CPU decoding speed; auto: int4 "
+                   "when the weights are already 4-bit (Q4 GGUF models), else none (default: %(default)s)")
+
+
+def add_streaming_arguments(p) -> None:
+    """--method, --sinks, --window, --positions, --chunk-size."""
+    from .config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
+
+    p.add_argument("--method", default="streaming", choices=METHODS)
+    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention sinks kept (0 for --method window)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most recent tokens kept")
+    p.add_argument("--positions", default="cache", choices=POSITIONS, help="cache: the paper; absolute: ablation")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per forward when feeding")
+
+
+def add_model_arguments(p, quant_default: str = "none") -> None:
+    """Flags shared by every verb that loads a model and streams through it."""
+    add_load_arguments(p, quant_default)
+    add_streaming_arguments(p)
+
+
+def load_model_from_args(args):
+    """(model, tokenizer) as the shared model flags say, quantized if asked."""
+    from .loading import load_model
+    from .quantize import quantize_linears
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    quant = getattr(args, "quant", "none")
+    if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):
+        quant = "none"
+    if quant != "none":
+        if args.device != "cpu" or args.dtype != "float32":
+            raise UserError("--quant needs --device cpu and --dtype float32")
+        quantize_linears(model, quant)
+    return model, tokenizer
+
+
+def config_from_args(args):
+    """The `StreamingConfig` the streaming flags describe."""
+    from .config import StreamingConfig
+
+    return StreamingConfig(
+        method=args.method, sinks=args.sinks, window=args.window, positions=args.positions, chunk_size=args.chunk_size
+    )
