@@ -398,3 +398,27 @@ def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
     assert summary["checks"]["cache_never_above_sinks_plus_window"]
     assert len((tmp_path / "turns.txt").read_text().splitlines()) == 6
     assert "Sample replies" in (tmp_path / "streaming_summary.md").read_text()
+
+
+def test_text_decoder_pieces_add_up_to_the_full_decode():
+    """Incremental decoding (O(1) per token) emits exactly the text of decoding all ids at once,
+    never a partial UTF-8 character, including multi-byte characters split over byte tokens."""
+    from streaming_llm.sampling import TextDecoder
+    from tests.tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = "Grüße, 世界! naïve café 🙂 <|im_end|> end"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rng = __import__("random").Random(0)
+    ids = ids + [rng.randrange(len(tok)) for _ in range(200)]  # random bytes: invalid UTF-8 too
+    dec = TextDecoder(tok)
+    pieces, held = [], []
+    for i in ids:
+        pieces.append(dec.add(i))
+        held.append(len(dec.ids))
+    pieces.append(dec.flush())
+    n_text = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert max(held[:n_text]) <= 8  # decodes only the last piece and the new ids: constant work per token
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces[: len(text) // 2])  # the valid prefix: whole characters only
+    assert len(dec.ids) == 0

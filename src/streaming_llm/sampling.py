@@ -65,22 +65,29 @@ class Sampler:
 
 
 class TextDecoder:
-    """Decode token ids incrementally; hold back text while it ends in a partial character."""
+    """Decode token ids incrementally in O(1) per token; hold back text while it ends in a partial
+    character. Each step decodes only the ids since the last emitted piece (plus that piece, for
+    context: tokenizers that strip a leading space or merge bytes decode differently in isolation),
+    so a reply of any length costs the same per token."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
+        self.ids: list[int] = []  # ids from the start of the last emitted piece on
+        self.read = 0  # ids[:read] are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        done = self._decode(self.ids[: self.read])
+        text = self._decode(self.ids)
+        if text.endswith("\ufffd") or len(text) <= len(done):
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        self.ids, self.read = self.ids[self.read :], len(self.ids) - self.read
+        return text[len(done) :]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        done, text = self._decode(self.ids[: self.read]), self._decode(self.ids)
+        self.ids, self.read = [], 0
+        return text[len(done) :]
