@@ -232,3 +232,32 @@ def test_cuda_matches_cpu(arch):
         out = engine(gpu_model, sinks=3, window=9, chunk_size=chunk).feed(ids)
         assert out.device.type == "cuda"
         close(out.cpu(), cpu, atol=1e-4)
+
+
+def test_fused_chunk_attention_equals_the_materialized_one(monkeypatch):
+    """The CPU chunk path (flash kernel for the window + sinks merged through the log-sum-exp)
+    equals one explicit softmax over [sinks | window], grouped-query heads and masked sinks included,
+    and the engine really takes it for chunks past the sinks."""
+    from streaming_llm import attention
+    from streaming_llm.cache import AttentionPlan
+
+    if attention._FLASH_CPU is None:
+        pytest.skip("this torch has no CPU flash-attention op")
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, c, n, s, d = 1, 6, 2, 12, 30, 3, 16
+    q, q_sink = torch.randn(b, hq, c, d, generator=g), torch.randn(b, hq, c, d, generator=g)
+    k, v = torch.randn(b, hkv, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    sk, sv = torch.randn(b, hkv, s, d, generator=g) * 3, torch.randn(b, hkv, s, d, generator=g)
+    t, u = torch.arange(18, 18 + c)[:, None], torch.arange(n)[None, :]
+    mask, sink_mask = (u <= t) & (u > t - 10), torch.arange(s)[None, :] <= t - 19  # some rows see no sink
+    plan = AttentionPlan(k, v, mask, sink_keys=sk, sink_values=sv, sink_mask=sink_mask)
+    fused = attention.fused_chunk_attention(q, q_sink, plan, 0.25)
+    ref = attention.grouped_attention(q, k, v, mask, 0.25, q_sink=q_sink, sink_keys=sk, sink_values=sv,
+                                      sink_mask=sink_mask)
+    close(fused, ref, atol=1e-5)
+
+    calls = []
+    real = attention.fused_chunk_attention
+    monkeypatch.setattr(attention, "fused_chunk_attention", lambda *a: calls.append(1) or real(*a))
+    engine(tiny_model("qwen2"), sinks=2, window=9, chunk_size=5).feed(ids_for(20))
+    assert calls

@@ -61,6 +61,9 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
         return grouped_attention(q, plan.keys, plan.values, plan.mask, scale, softcap, plan.zero_slot)
     cos, sin = plan.rope.cos_sin(plan.sink_delta, q.dtype)
     q_sink = apply_rotation(q, cos, sin, plan.rope.interleaved)
+    if softcap is None and not plan.zero_slot and plan.window_rows_nonempty and _FLASH_CPU is not None \
+            and q.device.type == "cpu":
+        return fused_chunk_attention(q, q_sink, plan, scale)
     return grouped_attention(
         q,
         plan.keys,
@@ -74,6 +77,39 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
         sink_values=plan.sink_values,
         sink_mask=plan.sink_mask,
     )
+
+
+# The CPU flash-attention kernel that also returns the log-sum-exp of each query's scores (what
+# merging the window's softmax with the sinks' needs); public SDPA does not return it.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_chunk_attention(q: torch.Tensor, q_sink: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """The chunk path of `grouped_attention` (one softmax over sinks and window) without
+    materializing the (C, N) scores: the window goes through the fused flash kernel, which
+    returns its output and log-sum-exp; the few sink scores are computed directly and merged:
+    out = (e^lse * out_window + sum_j e^s_j v_j) / (e^lse + sum_j e^s_j). Needs every query
+    to see at least one window key (finite lse); `planned_attention` checks that."""
+    b, hq, c, d = q.shape
+    hkv = plan.keys.shape[1]
+    g = hq // hkv
+    k, v = plan.keys, plan.values
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    bias = torch.zeros(plan.mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~plan.mask, float("-inf"))
+    out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    n_sink = plan.sink_keys.shape[-2]
+    if n_sink == 0:
+        return out
+    sq = q_sink.reshape(b, hkv, g, c, d).float()
+    s = (sq @ plan.sink_keys.float().unsqueeze(2).transpose(-1, -2)).reshape(b, hq, c, n_sink) * scale
+    s = s.masked_fill(~plan.sink_mask, float("-inf"))
+    lse = lse.float().unsqueeze(-1)  # (B, Hq, C, 1)
+    top = torch.maximum(lse, s.amax(-1, keepdim=True))
+    w_win, w_sink = torch.exp(lse - top), torch.exp(s - top)
+    sink_out = (w_sink.reshape(b, hkv, g, c, n_sink) @ plan.sink_values.float().unsqueeze(2)).reshape(b, hq, c, -1)
+    merged = (out.float() * w_win + sink_out) / (w_win + w_sink.sum(-1, keepdim=True))
+    return merged.to(v.dtype)
 
 
 def grouped_attention(

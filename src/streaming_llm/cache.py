@@ -55,6 +55,7 @@ class AttentionPlan:
     sink_delta: torch.Tensor | None = None  # (C,) positions to rotate the query by, for sinks
     rope: LayerRope | None = None
     zero_slot: bool = False  # append a zero-score, zero-value key (softmax-off-by-one)
+    window_rows_nonempty: bool = False  # every query sees at least one key of `keys` (not only sinks)
 
 
 class SinkWindowLayer(CacheLayerMixin):
@@ -172,6 +173,7 @@ class SinkWindowLayer(CacheLayerMixin):
             sink_delta=self._sink_deltas(t),
             rope=self.rope,
             zero_slot=self.zero_slot,
+            window_rows_nonempty=n >= s,  # a query past the sinks always sees itself in the window
         )
 
     def _set_sink_view(self, delta: int) -> None:
