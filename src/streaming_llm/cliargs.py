@@ -4,7 +4,7 @@
 --dtype, --device, --quant); `add_streaming_arguments` adds the cache settings (--method, --sinks,
 --window, --positions, --chunk-size); `add_model_arguments` adds both. `load_model_from_args` and
 `config_from_args` turn the parsed flags into a (model, tokenizer) pair and a `StreamingConfig`.
-This module only defines flags; each verb owns the rest of its command line.
+It holds no verb logic: each verb owns the rest of its command line.
 """
 
 from __future__ import annotations
