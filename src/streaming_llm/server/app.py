@@ -256,12 +256,16 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, "session_append needs a named session (X-Session-ID, session_id or user)", param="session_append")
         n, sampling = generation_args(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
         turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling)
-        rid, created = S.new_id("chatcmpl"), int(time.time())
+        return await _respond(turn, req, "chatcmpl", _chat_events, S.chat_completion)
+
+    async def _respond(turn, req, id_prefix, events, build):
+        """The reply to a completion request: an SSE stream of `events`, or the whole turn `build`-ed."""
+        rid, created = S.new_id(id_prefix), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(_chat_events(turn, rid, req.model, created, include_usage), turn)
+            return SSEResponse(events(turn, rid, req.model, created, include_usage), turn)
         text, info, use = await _collect(turn)
-        return S.chat_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
+        return build(rid, req.model, text, turn.finish_reason or "length", use, info)
 
     async def _collect(turn):
         """Run a non-streaming turn to its end: (text, commit info, usage)."""
@@ -284,12 +288,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         sid = session_id(request, req)
         n, sampling = generation_args(req, req.max_tokens)
         turn = await open_turn(sid, "text", prompt, n, sampling)
-        rid, created = S.new_id("cmpl"), int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(_text_events(turn, rid, req.model, created, include_usage), turn)
-        text, info, use = await _collect(turn)
-        return S.text_completion(rid, req.model, text, turn.finish_reason or "length", use, info)
+        return await _respond(turn, req, "cmpl", _text_events, S.text_completion)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
