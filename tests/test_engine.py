@@ -261,3 +261,20 @@ def test_fused_chunk_attention_equals_the_materialized_one(monkeypatch):
     monkeypatch.setattr(attention, "fused_chunk_attention", lambda *a: calls.append(1) or real(*a))
     engine(tiny_model("qwen2"), sinks=2, window=9, chunk_size=5).feed(ids_for(20))
     assert calls
+
+
+def test_before_the_first_eviction_streaming_is_plain_causal_attention(monkeypatch):
+    """Until S+W tokens have been seen nothing is evicted and every position is the token's own:
+    the engine must give dense attention's logits, through the causal path (no masked empty ring
+    slots, no sink merging), for prefill chunks and single decoded tokens alike."""
+    from streaming_llm import attention
+
+    model = tiny_model("llama")
+    ids = ids_for(11)
+    dense = engine(model, method="dense").feed(ids)
+    other_paths = []
+    monkeypatch.setattr(attention, "grouped_attention", lambda *a, **k: other_paths.append("grouped"))
+    monkeypatch.setattr(attention, "fused_chunk_attention", lambda *a, **k: other_paths.append("fused"))
+    for chunk in (1, 4, 11):
+        close(engine(model, sinks=3, window=8, chunk_size=chunk).feed(ids), dense)
+    assert not other_paths

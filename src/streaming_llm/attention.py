@@ -55,6 +55,8 @@ def streaming_attention(
 
 
 def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softcap: float | None) -> torch.Tensor:
+    if plan.causal:  # nothing evicted yet: what dense attention does
+        return causal_attention(q, plan.keys, plan.values, None, scale, softcap, None, plan.zero_slot)
     if plan.sink_delta is None and softcap is None:  # decode, full cache: one fused kernel
         return F.scaled_dot_product_attention(q, plan.keys, plan.values, scale=scale, enable_gqa=True)
     if plan.sink_delta is None:
@@ -157,8 +159,9 @@ def grouped_attention(
 def causal_attention(q, k, v, attention_mask, scale, softcap, sliding_window, off_by_one):
     """Ordinary causal attention, queries aligned to the end of the keys, optional sliding window."""
     c, n = q.shape[-2], k.shape[-2]
-    if attention_mask is None and softcap is None and not off_by_one and sliding_window is None and c == n:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if attention_mask is None and softcap is None and not off_by_one and sliding_window is None and (c == n or c == 1):
+        # is_causal aligns to the top left, so a single (last) query goes unmasked instead
+        return F.scaled_dot_product_attention(q, k, v, is_causal=c > 1, scale=scale, enable_gqa=True)
     qi = torch.arange(n - c, n, device=q.device)[:, None]
     ki = torch.arange(n, device=q.device)[None, :]
     mask = ki <= qi

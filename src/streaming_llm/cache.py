@@ -56,6 +56,7 @@ class AttentionPlan:
     rope: LayerRope | None = None
     zero_slot: bool = False  # append a zero-score, zero-value key (softmax-off-by-one)
     window_rows_nonempty: bool = False  # every query sees at least one key of `keys` (not only sinks)
+    causal: bool = False  # `keys` are stream tokens 0..N-1 in order: plain causal attention, end-aligned
 
 
 class SinkWindowLayer(CacheLayerMixin):
@@ -142,6 +143,16 @@ class SinkWindowLayer(CacheLayerMixin):
             delta = shift if self.owner.positions == "absolute" else min(n, s + w - 1) - n + shift
             self._set_sink_view(delta)
             return AttentionPlan(self.keys, self.values, None, zero_slot=False)
+        if n + c <= s + w and (s == 0 or (self.sink_shift == self.owner.pos_shift and self._view_delta == 0)):
+            # Nothing evicted yet and every key at its own position (the first S+W tokens: prefill,
+            # early decode): ordinary causal attention over the tokens so far, no empty ring slots.
+            # The ring has not wrapped, so slot i holds stream token i.
+            if written:
+                keys, values = self.keys[:, :, : n + c], self.values[:, :, : n + c]
+            else:
+                keys = torch.cat([self.keys[:, :, :n], key_states], dim=-2)
+                values = torch.cat([self.values[:, :, :n], value_states], dim=-2)
+            return AttentionPlan(keys, values, None, zero_slot=self.zero_slot, causal=True)
         dev = key_states.device
         t = torch.arange(n, n + c, device=dev)  # query stream indices
         ring_end = n + c if written else n
