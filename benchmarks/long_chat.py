@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from streaming_llm.config import DEFAULT_MODEL
+from streaming_llm.core.config import DEFAULT_MODEL
 DEFAULT_TURNS = 300
 DEFAULT_MAX_NEW_TOKENS = 40
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "long_chat"
@@ -264,12 +264,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from streaming_llm.chat import turn_record
-    from streaming_llm.config import StreamingConfig
-    from streaming_llm.engine import StreamingLLM
+    from streaming_llm.chat.repl import turn_record
+    from streaming_llm.core.config import StreamingConfig
+    from streaming_llm.core.engine import StreamingLLM
     from streaming_llm.cliargs import load_model_from_args
-    from streaming_llm.sampling import SamplingParams
-    from streaming_llm.session import ChatSession
+    from streaming_llm.core.sampling import SamplingParams
+    from streaming_llm.chat.session import ChatSession
 
     torch.set_num_threads(args.threads)
     args.commit = _git_commit()  # of the code that runs (taken now: the tree may change during a long run)

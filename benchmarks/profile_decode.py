@@ -1,9 +1,9 @@
 """Profile 10 decode steps of the default model at cache 4+1020 with int4 weights, 1 thread (BENCHMARKS.md)."""
 import torch
-from streaming_llm.loading import load_model
-from streaming_llm.engine import StreamingLLM
-from streaming_llm.config import StreamingConfig
-from streaming_llm.quantize import quantize_linears
+from streaming_llm.models.loading import load_model
+from streaming_llm.core.engine import StreamingLLM
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.models.quantize import quantize_linears
 torch.set_num_threads(1)
 m, tok = load_model("smollm2-135m-instruct"); quantize_linears(m, "int4")
 e = StreamingLLM(m, tok, StreamingConfig(sinks=4, window=1020))

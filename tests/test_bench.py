@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from streaming_llm import bench
-from streaming_llm.bench_report import plot_file
+from streaming_llm.bench import runner as bench
+from streaming_llm.bench.report import plot_file
 from streaming_llm.cli import main
 from streaming_llm.errors import UserError
 from tiny_models import save_tiny_model

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from streaming_llm.config import StreamingConfig
-from streaming_llm.engine import StreamingLLM
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
 from streaming_llm.errors import UserError
-from streaming_llm.sampling import SamplingParams
-from streaming_llm.session import ChatSession
+from streaming_llm.core.sampling import SamplingParams
+from streaming_llm.chat.session import ChatSession
 from tiny_models import save_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -55,7 +55,7 @@ def record_feeds(session):
 
 def scripted_sampler(monkeypatch, ids_per_turn):
     """Make generation emit the given ids (per turn, in order) whatever the logits."""
-    import streaming_llm.engine as engine_mod
+    import streaming_llm.core.engine as engine_mod
 
     turns = iter(ids_per_turn)
 
@@ -403,7 +403,7 @@ def test_long_chat_benchmark_runs_on_a_tiny_model(tiny_dir, tmp_path):
 def test_text_decoder_pieces_add_up_to_the_full_decode():
     """Incremental decoding (O(1) per token) emits exactly the text of decoding all ids at once,
     never a partial UTF-8 character, including multi-byte characters split over byte tokens."""
-    from streaming_llm.sampling import TextDecoder
+    from streaming_llm.core.sampling import TextDecoder
     from tests.tiny_models import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from streaming_llm import data
+from streaming_llm.eval import data
 from streaming_llm.cli import main as cli_main
 from streaming_llm.errors import UserError
 

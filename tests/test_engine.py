@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from reference import PaperReference
-from streaming_llm.cache import StreamingCache
-from streaming_llm.config import StreamingConfig
-from streaming_llm.engine import StreamingLLM
+from streaming_llm.core.cache import StreamingCache
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
 from streaming_llm.errors import UnsupportedModelError, UserError
-from streaming_llm.rope import find_rotary_module
+from streaming_llm.core.rope import find_rotary_module
 from tiny_models import ARCHS, tiny_model
 
 ATOL = 1e-5
@@ -189,13 +189,13 @@ def test_plain_generate_with_streaming_cache_matches_engine():
 
 
 def _greedy():
-    from streaming_llm.sampling import SamplingParams
+    from streaming_llm.core.sampling import SamplingParams
 
     return SamplingParams(temperature=0)
 
 
 def test_generate_is_deterministic_for_a_seed_and_feeds_every_token():
-    from streaming_llm.sampling import SamplingParams
+    from streaming_llm.core.sampling import SamplingParams
 
     model = tiny_model("llama")
     runs = []
@@ -238,8 +238,8 @@ def test_fused_chunk_attention_equals_the_materialized_one(monkeypatch):
     """The CPU chunk path (flash kernel for the window + sinks merged through the log-sum-exp)
     equals one explicit softmax over [sinks | window], grouped-query heads and masked sinks included,
     and the engine really takes it for chunks past the sinks."""
-    from streaming_llm import attention
-    from streaming_llm.cache import AttentionPlan
+    from streaming_llm.core import attention
+    from streaming_llm.core.cache import AttentionPlan
 
     if attention._FLASH_CPU is None:
         pytest.skip("this torch has no CPU flash-attention op")
@@ -267,7 +267,7 @@ def test_before_the_first_eviction_streaming_is_plain_causal_attention(monkeypat
     """Until S+W tokens have been seen nothing is evicted and every position is the token's own:
     the engine must give dense attention's logits, through the causal path (no masked empty ring
     slots, no sink merging), for prefill chunks and single decoded tokens alike."""
-    from streaming_llm import attention
+    from streaming_llm.core import attention
 
     model = tiny_model("llama")
     ids = ids_for(11)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from streaming_llm import ppl as ppl_mod
+from streaming_llm.eval import ppl as ppl_mod
 from streaming_llm.cli import main
-from streaming_llm.config import StreamingConfig
-from streaming_llm.engine import StreamingLLM
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
 from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
 
 METHODS = ["streaming", "window", "dense", "recompute"]
@@ -146,7 +146,7 @@ def test_ppl_bad_inputs_are_clear_errors(tiny_dir, tmp_path, capsys, argv, match
 
 
 def _runner(n=200):
-    from streaming_llm.experiments import Runner
+    from streaming_llm.eval.experiments import Runner
 
     tok = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tok))
@@ -170,8 +170,8 @@ def test_runner_caches_runs_and_recompute_matches_engine(tmp_path, monkeypatch):
 
 
 def test_experiments_write_results_and_plots_render(tmp_path, monkeypatch):
-    from streaming_llm import experiments as ex
-    from streaming_llm.plots import plot
+    from streaming_llm.eval import experiments as ex
+    from streaming_llm.eval.plots import plot
 
     monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ex, "CACHE", 16)
@@ -197,7 +197,7 @@ def test_experiments_write_results_and_plots_render(tmp_path, monkeypatch):
 
 
 def test_table_plots_render_from_small_result_files(tmp_path):
-    from streaming_llm.plots import plot
+    from streaming_llm.eval.plots import plot
 
     rows2 = [{"cache": c, "sinks": s, "sink_tokens": "text", "tokens": 9, "ppl_after_fill": 30 - s, "ppl_all": 20}
              for c in (1024, 2048) for s in (0, 1, 2, 4, 8)]

@@ -1,4 +1,4 @@
-"""Tests of streaming_llm.loading: tiny random models on disk, error messages, the GGUF cache.
+"""Tests of streaming_llm.models.loading: tiny random models on disk, error messages, the GGUF cache.
 
 Every test runs with sockets blocked (nothing here may reach the network) and with the cache in
 tmp_path. The `real_model` test converts the default alias's GGUF once (~15-20 s).
@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from streaming_llm import loading
+from streaming_llm.models import loading
 from streaming_llm.errors import ModelLoadError
-from streaming_llm.loading import ALIASES, DEFAULT_MODEL, cache_dir, load_model, resolve_alias
+from streaming_llm.models.loading import ALIASES, DEFAULT_MODEL, cache_dir, load_model, resolve_alias
 
 WORDS = "the quick brown fox jumps over lazy dog".split()
 

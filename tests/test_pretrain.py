@@ -212,8 +212,8 @@ def test_pretrain_quick_like_end_to_end(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("variant", tm.VARIANTS)
 def test_engine_with_large_window_matches_training_attention(variant, tokenizer):
     """The engine streams each variant as it was trained: window >= length == dense forward."""
-    from streaming_llm.config import StreamingConfig
-    from streaming_llm.engine import StreamingLLM
+    from streaming_llm.core.config import StreamingConfig
+    from streaming_llm.core.engine import StreamingLLM
 
     m = tm.build_model(TINY, variant, seed=2, sink_token_id=sink_token_id(tokenizer)).eval()
     x = torch.randint(2, len(tokenizer), (24,))

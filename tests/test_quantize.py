@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from streaming_llm.config import StreamingConfig
-from streaming_llm.engine import StreamingLLM
-from streaming_llm.quantize import GROUP, QuantLinear, quantize_linears
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
+from streaming_llm.models.quantize import GROUP, QuantLinear, quantize_linears
 from tiny_models import tiny_model
 
 
@@ -51,7 +51,7 @@ def test_quantized_model_streams_and_stays_close():
 
 
 def test_auto_quantizes_only_models_whose_weights_are_already_4bit():
-    from streaming_llm.quantize import resolve_mode
+    from streaming_llm.models.quantize import resolve_mode
 
     model = tiny_model("llama")
     assert resolve_mode(model, "auto") == "none"

@@ -10,10 +10,10 @@ import torch
 
 from reference import PaperReference
 from streaming_llm.cli import main
-from streaming_llm.config import StreamingConfig
-from streaming_llm.engine import StreamingLLM
-from streaming_llm.loading import load_model
-from streaming_llm.rope import find_rotary_module
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
+from streaming_llm.models.loading import load_model
+from streaming_llm.core.rope import find_rotary_module
 
 pytestmark = pytest.mark.real_model
 

@@ -23,7 +23,7 @@ import openai
 import pytest
 import uvicorn
 
-from streaming_llm.config import StreamingConfig
+from streaming_llm.core.config import StreamingConfig
 from streaming_llm.server.serve import build, resolve_api_key
 from streaming_llm.server.store import SQLiteStore
 from tiny_models import save_tiny_model

@@ -9,14 +9,14 @@ Public names are imported lazily so that `streaming-llm --help` does not load to
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "StreamingLLM": "streaming_llm.engine",
-    "Token": "streaming_llm.engine",
-    "StreamingConfig": "streaming_llm.config",
-    "StreamingCache": "streaming_llm.cache",
-    "SamplingParams": "streaming_llm.sampling",
-    "ChatSession": "streaming_llm.session",
-    "load_model": "streaming_llm.loading",
-    "enable_streaming_attention": "streaming_llm.attention",
+    "StreamingLLM": "streaming_llm.core.engine",
+    "Token": "streaming_llm.core.engine",
+    "StreamingConfig": "streaming_llm.core.config",
+    "StreamingCache": "streaming_llm.core.cache",
+    "SamplingParams": "streaming_llm.core.sampling",
+    "ChatSession": "streaming_llm.chat.session",
+    "load_model": "streaming_llm.models.loading",
+    "enable_streaming_attention": "streaming_llm.core.attention",
     "UserError": "streaming_llm.errors",
 }
 __all__ = list(_EXPORTS)

@@ -16,14 +16,14 @@ from .errors import UserError
 # subcommand -> (module, one-line help). Verb modules keep their top-level imports light (torch,
 # transformers are imported inside `run`) so that building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "chat": ("streaming_llm.chat", "endless multi-turn chat (interactive, or scripted from a file)"),
+    "chat": ("streaming_llm.chat.repl", "endless multi-turn chat (interactive, or scripted from a file)"),
     "serve": ("streaming_llm.server.serve", "OpenAI-compatible HTTP server with persistent, endless sessions"),
-    "ppl": ("streaming_llm.ppl", "stream a text through a model and report perplexity"),
-    "reproduce": ("streaming_llm.experiments", "rerun one of the paper's experiments; results under docs/results/"),
-    "plot": ("streaming_llm.plots", "draw the plots of a reproduction from its result files"),
-    "attention-map": ("streaming_llm.attention_map", "average attention maps and the attention share of the first tokens"),
-    "bench": ("streaming_llm.bench", "decode latency and memory against cache size, per method"),
-    "data": ("streaming_llm.data", "build and inspect the offline text corpus"),
+    "ppl": ("streaming_llm.eval.ppl", "stream a text through a model and report perplexity"),
+    "reproduce": ("streaming_llm.eval.experiments", "rerun one of the paper's experiments; results under docs/results/"),
+    "plot": ("streaming_llm.eval.plots", "draw the plots of a reproduction from its result files"),
+    "attention-map": ("streaming_llm.eval.attention_map", "average attention maps and the attention share of the first tokens"),
+    "bench": ("streaming_llm.bench.runner", "decode latency and memory against cache size, per method"),
+    "data": ("streaming_llm.eval.data", "build and inspect the offline text corpus"),
     "pretrain": ("streaming_llm.train.pretrain", "pre-train small models with and without an attention sink, then stream them"),
 }
 

@@ -9,7 +9,7 @@ It holds no verb logic: each verb owns the rest of its command line.
 
 from __future__ import annotations
 
-from .config import DEFAULT_MODEL
+from .core.config import DEFAULT_MODEL
 from .errors import UserError
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
@@ -28,7 +28,7 @@ def add_load_arguments(p, quant_default: str = "none") -> None:
 
 def add_streaming_arguments(p) -> None:
     """--method, --sinks, --window, --positions, --chunk-size."""
-    from .config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
+    from .core.config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
 
     p.add_argument("--method", default="streaming", choices=METHODS)
     p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention sinks kept (0 for --method window)")
@@ -45,8 +45,8 @@ def add_model_arguments(p, quant_default: str = "none") -> None:
 
 def load_model_from_args(args):
     """(model, tokenizer) as the shared model flags say, quantized if asked."""
-    from .loading import load_model
-    from .quantize import quantize_linears
+    from .models.loading import load_model
+    from .models.quantize import quantize_linears
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     quant = getattr(args, "quant", "none")
@@ -61,7 +61,7 @@ def load_model_from_args(args):
 
 def config_from_args(args):
     """The `StreamingConfig` the streaming flags describe."""
-    from .config import StreamingConfig
+    from .core.config import StreamingConfig
 
     return StreamingConfig(
         method=args.method, sinks=args.sinks, window=args.window, positions=args.positions, chunk_size=args.chunk_size

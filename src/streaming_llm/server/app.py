@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..sampling import SamplingParams
+from ..core.sampling import SamplingParams
 from . import schemas as S
 from .sessions import SessionConflict, SessionManager
 

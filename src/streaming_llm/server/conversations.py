@@ -21,10 +21,10 @@ from typing import Iterator
 
 import torch
 
-from ..config import StreamingConfig
-from ..engine import StreamingLLM, Token
+from ..core.config import StreamingConfig
+from ..core.engine import StreamingLLM, Token
 from ..errors import UserError
-from ..sampling import SamplingParams
+from ..core.sampling import SamplingParams
 
 KINDS = ("chat", "text")
 
@@ -161,7 +161,7 @@ class ChatConversation:
     kind = "chat"
 
     def __init__(self, model, tokenizer, config: StreamingConfig):
-        from ..session import ChatSession
+        from ..chat.session import ChatSession
 
         self.session = ChatSession(StreamingLLM(model, tokenizer, config))
 
@@ -204,7 +204,7 @@ class ChatConversation:
         }
 
     def restore(self, state: dict, transcript: list[dict]) -> None:
-        from ..session import TurnStats
+        from ..chat.session import TurnStats
 
         s = self.session
         s.reset()

@@ -27,10 +27,10 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from ..config import StreamingConfig
-from ..engine import Token
+from ..core.config import StreamingConfig
+from ..core.engine import Token
 from ..errors import UserError
-from ..sampling import SamplingParams
+from ..core.sampling import SamplingParams
 from .conversations import TextConversation, pack_state, unpack_state
 from .store import SessionRecord, SessionStore
 

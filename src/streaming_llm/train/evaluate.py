@@ -2,7 +2,7 @@
 
 - `validation_loss`: dense next-token loss on fixed held-out windows, scored exactly like training.
 - `streaming_nlls`: per-token NLL of a held-out stream several times the training context, run
-  through the project's streaming engine (`streaming_llm.engine.StreamingLLM`) with S sinks and a
+  through the project's streaming engine (`streaming_llm.core.engine.StreamingLLM`) with S sinks and a
   fixed window W. For the sink-token variant the stream starts with `<sink>`, which is then the
   first sink; every variant is scored on the same text targets.
 - `first_position_share`: per layer, the attention probability on position 0 (mean over heads and
@@ -55,9 +55,9 @@ def stream_for(val_ids: np.ndarray, n_tokens: int, sink_id: int | None) -> tuple
 
 def streaming_nlls(model, tokenizer, stream: np.ndarray, first: int, sinks: int, window: int, chunk_size: int = 256) -> np.ndarray:
     """NLL (nats) of each next token stream[first+1:], streamed with `sinks` + `window` cache."""
-    from ..config import StreamingConfig
-    from ..engine import StreamingLLM
-    from ..ppl import token_nlls
+    from ..core.config import StreamingConfig
+    from ..core.engine import StreamingLLM
+    from ..eval.ppl import token_nlls
 
     config = StreamingConfig(method="streaming", sinks=sinks, window=window, chunk_size=chunk_size)
     engine = StreamingLLM(model, tokenizer, config)  # switches the model to the engine's attention

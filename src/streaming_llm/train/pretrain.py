@@ -7,7 +7,7 @@ attention share on position 0 per layer, and writes DIR/results.json, results.md
 Each trained model is saved under DIR/<variant>/ in the standard transformers format. A stopped run
 resumes from its checkpoints when run again with the same arguments.
 
-It does NOT stream tokens itself: streaming perplexity comes from `streaming_llm.engine`.
+It does NOT stream tokens itself: streaming perplexity comes from `streaming_llm.core.engine`.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def run_pretrain(args) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from .. import data
+    from ..eval import data
     from .evaluate import first_position_share, ppl, stream_for, streaming_nlls, validation_loss
     from .loop import TRAIN_SUMMARY, TrainSettings, train_variant, write_summary
     from .model import build_model, count_parameters, load_trained
@@ -162,7 +162,7 @@ def run_pretrain(args) -> dict:
             "torch_threads": torch.get_num_threads(), "preset": "quick" if args.quick else "default",
         },
         "evaluation": {
-            "method": "streaming (streaming_llm.engine, positions in the cache)", "window": p["window"],
+            "method": "streaming (streaming_llm.core.engine, positions in the cache)", "window": p["window"],
             "sinks": p["sinks"], "tokens": eval_tokens, "context": ctx,
             "stream_over_context": round(eval_tokens / ctx, 1), "scored_tokens": eval_tokens - 1,
         },

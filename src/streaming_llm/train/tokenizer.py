@@ -5,7 +5,7 @@ vocabulary always holds `<|endoftext|>` (id 0, bos/eos) and `<sink>` (id 1, the 
 sink of the sink-token variant), so every variant has the same vocabulary and the same initial
 weights. Encoding adds no special tokens. Saved as a standard `PreTrainedTokenizerFast` folder.
 
-It does NOT tokenize the corpus (that is `streaming_llm.data.tokenize_corpus`).
+It does NOT tokenize the corpus (that is `streaming_llm.eval.data.tokenize_corpus`).
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Callable
 import platformdirs
 import torch
 
-from .config import DEFAULT_MODEL
-from .errors import ModelLoadError
+from ..core.config import DEFAULT_MODEL
+from ..errors import ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -24,9 +24,9 @@ import json
 import sys
 from pathlib import Path
 
-from .bench_measure import HF_DTYPE, run_worker
-from .cliargs import add_load_arguments
-from .errors import UserError
+from .measure import HF_DTYPE, run_worker
+from ..cliargs import add_load_arguments
+from ..errors import UserError
 
 METHODS = ("streaming", "window", "dense", "recompute", "hf")
 DEFAULT_METHODS = "streaming,dense,recompute,hf"
@@ -171,7 +171,7 @@ def _write(path: str | None, data: dict) -> None:
 
 
 def run(args) -> int:
-    from . import bench_report
+    from . import report as bench_report
 
     if args.plot_from:
         if args.markdown:
@@ -220,7 +220,7 @@ def run(args) -> int:
 
 
 def run_long(args, methods: list[str], sizes: list[int]) -> int:
-    from . import bench_report
+    from . import report as bench_report
 
     if args.long_stream < 2:
         raise UserError(f"--long-stream must be at least 2 tokens (got {args.long_stream})")

@@ -1,6 +1,6 @@
 """`streaming-llm plot NAME`: draw a reproduction's figures from its result files (matplotlib, Agg).
 
-Reads only what `streaming_llm.experiments` / `attention_map` wrote under `<results>/<name>/`
+Reads only what `streaming_llm.eval.experiments` / `attention_map` wrote under `<results>/<name>/`
 (JSON, CSV, NPZ) and writes PNGs next to them, so any result can be re-plotted without recomputing.
 It loads no model and computes no perplexity.
 """
@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_RESULTS = "docs/results"
 SMOOTH = 200  # tokens in the moving average of per-token curves

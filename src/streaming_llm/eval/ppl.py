@@ -1,7 +1,7 @@
 """`streaming-llm ppl`: stream a text or a corpus through a model and report perplexity.
 
 Tokenizes the text without special tokens (a corpus: each book on its own, see
-`streaming_llm.data.tokenize_corpus`), keeps the first `--max-tokens` tokens t_0..t_{N-1}, and
+`streaming_llm.eval.data.tokenize_corpus`), keeps the first `--max-tokens` tokens t_0..t_{N-1}, and
 scores every t_i (i >= 1) given t_<i under the chosen method, writing one JSON line per predicted
 token to `--per-token-out`: {"i": i, "token": t_i, "nll": -log p(t_i | t_<i)}. Feeding is chunked
 with exact streaming semantics; `--reference` feeds one token per forward (the paper's evaluation
@@ -23,14 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from .cliargs import add_model_arguments, config_from_args, load_model_from_args
-from .errors import UserError
+from ..errors import UserError
+from .data import read_text
 
 DEFAULT_CHECKPOINT_EVERY = 50_000
 CURVE_EVERY = 1000  # tokens per point of the downsampled curve kept in results
 
 
 def add_arguments(p) -> None:
+    from ..cliargs import add_model_arguments
+
     add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="UTF-8 text file to stream")
@@ -43,19 +45,6 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: <per-token-out or out>.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, help="tokens between checkpoints")
     p.add_argument("--no-progress", action="store_true")
-
-
-def read_text(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"text file not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise UserError(f"{path} is empty")
-    return text
 
 
 def check_max_tokens(n) -> None:
@@ -260,13 +249,15 @@ def run(args) -> int:
 
     import numpy as np
 
-    from .engine import StreamingLLM
+    from ..core.engine import StreamingLLM
 
     check_max_tokens(args.max_tokens)
     if args.text is not None:
         read_text(args.text)  # fail on a missing/empty file before loading the model
     if args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
+    from ..cliargs import config_from_args, load_model_from_args
+
     config = config_from_args(args)
     if args.reference:
         config = config.with_(chunk_size=1)

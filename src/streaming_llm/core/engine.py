@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache, get_layer_types_and_kwargs
 from . import attention
 from .cache import StreamingCache, take_active_layer
 from .config import StreamingConfig
-from .errors import UnsupportedModelError, UserError
+from ..errors import UnsupportedModelError, UserError
 from .rope import find_rotary_module, layer_ropes
 from .sampling import SamplingParams, Sampler, TextDecoder
 
@@ -86,7 +86,7 @@ class StreamingLLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype="float32", device: str = "cpu", **config) -> "StreamingLLM":
         """Load a model by alias, path or hub id and wrap it: `from_pretrained("smollm2-135m-instruct", sinks=4, window=1020)`."""
-        from .loading import load_model
+        from ..models.loading import load_model
 
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, StreamingConfig(**config))

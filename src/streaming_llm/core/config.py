@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .errors import UserError
+from ..errors import UserError
 
 METHODS = ("streaming", "window", "dense", "recompute")
 POSITIONS = ("cache", "absolute")

@@ -1,8 +1,8 @@
 """`streaming-llm reproduce NAME`: the paper's experiments (arXiv 2309.17453) as rerunnable commands.
 
 Each experiment streams the first `--tokens` tokens of a corpus (default: the offline Gutenberg
-corpus, `streaming_llm.data`) through one or more engine configurations and writes result files
-(JSON summary, CSV/NPZ data) under `<out>/<name>/`; `--plot` draws them (`streaming_llm.plots`,
+corpus, `streaming_llm.eval.data`) through one or more engine configurations and writes result files
+(JSON summary, CSV/NPZ data) under `<out>/<name>/`; `--plot` draws them (`streaming_llm.eval.plots`,
 which reads those files only). Per-token NLL arrays of every run are cached under the user cache
 (`runs/`), keyed by model, configuration and token source, so experiments that share a run
 (e.g. streaming 4+1020 appears in fig3, table2, table6 and positions) compute it once; a run of N
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_OUT = "docs/results"
 DEFAULT_CORPUS = "gutenberg"
@@ -61,7 +61,7 @@ class Runner:
 
         self.model_name, self.corpus, self.chunk, self.progress = model_name, corpus, chunk, progress
         if model is None:
-            from .loading import load_model
+            from ..models.loading import load_model
 
             model, tokenizer = load_model(model_name)
         self.model, self.tokenizer = model, tokenizer
@@ -79,8 +79,8 @@ class Runner:
         self.log: list[dict] = []  # what was computed, for the result files
 
     def _engine(self, method, sinks, window, positions="cache", chunk=None):
-        from .config import StreamingConfig
-        from .engine import StreamingLLM
+        from ..core.config import StreamingConfig
+        from ..core.engine import StreamingLLM
 
         if method == "streaming" and sinks == 0:
             method = "window"  # the same thing; share the cached run

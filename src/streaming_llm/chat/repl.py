@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_WINDOW = 2044  # 4 sinks + 2044 = 2048 cached tokens: a quarter of SmolLM2's 8192 context
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -46,7 +46,7 @@ _UNPRINTABLE = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127]}
 
 
 def add_arguments(p) -> None:
-    from .cliargs import add_model_arguments
+    from ..cliargs import add_model_arguments
 
     add_model_arguments(p, quant_default="auto")  # int4 for the default (Q4 GGUF) model: fast CPU decoding
     p.set_defaults(window=DEFAULT_WINDOW)
@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
 
 
 def sampling_from_args(args):
-    from .sampling import SamplingParams
+    from ..core.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -142,7 +142,7 @@ class InterruptFlag:
 
 
 def run(args) -> int:
-    from .cliargs import config_from_args
+    from ..cliargs import config_from_args
 
     # Everything the user can get wrong is checked before the (slow) model load.
     sampling = sampling_from_args(args)
@@ -162,8 +162,8 @@ def run(args) -> int:
 
 
 def _load_session(args, config):
-    from .engine import StreamingLLM
-    from .cliargs import load_model_from_args
+    from ..core.engine import StreamingLLM
+    from ..cliargs import load_model_from_args
     from .session import ChatSession
 
     interactive = args.script is None and sys.stdout.isatty()

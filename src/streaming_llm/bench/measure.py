@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 HF_DTYPE = "float32"  # the baseline is plain transformers: always float32, eager attention
 PROFILE_ROWS = 25
@@ -38,8 +38,8 @@ class _EngineDecoder:
     """streaming / window / dense / recompute through the engine's `feed`."""
 
     def __init__(self, model, method: str, size: int, sinks: int, chunk: int):
-        from .config import StreamingConfig
-        from .engine import StreamingLLM
+        from ..core.config import StreamingConfig
+        from ..core.engine import StreamingLLM
 
         sinks = 0 if method == "window" else sinks
         config = StreamingConfig(method=method, sinks=sinks, window=size - sinks, chunk_size=chunk)
@@ -124,7 +124,7 @@ def _load(spec: dict):
 
     import torch
 
-    from .cliargs import load_model_from_args
+    from ..cliargs import load_model_from_args
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -320,7 +320,7 @@ def run_worker(spec: dict, in_process: bool = False) -> dict:
         return measure_long(spec) if spec.get("long_stream") else measure(spec)
     src = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    code = "from streaming_llm.bench_measure import worker_main; worker_main()"
+    code = "from streaming_llm.bench.measure import worker_main; worker_main()"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 SAVE_FORMAT = "streaming-llm-chat-session"
 SAVE_VERSION = 1
@@ -332,7 +332,7 @@ class ChatSession:
         """Replace this session with a saved one (see `state_dict`). If it was saved with other
         streaming settings (sinks, window, method...), the engine is rebuilt on the same model with
         those settings. The model must be the same one (checked by its shape)."""
-        from .config import StreamingConfig
+        from ..core.config import StreamingConfig
 
         self._close_active()
         if not isinstance(state, dict) or state.get("format") != SAVE_FORMAT:
@@ -342,7 +342,7 @@ class ChatSession:
         if state["model"] != self._model_fingerprint():
             raise UserError(f"saved with another model ({state['model']}); load it with that model")
         if state["config"] != self.engine.config.to_dict():
-            from .engine import StreamingLLM
+            from ..core.engine import StreamingLLM
 
             e = self.engine
             self.engine = StreamingLLM(e.model, e.tokenizer, StreamingConfig(**state["config"]), e.start_position)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 TWO_PI = 2 * math.pi
 

@@ -1,0 +1,1 @@
+"""Chat: the multi-turn session on one stream, and the terminal REPL."""

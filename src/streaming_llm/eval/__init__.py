@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, the paper's reproductions, attention maps, plots, the offline corpus."""

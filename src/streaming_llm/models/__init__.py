@@ -1,0 +1,1 @@
+"""Loading models (aliases, GGUF, local folders, hub ids) and quantizing their weights."""
