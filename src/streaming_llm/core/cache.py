@@ -149,6 +149,7 @@ class SinkWindowLayer(CacheLayerMixin):
             self.reset_row(r)
         self._pending = None
 
+    @torch.inference_mode()
     def reset_row(self, r: int) -> None:
         """Forget row r's stream (its buffers are kept and overwritten later, never reallocated)."""
         self.seen[r], self.sink_shift[r], self.view_delta[r] = 0, 0, 0
@@ -290,6 +291,7 @@ class SinkWindowLayer(CacheLayerMixin):
             "view_delta": self.view_delta[r],
         }
 
+    @torch.inference_mode()
     def load_row_state(self, r: int, st: dict) -> None:
         if st["keys"] is None:
             self.reset_row(r)

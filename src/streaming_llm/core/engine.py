@@ -79,7 +79,7 @@ class StreamingLLM:
         self.ropes = layer_ropes(model, _layer_types(model))
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" in params
+        self.can_keep_logits = "logits_to_keep" in params
         self.device = next(model.parameters()).device
         self.reset()
 
@@ -181,7 +181,7 @@ class StreamingLLM:
         out = None
         if inputs is not None:
             keep_one = not keep_all or inputs["input_ids"].shape[-1] != chunk.numel()  # recompute: its last token
-            if self._keep_kw and keep_one:
+            if self.can_keep_logits and keep_one:
                 inputs["logits_to_keep"] = 1
             logits = self.model(**inputs).logits[0]
             out = (logits[-1:] if keep_one else logits).float()
