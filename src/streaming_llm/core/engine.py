@@ -110,6 +110,9 @@ class StreamingLLM:
         )
 
     def reset(self) -> None:
+        if getattr(self, "feeder", None) is not None:
+            raise UserError("this stream is attached to a batch row: detach it before resetting it")
+        self.feeder = None  # see attach()
         method = self.config.method
         if method == "recompute":
             self.stream = RecomputeStream(self.config.cache_size)
@@ -125,11 +128,27 @@ class StreamingLLM:
 
     @property
     def tokens_seen(self) -> int:
-        return self.stream.tokens_seen
+        return (self.feeder or self.stream).tokens_seen
 
     @property
     def cache_tokens(self) -> int:
-        return self.stream.cache_tokens
+        return (self.feeder or self.stream).cache_tokens
+
+    # ---- running inside a batch --------------------------------------------------------------
+    def attach(self, feeder) -> None:
+        """Continue this stream elsewhere, e.g. in a row of a `StreamBatch` that a scheduler steps
+        together with other streams: `feeder` got this stream's `state_dict()` and serves
+        `feed(ids, logits)`, `tokens_seen`, `cache_tokens` and `state()` until `detach`. Until then
+        every feed (and so `generate`) goes through it; this engine's own cache sits unused."""
+        if self.feeder is not None:
+            raise UserError("this stream is already attached")
+        self.feeder = feeder
+
+    def detach(self) -> None:
+        """Take the stream back from the feeder (its state is copied into this engine's cache)."""
+        feeder, self.feeder = self.feeder, None
+        if feeder is not None:
+            self.stream.load_state_dict(feeder.state())
 
     @property
     def capacity(self) -> int | None:
@@ -142,6 +161,8 @@ class StreamingLLM:
 
     def state_dict(self) -> dict:
         """Everything needed to continue this stream exactly (tensors stay on their device)."""
+        if self.feeder is not None:
+            return self.feeder.state()
         return {"config": self.config.to_dict(), **self.stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -160,6 +181,8 @@ class StreamingLLM:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
         if ids.numel() == 0:
             raise UserError("nothing to feed: empty token sequence")
+        if self.feeder is not None:
+            return self.feeder.feed(ids, logits)
         outs = []
         step = min(self.config.chunk_size, self.stream.max_chunk or self.config.chunk_size)
         for lo in range(0, ids.numel(), step):
