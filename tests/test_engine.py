@@ -176,8 +176,11 @@ def test_softmax_off_by_one_matches_reference():
         close(engine(model, sinks=2, window=6, chunk_size=chunk).feed(ids), ref)
 
 
-def test_plain_generate_with_streaming_cache_matches_engine():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gpt_neox"])
+def test_plain_generate_with_streaming_cache_matches_engine(arch):
+    """The cache hands itself to the attention through the keyword arguments transformers passes
+    to `Cache.update`: plain `model.generate(..., cache=engine.new_cache())` streams exactly."""
+    model = tiny_model(arch)
     prompt = ids_for(12)
     e = engine(model, sinks=2, window=8)
     tokens = [t.id for t in e.generate(prompt, max_new_tokens=20, sampling=_greedy())]
@@ -186,6 +189,15 @@ def test_plain_generate_with_streaming_cache_matches_engine():
                          attention_mask=torch.ones(1, 12, dtype=torch.long), pad_token_id=0)
     assert out[0, 12:].tolist() == tokens
     assert isinstance(cache, StreamingCache) and cache.cache_tokens == 10
+
+
+def test_plain_generate_without_the_cache_hand_off_fails_clearly():
+    """GPT-NeoX's attention does not pass its keyword arguments to the cache: refused, not wrong."""
+    model = tiny_model("gpt_neox")
+    cache = engine(model, sinks=2, window=8).new_cache()
+    with pytest.raises(RuntimeError, match="StreamingLLM.feed/generate"):
+        model.generate(ids_for(12)[None], cache=cache, max_new_tokens=3, do_sample=False,
+                       attention_mask=torch.ones(1, 12, dtype=torch.long), pad_token_id=0)
 
 
 def _greedy():

@@ -98,13 +98,14 @@ class SinkWindowLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self._pending is not None:
-            raise RuntimeError(
-                "a streaming cache was used but the model's attention did not consume it: switch the model to "
-                "the streaming attention with streaming_llm.core.attention.enable(model), and pass "
-                f"{KWARG}=cache to the forward when the model does not hand its keyword arguments to the cache"
-            )
         forward_kwargs = kwargs.get("kwargs")
+        if self._pending is not None or (not isinstance(forward_kwargs, dict) and not self.owner.prepared):
+            raise RuntimeError(
+                "a streaming cache was used but the model's attention did not receive it: switch the model to the "
+                "streaming attention with streaming_llm.core.attention.enable(model); if this architecture does not "
+                f"hand its keyword arguments to the cache (GPT-NeoX), call the model with {KWARG}=cache, or use "
+                "StreamingLLM.feed/generate instead of model.generate"
+            )
         if isinstance(forward_kwargs, dict):  # transformers' own forward kwargs: hand ourselves to the attention
             forward_kwargs.setdefault(KWARG, self.owner)
         if not self.is_initialized:
@@ -326,6 +327,7 @@ class StreamingCache(Cache):
         self.start_position = start_position
         self.pos_shift = [start_position] * batch_size  # storage position of row r's token i: i + pos_shift[r]
         self._rows: tuple[int, ...] = tuple(range(batch_size))  # rows of the next forward
+        self.prepared = False  # True once an engine drives this cache (and passes it to the attention itself)
         self._rotations: dict = {}
         largest = max(s + w for s, w in layer_shapes)
         self.position_limit = position_limit or max(4 * largest, 4096)
@@ -386,6 +388,7 @@ class StreamingCache(Cache):
         """Position ids (len(rows), n_new) for the next forward over `rows` (default: all), rebasing
         a row first if its positions would grow too big. Drops what an interrupted forward left."""
         self._rows = tuple(range(self.n_rows)) if rows is None else tuple(int(r) for r in rows)
+        self.prepared = True
         for layer in self.layers:
             layer.drop_pending()
         firsts = []
