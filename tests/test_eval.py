@@ -166,7 +166,7 @@ def test_runner_caches_runs_and_recompute_matches_engine(tmp_path, monkeypatch):
     eng = StreamingLLM(r.model, None, StreamingConfig(method="recompute", sinks=2, window=14, chunk_size=32))
     full = np.array([v for _, _, v in ppl_mod.token_nlls(eng, r.ids)], dtype=np.float32)
     pos = [5, 16, 40, 89]
-    assert np.abs(r.recompute(pos, cache=16, batch=3) - full[np.array(pos) - 1]).max() < 1e-4
+    assert np.abs(r.recompute(pos, cache=16) - full[np.array(pos) - 1]).max() < 1e-4
 
 
 def test_experiments_write_results_and_plots_render(tmp_path, monkeypatch):

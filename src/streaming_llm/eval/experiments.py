@@ -124,25 +124,22 @@ class Runner:
         _log(f"done {label}: ppl {ppl(nll):.3f}, {res['tokens_per_s']} tok/s")
         return nll
 
-    def recompute(self, positions, cache: int = CACHE, batch: int = 4):
+    def recompute(self, positions, cache: int = CACHE):
         """NLL of token i for each i in `positions`, recomputed from scratch over its last `cache`
-        tokens with fresh positions 0..cache-1 (the paper's sliding window with re-computation)."""
+        tokens with fresh positions 0..cache-1 (the paper's sliding window with re-computation),
+        by the engine's `recompute` method: only the scored tokens run a forward."""
         import numpy as np
         import torch
 
+        engine = self._engine("recompute", 0, cache)
         out = np.zeros(len(positions), dtype=np.float32)
         t0 = time.perf_counter()
-        groups: dict[int, list[int]] = {}
         for k, i in enumerate(positions):
-            groups.setdefault(min(i, cache), []).append(k)
-        with torch.inference_mode():
-            for length, ks in groups.items():
-                for b in range(0, len(ks), batch):
-                    part = ks[b : b + batch]
-                    win = torch.stack([torch.as_tensor(self.ids[positions[k] - length : positions[k]]) for k in part])
-                    logits = self.model(input_ids=win, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-                    tgt = torch.as_tensor([int(self.ids[positions[k]]) for k in part])
-                    out[part] = torch.nn.functional.cross_entropy(logits, tgt, reduction="none").numpy()
+            engine.reset()
+            if i - 1 > max(0, i - cache):  # the window's earlier tokens: held, not scored
+                engine.feed(self.ids[max(0, i - cache) : i - 1], logits="none")
+            logits = engine.feed(self.ids[i - 1 : i], logits="last")
+            out[k] = float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([int(self.ids[i])])))
         secs = time.perf_counter() - t0
         self.log.append({"run": f"recompute cache={cache} positions={len(positions)}", "seconds": round(secs, 1)})
         _log(f"done recompute over {len(positions)} positions in {secs:.0f}s")
