@@ -1,5 +1,8 @@
 """Bounded load test of `streaming-llm serve`: N concurrent chat sessions x T turns, streaming.
 
+`--sessions 1,4,8,16` runs each level in turn against the same server and prints one row per
+level plus the aggregate tokens/s of each level over the first one (measured in one run).
+
 Every session is a multi-turn conversation sent the OpenAI way (the whole history each request,
 named with `session_id`, so the server prefills only the new turn). Requests are streamed to
 measure time to first token (TTFT) and total latency. Bounded: exactly N*T requests at most,
@@ -45,6 +48,16 @@ QUESTIONS = [
     "What did I ask you first?",
     "Summarise our conversation in one line.",
 ]
+LONG_QUESTIONS = [  # answers that run long: for measuring decode throughput at a fixed reply length
+    "Write a long story about a dragon who learns to bake bread.",
+    "Explain in detail how a steam engine works, step by step.",
+    "Describe a walk through a busy market, with every sound and smell.",
+    "Write a long letter to a friend about your summer holidays.",
+    "Tell the history of the bicycle in many paragraphs.",
+    "Describe, in detail, how to plant and care for a vegetable garden.",
+    "Write a long fairy tale about a clever fox and a proud crow.",
+    "Explain at length why people enjoy music.",
+]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -66,7 +79,7 @@ async def one_request(http, model, sid, messages, max_tokens, deadline) -> dict:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "session_id": sid}
     t0 = time.perf_counter()
-    ttft, text, usage, session, err = None, [], None, None, None
+    ttft, text, usage, session, err, stamps = None, [], None, None, None, []
     try:
         async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -83,6 +96,8 @@ async def one_request(http, model, sid, messages, max_tokens, deadline) -> dict:
                         usage = event["usage"]
                     for choice in event.get("choices", []):
                         piece = choice["delta"].get("content")
+                        if piece:
+                            stamps.append(time.perf_counter())
                         if piece and ttft is None:
                             ttft = time.perf_counter() - t0
                         text.append(piece or "")
@@ -94,18 +109,20 @@ async def one_request(http, model, sid, messages, max_tokens, deadline) -> dict:
     total = time.perf_counter() - t0
     if err or usage is None:
         return {"ok": False, "error": err or "stream ended without usage"}
-    return {"ok": True, "ttft": ttft if ttft is not None else total, "total": total, "text": "".join(text),
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # per-token latency as the client sees it
+    return {"ok": True, "ttft": ttft if ttft is not None else total, "total": total, "text": "".join(text), "gaps": gaps,
             "completion_tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"], "session": session}
 
 
-async def run_session(http, model, index, args, deadline, results):
-    sid = f"load-{args.run_id}-{index}"
+async def run_session(http, model, index, args, deadline, results, level=0):
+    sid = f"load-{args.run_id}-{level}-{index}"
+    questions = LONG_QUESTIONS if args.questions == "long" else QUESTIONS
     messages = []
     for turn in range(args.turns):
         if time.monotonic() >= deadline:
             results.append({"ok": False, "error": "not started: --time-cap-s reached"})
             continue
-        messages.append({"role": "user", "content": QUESTIONS[(index + turn) % len(QUESTIONS)]})
+        messages.append({"role": "user", "content": questions[(index + turn) % len(questions)]})
         res = await one_request(http, model, sid, messages, args.max_tokens, deadline)
         res.update(session_index=index, turn=turn)
         results.append(res)
@@ -114,47 +131,53 @@ async def run_session(http, model, index, args, deadline, results):
         messages.append({"role": "assistant", "content": res["text"]})
 
 
-async def run_load(args) -> dict:
+async def run_load(args, sessions: int) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.sessions + 2)
+    limits = httpx.Limits(max_connections=sessions + 2)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(args.time_cap_s), limits=limits) as http:
         model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
         results: list[dict] = []
         t0, deadline = time.perf_counter(), time.monotonic() + args.time_cap_s
-        await asyncio.gather(*(run_session(http, model, i, args, deadline, results) for i in range(args.sessions)))
+        await asyncio.gather(*(run_session(http, model, i, args, deadline, results, sessions) for i in range(sessions)))
         wall = time.perf_counter() - t0
         health = (await http.get("/health")).json()
-    return summarize(results, wall, model, args, health)
+    return summarize(results, wall, model, args, health, sessions)
 
 
-def summarize(results, wall, model, args, health) -> dict:
+def summarize(results, wall, model, args, health, sessions) -> dict:
     ok = [r for r in results if r["ok"]]
     ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
     ttft = [r["ttft"] for r in ok]
     total = [r["total"] for r in ok]
     gen = [(r["total"] - r["ttft"]) / (r["completion_tokens"] - 1) for r in ok if r["completion_tokens"] > 1]
+    gaps = [g for r in ok for g in r["gaps"]]
     later = [r["session"]["prefilled_tokens"] for r in ok if r["turn"] > 0 and r.get("session")]
     persist = [r["session"]["persist_ms"] for r in ok if r.get("session")]
     tokens = sum(r["completion_tokens"] for r in ok)
     return {
-        "model": model, "sessions": args.sessions, "turns": args.turns, "max_tokens": args.max_tokens,
+        "model": model, "sessions": sessions, "turns": args.turns, "max_tokens": args.max_tokens,
+        "questions": args.questions, "load_avg_1m": round(os.getloadavg()[0], 2),
         "requests": len(results), "ok": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
         "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 3), "completion_tokens": tokens,
         "completion_tokens_per_s": round(tokens / wall, 1),
-        "ttft_ms": {q: ms(percentile(ttft, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
+        "completion_tokens_mean": round(tokens / len(ok), 1) if ok else None,
+        "ttft_ms": {q: ms(percentile(ttft, p)) for q, p in (("p50", .5), ("p90", .9), ("p95", .95), ("p99", .99), ("max", 1.0))},
+        "per_token_ms": {q: ms(percentile(gaps, p)) for q, p in (("p50", .5), ("p95", .95))},
         "total_ms": {q: ms(percentile(total, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
         "inter_token_ms_mean": ms(sum(gen) / len(gen)) if gen else None,
         "prefilled_tokens_after_turn1_mean": round(sum(later) / len(later), 1) if later else None,
         "persist_ms": {q: ms(None if not persist else percentile(persist, p) / 1000) for q, p in (("p50", .5), ("max", 1.0))},
-        "server": {k: health.get(k) for k in ("turns", "aborted", "evicted", "reloaded", "rebuilt")},
+        "server": {k: health.get(k) for k in ("turns", "aborted", "evicted", "reloaded", "rebuilt", "batch")},
     }
 
 
 def print_table(s: dict) -> None:
     print(f"model {s['model']}: {s['sessions']} sessions x {s['turns']} turns, max_tokens {s['max_tokens']}, streaming, greedy")
     print(f"requests {s['ok']}/{s['requests']} ok in {s['wall_s']} s: {s['requests_per_s']} req/s, "
-          f"{s['completion_tokens_per_s']} completion tok/s aggregate")
+          f"{s['completion_tokens_per_s']} completion tok/s aggregate ({s['completion_tokens_mean']} tokens per reply); "
+          f"per-token latency p50 {s['per_token_ms']['p50']} ms, p95 {s['per_token_ms']['p95']} ms; "
+          f"TTFT p95 {s['ttft_ms']['p95']} ms")
     print(f"{'latency (ms)':<14}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}")
     for name in ("ttft_ms", "total_ms"):
         row = s[name]
@@ -202,30 +225,47 @@ def main(argv=None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], help="extra flag for --serve (repeatable), e.g. --serve-arg=--window=256")
     p.add_argument("--model", default=None, help="model id to send (default: the server's first)")
     p.add_argument("--api-key", default=os.environ.get("STREAMING_LLM_API_KEY"))
-    p.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS, help="concurrent sessions")
+    p.add_argument("--sessions", default=str(DEFAULT_SESSIONS), help="concurrent sessions, or a comma list of levels run in turn")
+    p.add_argument("--questions", default="short", choices=("short", "long"), help="long: prompts whose answers run long")
     p.add_argument("--turns", type=int, default=DEFAULT_TURNS, help="requests per session")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--time-cap-s", type=float, default=DEFAULT_TIME_CAP_S, help="no request runs past this")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     args = p.parse_args(argv)
-    if not (1 <= args.sessions <= 256 and 1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0):
-        p.error("need 1 <= --sessions <= 256, 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0")
+    try:
+        levels = [int(x) for x in args.sessions.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--sessions: {args.sessions!r} is not a comma list of integers")
+    if not levels or not all(1 <= n <= 256 for n in levels):
+        p.error("need 1 <= --sessions <= 256")
+    if not (1 <= args.turns <= 1000 and 1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0):
+        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0")
     args.run_id = f"{int(time.time())}-{os.getpid()}"
     proc = None
     if args.serve:
         proc, args.url, _ = spawn_server(args.serve, args.serve_arg)
     check_loopback(args.url)
+    summaries = []
     try:
-        summary = asyncio.run(run_load(args))
+        for n in levels:
+            summaries.append(asyncio.run(run_load(args, n)))
+            print_table(summaries[-1])
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    print_table(summary)
+    base = summaries[0]["completion_tokens_per_s"] or None
+    if len(summaries) > 1:
+        print(f"{'sessions':>8} {'tok/s':>8} {'x first':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'tok p50':>8} {'tok p95':>8}")
+        for s in summaries:
+            s["tokens_per_s_over_first"] = round(s["completion_tokens_per_s"] / base, 2) if base else None
+            print(f"{s['sessions']:>8} {s['completion_tokens_per_s']:>8} {s['tokens_per_s_over_first']:>8} "
+                  f"{s['ttft_ms']['p50']:>9} {s['ttft_ms']['p95']:>9} {s['per_token_ms']['p50']:>8} {s['per_token_ms']['p95']:>8}")
+    result = summaries[0] if len(summaries) == 1 else {"levels": summaries}
     if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
-    return 0 if summary["failed"] == 0 else 1
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0 if all(s["failed"] == 0 for s in summaries) else 1
 
 
 if __name__ == "__main__":

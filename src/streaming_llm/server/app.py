@@ -214,7 +214,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
-                "queued_model_jobs": manager.worker.pending, **manager.counters}
+                "queued_model_jobs": manager.worker.pending, "batch": manager.batch_info(), **manager.counters}
 
     @app.get("/v1/models")
     async def models():

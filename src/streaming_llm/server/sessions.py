@@ -105,7 +105,8 @@ class SessionManager:
         self.io = ModelWorker("store-io")
         batched = config.method in ("streaming", "window") and max_batch > 1
         self.scheduler = Scheduler(StreamingLLM(model, tokenizer, config), max_batch) if batched else None
-        self.turn_pool = ThreadPoolExecutor(max_workers=max_batch + 2, thread_name_prefix="turn") if batched else None
+        # one producer per running reply, plus starts and clean-ups of others
+        self.turn_pool = ThreadPoolExecutor(max_workers=2 * max_batch + 2, thread_name_prefix="turn") if batched else None
         self.max_batch = max_batch
         self._rows = asyncio.Semaphore(max_batch) if batched else None
         self.live: OrderedDict[str, Live] = OrderedDict()
@@ -123,6 +124,14 @@ class SessionManager:
     def step_later(self, fn: Callable, *args) -> None:
         """Queue a turn step without waiting (cleanup when the caller cannot await)."""
         (self.turn_pool or self.worker).submit(fn, *args)
+
+    def batch_info(self) -> dict:
+        """Continuous batching at a glance (for /health): rows in use, queue, forwards so far."""
+        if self.scheduler is None:
+            return {"enabled": False, "max_batch": 1}
+        s = self.scheduler
+        return {"enabled": True, "max_batch": self.max_batch, "active_rows": s.active_rows,
+                "queued_requests": s.queue_length, **s.stats}
 
     # ---- conversations -----------------------------------------------------------------------
     def new_conversation(self, kind: str):
@@ -325,16 +334,48 @@ class Turn:
                 self.m.scheduler.detach(self.live.conv.engine)
 
     async def tokens(self) -> AsyncIterator[Token]:
-        """The reply's tokens, one model-thread job per token after the first (call once)."""
-        tok, self._next = self._next, None
-        while tok is not None:
+        """The reply's tokens (call once). Unbatched: one model-thread job per token. Batched: a
+        turn thread runs the reply ahead of the client, so its next forward request reaches the
+        scheduler at once instead of after an HTTP round trip; leaving early stops it."""
+        first, self._next = self._next, None
+        source = self._unbatched(first) if self.m.scheduler is None else self._produced(first)
+        async for tok in source:
             self.completion_tokens += 1
             if tok.finish_reason:
                 self.finish_reason = tok.finish_reason
             yield tok
-            tok = await self.m.step(self.next_token)
         self.prompt_tokens = self.live.conv.last_prompt_tokens
-        await self.m.step(self.settle, False)
+
+    async def _unbatched(self, tok):
+        while tok is not None:
+            yield tok
+            tok = await self.m.step(self.next_token)
+
+    async def _produced(self, tok):
+        loop, queue, done = asyncio.get_running_loop(), asyncio.Queue(), object()
+        stop = threading.Event()
+
+        def produce(tok):
+            try:
+                while tok is not None and not stop.is_set():
+                    loop.call_soon_threadsafe(queue.put_nowait, tok)
+                    tok = self.next_token()
+                if tok is None:  # the reply ended: the stream leaves its batch row now
+                    self.settle(False)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the event loop
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        job = loop.run_in_executor(self.m.turn_pool, produce, tok)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # the client left (or an error): the producer stops before its next token
+        await job
 
     def info(self) -> dict:
         conv = self.live.conv
