@@ -1,6 +1,6 @@
 """The README's API example, runnable: `python examples/api_quickstart.py`."""
 
-from streaming_llm import SamplingParams, StreamingCache, StreamingLLM
+from streaming_llm import SamplingParams, StreamBatch, StreamingCache, StreamingLLM
 
 # 1. An engine: the default offline model, 4 attention sinks + a 1020-token window.
 engine = StreamingLLM.from_pretrained("smollm2-135m-instruct", sinks=4, window=1020)
@@ -22,4 +22,12 @@ print()
 cache = engine.new_cache()
 out = engine.model.generate(tok("Once upon a time", return_tensors="pt")["input_ids"], cache=cache,
                             max_new_tokens=20, do_sample=False)
+assert isinstance(cache, StreamingCache)
 print(tok.decode(out[0]), f"[cache: {cache.cache_tokens} tokens]")
+
+# 5. Many streams in one forward, each exactly as if alone: rows join and leave between forwards.
+batch = StreamBatch(engine, slots=4)
+a, b = batch.add(), batch.add(engine.state_dict())  # a new stream, and the engine's stream moved in
+both = batch.feed([a, b], [tok("Hello", add_special_tokens=False)["input_ids"][:1]] * 2)  # (2, vocab)
+print(f"batch: rows {a}, {b} hold {batch.tokens_seen(a)} and {batch.tokens_seen(b)} tokens; next ids {both.argmax(-1).tolist()}")
+batch.remove(a)

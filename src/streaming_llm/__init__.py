@@ -13,6 +13,7 @@ _EXPORTS = {
     "Token": "streaming_llm.core.engine",
     "StreamingConfig": "streaming_llm.core.config",
     "StreamingCache": "streaming_llm.core.cache",
+    "StreamBatch": "streaming_llm.core.batch",
     "SamplingParams": "streaming_llm.core.sampling",
     "ChatSession": "streaming_llm.chat.session",
     "load_model": "streaming_llm.models.loading",
