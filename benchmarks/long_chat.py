@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from streaming_llm.core.config import DEFAULT_MODEL
+from streaming_llm.models import DEFAULT_MODEL
 DEFAULT_TURNS = 300
 DEFAULT_MAX_NEW_TOKENS = 40
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "long_chat"

@@ -9,7 +9,7 @@ It holds no verb logic: each verb owns the rest of its command line.
 
 from __future__ import annotations
 
-from .core.config import DEFAULT_MODEL
+from .models import DEFAULT_MODEL
 from .errors import UserError
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4")

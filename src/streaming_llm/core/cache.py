@@ -172,7 +172,7 @@ class SinkWindowLayer(CacheLayerMixin):
     def plan(self) -> AttentionPlan:
         p = self._pending
         c, s, w = p.keys.shape[-2], self.sinks, self.window
-        sel = self.owner.selector(p.rows)
+        sel = self.owner.selector()
         full = all(n >= s + w - 1 for n in p.seen)
         if p.written and full:  # decode with every row's cache full: every slot is visible
             self._set_sink_view(p.rows, [self._decode_delta(r, n) for r, n in zip(p.rows, p.seen)])
@@ -327,6 +327,7 @@ class StreamingCache(Cache):
         self.start_position = start_position
         self.pos_shift = [start_position] * batch_size  # storage position of row r's token i: i + pos_shift[r]
         self._rows: tuple[int, ...] = tuple(range(batch_size))  # rows of the next forward
+        self._sel = None  # their index into the buffers (see selector)
         self.prepared = False  # True once an engine drives this cache (and passes it to the attention itself)
         self._rotations: dict = {}
         largest = max(s + w for s, w in layer_shapes)
@@ -340,11 +341,16 @@ class StreamingCache(Cache):
             raise RuntimeError(f"forward of {batch} rows, but the cache was prepared for rows {self._rows}")
         return self._rows
 
-    def selector(self, rows: tuple[int, ...]):
-        """Index of `rows` into the buffers: a slice (a view, no copy) when they are contiguous."""
-        if rows == tuple(range(rows[0], rows[0] + len(rows))):
-            return slice(rows[0], rows[0] + len(rows))
-        return torch.tensor(rows, device=self.layers[0].device if self.layers[0].is_initialized else "cpu")
+    def selector(self):
+        """Index of this forward's rows into the buffers: a slice (a view, no copy) when they are
+        contiguous, else an index tensor (a copy per read). Computed once per forward."""
+        if self._sel is None:
+            rows = self._rows
+            if rows == tuple(range(rows[0], rows[0] + len(rows))):
+                self._sel = slice(rows[0], rows[0] + len(rows))
+            else:
+                self._sel = torch.tensor(rows, device=self.layers[0].device)
+        return self._sel
 
     def reset_row(self, r: int) -> None:
         self.pos_shift[r] = self.start_position
@@ -387,7 +393,9 @@ class StreamingCache(Cache):
     def prepare(self, n_new: int, rows=None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids (len(rows), n_new) for the next forward over `rows` (default: all), rebasing
         a row first if its positions would grow too big. Drops what an interrupted forward left."""
-        self._rows = tuple(range(self.n_rows)) if rows is None else tuple(int(r) for r in rows)
+        rows = tuple(range(self.n_rows)) if rows is None else tuple(int(r) for r in rows)
+        if rows != self._rows:
+            self._rows, self._sel = rows, None
         self.prepared = True
         for layer in self.layers:
             layer.drop_pending()

@@ -13,7 +13,6 @@ from ..errors import UserError
 METHODS = ("streaming", "window", "dense", "recompute")
 POSITIONS = ("cache", "absolute")
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # the alias every verb loads by default (see loading.ALIASES)
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 1020
 DEFAULT_CHUNK = 256

@@ -22,7 +22,7 @@ DEFAULT_SAMPLES = 4
 
 
 def add_arguments(p) -> None:
-    from ..cliargs import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     src = p.add_mutually_exclusive_group()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable
 import platformdirs
 import torch
 
-from ..core.config import DEFAULT_MODEL
+from . import DEFAULT_MODEL
 from ..errors import ModelLoadError
 
 if TYPE_CHECKING:
