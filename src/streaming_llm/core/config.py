@@ -17,6 +17,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the alias every verb loads by default
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 1020
 DEFAULT_CHUNK = 256
+# How model weights may be held: the one home of these choices (loading, quantize, the CLI, bench).
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DEFAULT_DTYPE = "float32"
+QUANT_CHOICES = ("auto", "none", "int8", "int4")  # auto: int4 for 4-bit GGUF weights, else none
 
 
 @dataclass(frozen=True)

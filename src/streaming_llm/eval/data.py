@@ -386,13 +386,28 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
-def tokenize_corpus(corpus: Corpus, tokenizer, cache: bool = True):
+def tokenize_corpus(corpus: Corpus, tokenizer, cache: bool = True, bos: bool | None = None):
     """Token ids of the whole corpus (int32) and [(title, token_start)] per book.
 
     Each book is tokenized on its own, without special tokens, and the books are joined with the
-    tokens of one blank line, so no token straddles a book boundary. Cached as .npy next to the
-    corpus, keyed by the tokenizer's fingerprint and the corpus text.
+    tokens of one blank line, so no token straddles a book boundary. The stream starts with the
+    BOS token when `bos` (None: the model's rule, `special_tokens.wants_bos`) says so: once, at
+    the start of the stream, not per book (a stream is one sequence; the book starts shift by one).
+    The BOS-free ids are cached as .npy next to the corpus, keyed by the tokenizer's fingerprint
+    and the corpus text.
     """
+    from ..models.special_tokens import stream_prefix
+
+    ids, starts = _tokenize_books(corpus, tokenizer, cache)
+    prefix = stream_prefix(tokenizer, bos)
+    if not prefix:
+        return ids, starts
+    import numpy as np
+
+    return np.concatenate([np.asarray(prefix, dtype=ids.dtype), ids]), [(t, s + len(prefix)) for t, s in starts]
+
+
+def _tokenize_books(corpus: Corpus, tokenizer, cache: bool):
     import numpy as np
 
     key = hashlib.sha256((tokenizer_fingerprint(tokenizer) + corpus.sha256).encode()).hexdigest()[:20]
