@@ -28,6 +28,7 @@ from ..errors import UserError
 
 DEFAULT_OUT = "docs/results"
 DEFAULT_CORPUS = "gutenberg"
+FIG5_CORPUS = "gutenberg-kjv"  # gutenberg + the KJV: 4,494,011 SmolLM2 tokens (the paper streams 4M)
 DEFAULT_CHUNK = 512  # tokens per forward: a little faster than 256 on CPU, same numbers
 DEFAULT_TOKENS = {"throughput": 3000, "fig3": 20_000, "table2": 4096, "table6": 6144, "positions": 20_000,
                   "gemma3": 8192, "fig5": None}
@@ -325,7 +326,8 @@ def exp_fig5(r, out, args):
 
     import re
 
-    stem = r.run_dir / ("fig5-" + re.sub(r"[^\w.-]+", "_", r.model_name).strip("_"))  # a path is a model name too
+    label = r.model_name if r.corpus == DEFAULT_CORPUS else f"{r.model_name}-{r.corpus}"  # one checkpoint per stream
+    stem = r.run_dir / ("fig5-" + re.sub(r"[^\w.-]+", "_", label).strip("_"))  # a path is a model name too
     r.run_dir.mkdir(parents=True, exist_ok=True)
     eng = r._engine("streaming", 4, CACHE - 4)
     fp = {"model": r.model_name, "source": r.corpus, "bos": r.start.get("bos", False), "tokens": len(r.ids),
@@ -364,7 +366,8 @@ def _int_list(s: str) -> list[int]:
 def add_arguments(p) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), help="which reproduction to run")
     p.add_argument("--model", default=None, help="default: smollm2-135m-instruct (gemma3-270m for gemma3)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="gutenberg | pg19 | a .txt file | a folder of .txt files")
+    p.add_argument("--corpus", default=None, help=f"gutenberg | gutenberg-kjv | pg19 | a .txt file | a folder of .txt "
+                   f"files (default: {DEFAULT_CORPUS}; {FIG5_CORPUS} for fig5)")
     p.add_argument("--tokens", type=int, default=None, help="stream the first N corpus tokens (default per experiment)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results root; files go to <out>/<name>/")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
@@ -388,7 +391,8 @@ def run(args) -> int:
         raise UserError(f"--tokens must be at least 2 (got {tokens})")
     model = args.model or ("gemma3-270m" if args.name == "gemma3" else "smollm2-135m-instruct")
     out = Path(args.out) / args.name
-    r = Runner(model, args.corpus, tokens, args.chunk_size, progress=not args.no_progress, bos=args.bos)
+    corpus = args.corpus or (FIG5_CORPUS if args.name == "fig5" else DEFAULT_CORPUS)
+    r = Runner(model, corpus, tokens, args.chunk_size, progress=not args.no_progress, bos=args.bos)
     t0 = time.perf_counter()
     res = EXPERIMENTS[args.name](r, out, args)
     cmd = _command(args.name)
