@@ -336,7 +336,7 @@ def exp_fig5(r, out, args):
     def publish(res: dict, done: int, final: bool) -> dict:
         res = {"model": r.model_name, "corpus": r.corpus, **r.start, "cache": "4+1020", "tokens_total": len(r.ids),
                "tokens_done": done, "complete": final, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "resume_command": _command(args.name) + "  (resumes from the checkpoint automatically)", **res}
+               "resume_command": _command(getattr(args, "name", "fig5")) + "  (resumes from the checkpoint automatically)", **res}
         res.pop("nll", None)
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "curve.csv", ["i", "running_nll", "bucket_nll"],

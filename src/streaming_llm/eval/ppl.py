@@ -185,9 +185,12 @@ def evaluate(engine, ids, book_starts=None, per_token_out=None, checkpoint=None,
     if resume and ckpt is not None and ckpt.is_file():
         st = torch.load(ckpt, weights_only=False)
         if st["fingerprint"] != fingerprint:
-            old = st["fingerprint"] if isinstance(st["fingerprint"], dict) else {}
-            diff = sorted(k for k in set(old) | set(fingerprint or {}) if old.get(k) != (fingerprint or {}).get(k))
-            what = ", ".join(f"{k}: {old.get(k)!r} there, {(fingerprint or {}).get(k)!r} now" for k in diff) or str(st["fingerprint"])
+            old, new = st["fingerprint"], fingerprint
+            if isinstance(old, dict) and isinstance(new, dict):  # name what differs, e.g. "bos: True there, False now"
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                what = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
+            else:
+                what = str(old)
             raise UserError(f"checkpoint {ckpt} is for another run ({what}); remove it or drop --resume")
         engine.load_state_dict(st["engine"])
         totals.load(st["totals"])
