@@ -194,7 +194,7 @@ def headline(r: Runner, out: Path, stride: int, window_tokens: int | None = None
         "dense": r.nll("dense", 0, CACHE),
     }
     n = len(r.ids)
-    pos = np.arange(stride, n, stride)
+    pos = np.arange(stride, n, stride) if stride else np.zeros(0, np.int64)  # --recompute-stride 0: none
     rec = r.recompute(pos.tolist()) if stride else np.zeros(0, np.float32)
     trained = _trained_context(r.model)
     out.mkdir(parents=True, exist_ok=True)
