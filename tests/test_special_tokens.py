@@ -329,3 +329,17 @@ def test_chat_conversation_persists_through_session_state_dict(plain_dir):
     assert b.session._fed_text == a.session._fed_text and b.transcript() == a.transcript()
     with pytest.raises(UserError):
         b.restore({"engine": {}}, a.transcript())  # an old-format snapshot: the manager replays instead
+
+
+def test_pretraining_evaluation_stream_follows_the_rule():
+    from streaming_llm.train.evaluate import stream_for
+    from streaming_llm.train.tokenizer import sink_token_id, train_tokenizer
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog. " * 50], 300)
+    assert st.stream_prefix(tok) == []  # the project's own tokenizers add no BOS, so its models start without one
+    val = np.arange(10, 30)
+    stream, first = stream_for(val, 12, None, st.stream_prefix(tok))
+    assert stream.tolist() == val[:12].tolist() and first == 0
+    s = sink_token_id(tok)
+    stream, first = stream_for(val, 12, s, [tok.bos_token_id])  # were there a BOS: BOS, <sink>, text
+    assert stream[:2].tolist() == [tok.bos_token_id, s] and first == 2 and stream[first + 1] == val[1]
