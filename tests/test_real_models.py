@@ -91,3 +91,68 @@ def test_ppl_rejects_empty_short_and_non_utf8_text(tmp_path, capsys):
         f.write_bytes(content)
         assert main(["ppl", "--text", str(f)]) == 2
         assert message in capsys.readouterr().err
+
+
+# ---- how a stream begins on the two offline models (models/special_tokens.py) ---------------------
+def test_smollm2_streams_without_bos_and_its_ids_are_unchanged():
+    from streaming_llm.models import special_tokens as st
+
+    model, tok = load_model("smollm2-135m-instruct")
+    assert st.wants_bos(tok) is False and "add_bos_token=false" in st.bos_source(tok)
+    assert st.stream_ids(tok, TEXT) == tok(TEXT, add_special_tokens=False)["input_ids"]  # as before BOS handling
+    # chat: the ChatML template writes no BOS, and none is added
+    from streaming_llm.chat.session import ChatSession
+    from streaming_llm.core.sampling import SamplingParams
+
+    fed = []
+    engine = StreamingLLM(model, tok, StreamingConfig(sinks=4, window=200))
+    orig = engine.feed
+    engine.feed = lambda ids, *a, **k: (fed.append(torch.as_tensor(ids).flatten().tolist()), orig(ids, *a, **k))[1]
+    s = ChatSession(engine)
+    list(s.reply("hi", max_new_tokens=2, sampling=SamplingParams(temperature=0)))
+    ids = [x for c in fed for x in c]
+    rendered = tok(s.render([{"role": "user", "content": "hi"}], True), add_special_tokens=False)["input_ids"]
+    assert ids[: len(rendered)] == rendered and ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_gemma3_streams_start_with_one_bos(tmp_path, capsys):
+    from streaming_llm.models import special_tokens as st
+
+    model, tok = load_model("gemma3-270m")
+    b = tok.bos_token_id
+    assert tok.convert_ids_to_tokens(b) == "<bos>"
+    # the converted tokenizer lost add_bos_token (it reports False); the GGUF's flag decides
+    assert st.wants_bos(tok) is True and "add_bos_token=true" in st.bos_source(tok)
+    ids = st.stream_ids(tok, TEXT)
+    assert ids[0] == b and ids.count(b) == 1
+    # ppl feeds exactly one BOS, first, and records it
+    text = tmp_path / "book.txt"
+    text.write_text(TEXT * 2, encoding="utf-8")
+    out = tmp_path / "r.json"
+    assert main(["ppl", "--model", "gemma3-270m", "--text", str(text), "--window", "60", "--max-tokens", "80",
+                 "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["bos"] is True and summary["bos_rule"].startswith("model rule: gguf")
+    # a base model without a chat template: chat refuses with a clear message
+    from streaming_llm.chat.session import ChatSession
+    from streaming_llm.errors import UserError
+
+    with pytest.raises(UserError, match="no chat template"):
+        ChatSession(StreamingLLM(model, tok, StreamingConfig()))
+    # were a Gemma chat template (which writes {{ bos_token }}) applied, BOS would still be there once
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    try:
+        s = ChatSession(StreamingLLM(model, tok, StreamingConfig(sinks=4, window=200)))
+        fed = []
+        orig = s.engine.feed
+        s.engine.feed = lambda ids, *a, **k: (fed.append(torch.as_tensor(ids).flatten().tolist()), orig(ids, *a, **k))[1]
+        from streaming_llm.core.sampling import SamplingParams
+
+        list(s.reply("hi", max_new_tokens=2, sampling=SamplingParams(temperature=0)))
+        list(s.reply("again", max_new_tokens=2, sampling=SamplingParams(temperature=0)))
+        all_ids = [x for c in fed for x in c]
+        assert all_ids[0] == b and all_ids.count(b) == 1
+        assert s.eot_text == "<end_of_turn>" and s.eot_id in st.stop_ids(model, tok)
+    finally:
+        tok.chat_template = None

@@ -9,17 +9,14 @@ It holds no verb logic: each verb owns the rest of its command line.
 
 from __future__ import annotations
 
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_CHOICES, QUANT_CHOICES
 from .errors import UserError
-
-QUANT_CHOICES = ("auto", "none", "int8", "int4")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def add_load_arguments(p, quant_default: str = "none") -> None:
     """--model, --dtype, --device, --quant."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quant", default=quant_default, choices=QUANT_CHOICES,
                    help="weight-only quantization of the linear layers for CPU decoding speed; auto: int4 "
@@ -50,7 +47,7 @@ def load_model_from_args(args):
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     quant = getattr(args, "quant", "none")
-    if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):
+    if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):  # the int kernels take float32 in
         quant = "none"
     if quant != "none":
         if args.device != "cpu" or args.dtype != "float32":

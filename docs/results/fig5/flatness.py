@@ -1,7 +1,9 @@
 """Is the Fig. 5 curve flat? Statistics from this folder's result.json and curve.csv only.
 
-    python docs/results/fig5/flatness.py
+    python docs/results/fig5/flatness.py [FOLDER]
 
+FOLDER (default: this script's folder) holds a `reproduce fig5` run's result.json and curve.csv,
+e.g. docs/results/gemma3_flat/fig5 for the Gemma 3 run.
 Prints the perplexity of each tenth of the stream, the least-squares slope of the 1,000-token
 bucket NLLs against stream position, a within-book drift test (for each book with at least 20
 whole buckets: mean bucket NLL of its second half minus its first half; a model that degrades
@@ -11,11 +13,12 @@ with stream length makes these positive), and the per-book table.
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-here = Path(__file__).resolve().parent
+here = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent
 r = json.loads((here / "result.json").read_text())
 rows = list(csv.DictReader((here / "curve.csv").open()))
 end = np.array([int(x["i"]) for x in rows])  # bucket k covers tokens (end - 1000, end]
@@ -25,7 +28,10 @@ print(f"tokens_done {r['tokens_done']:,} complete {r['complete']} ppl {r['ppl']:
 print("\n| tokens | ppl |\n|---|---:|")
 for k in range(10):
     sl = slice(k * n // 10, (k + 1) * n // 10)
-    print(f"| {(end[sl][0] - 1000) / 1e6:.2f}M-{end[sl][-1] / 1e6:.2f}M | {math.exp(nll[sl].mean()):.2f} |")
+    if end[-1] >= 1e6:
+        print(f"| {(end[sl][0] - 1000) / 1e6:.2f}M-{end[sl][-1] / 1e6:.2f}M | {math.exp(nll[sl].mean()):.2f} |")
+    else:  # a shorter stream: thousands
+        print(f"| {(end[sl][0] - 1000) / 1e3:.0f}K-{end[sl][-1] / 1e3:.0f}K | {math.exp(nll[sl].mean()):.2f} |")
 slope = np.polyfit(end / 1e6, nll, 1)[0]
 print(f"\nleast-squares slope of the bucket NLLs: {slope:+.4f} nats per million tokens")
 diffs = []

@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..models import DEFAULT_DTYPE
 from ..errors import UserError
 
-HF_DTYPE = "float32"  # the baseline is plain transformers: always float32, eager attention
+HF_DTYPE = DEFAULT_DTYPE  # float32: the baseline is plain transformers: always float32, eager attention
 PROFILE_ROWS = 25
 SEED = 0
 
@@ -125,6 +126,7 @@ def _load(spec: dict):
     import torch
 
     from ..cliargs import load_model_from_args
+    from ..models.special_tokens import stream_prefix
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -132,7 +134,8 @@ def _load(spec: dict):
     hf = spec["method"] == "hf"
     dtype, quant = (HF_DTYPE, "none") if hf else (spec["dtype"], spec.get("quant", "none"))
     t0 = time.perf_counter()
-    model, _ = load_model_from_args(SimpleNamespace(model=spec["model"], dtype=dtype, device=spec["device"], quant=quant))
+    model, tokenizer = load_model_from_args(SimpleNamespace(model=spec["model"], dtype=dtype, device=spec["device"], quant=quant))
+    model.streaming_llm_stream_start = stream_prefix(tokenizer)  # the BOS rule, for `_prompt`
     with torch.no_grad():  # page in memory-mapped weights now, so RSS increases measure the cache
         for t in list(model.parameters()) + list(model.buffers()):
             if t.numel():
@@ -152,10 +155,15 @@ def _decoder(model, spec: dict):
 
 
 def _prompt(model, n: int):
+    """n random token ids (seeded), the first one BOS when the model's rule starts a stream with it."""
     import torch
 
     vocab = model.config.get_text_config(decoder=True).vocab_size
-    return torch.randint(0, vocab, (max(n, 1),), generator=torch.Generator().manual_seed(SEED))
+    ids = torch.randint(0, vocab, (max(n, 1),), generator=torch.Generator().manual_seed(SEED))
+    start = getattr(model, "streaming_llm_stream_start", [])
+    if start:
+        ids[: len(start)] = torch.as_tensor(start[: ids.numel()])
+    return ids
 
 
 def measure(spec: dict) -> dict:

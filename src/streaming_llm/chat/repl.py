@@ -22,12 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..core.sampling import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from ..errors import UserError
 
 DEFAULT_WINDOW = 2044  # 4 sinks + 2044 = 2048 cached tokens: a quarter of SmolLM2's 8192 context
 DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.9
 PROMPT = ">>> "
 
 HELP = """\
@@ -57,8 +56,8 @@ def add_arguments(p) -> None:
     g.add_argument("--system", default=None, help="system prompt (default: the chat template's own, if any)")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 for greedy decoding")
     g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    g.add_argument("--top-k", type=int, default=0, help="0: off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0: off")
+    g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="0: off")
+    g.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY, help="1.0: off")
     g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="per reply")
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--script", default=None, metavar="FILE", help="run one user message per line of FILE, then exit")

@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from ..errors import UserError
+from ..models import special_tokens
 
 SAVE_FORMAT = "streaming-llm-chat-session"
 SAVE_VERSION = 1
-# Tokens that end a chat turn in common templates (besides the tokenizer's eos).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
-_MARK = "\u2063MARK\u2063"  # a content string no template touches: locates the end-of-turn text
+_MARK = "\u2063MARK\u2063"  # a content string no template touches (the non-prefix-stable fallback)
 
 
 @dataclass
@@ -99,14 +98,6 @@ class SessionStats:
         return asdict(self)
 
 
-def _as_ids(x) -> list[int]:
-    if x is None:
-        return []
-    if isinstance(x, int):
-        return [x]
-    return [int(i) for i in x]
-
-
 def _check_messages(messages: Iterable[dict]) -> list[dict]:
     out = []
     for m in messages:
@@ -128,8 +119,9 @@ class ChatSession:
         self.tokenizer = engine.tokenizer
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise UserError("this model's tokenizer has no chat template; chat needs an instruct/chat model")
-        self.stop_ids = self._find_stop_ids()
-        self.eot_id, self.eot_text, self.eot_separator = self._find_end_of_turn()
+        # what ends a turn: the one rule in models.special_tokens
+        self.stop_ids = special_tokens.stop_ids(engine.model, self.tokenizer)
+        self.eot_id, self.eot_text, self.eot_separator = special_tokens.turn_end(self.tokenizer, self.stop_ids)
         self._active: Iterator | None = None
         self.reset(system)
 
@@ -145,32 +137,6 @@ class ChatSession:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _find_stop_ids(self) -> list[int]:
-        """The tokenizer's eos, the model's generation eos ids and known end-of-turn tokens, as far
-        as they are special tokens (a model config's default eos id may be an ordinary token)."""
-        special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}) or {})
-        gen = getattr(self.engine.model, "generation_config", None)
-        candidates = _as_ids(getattr(self.tokenizer, "eos_token_id", None)) + _as_ids(getattr(gen, "eos_token_id", None))
-        vocab = self.tokenizer.get_vocab()
-        candidates += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-        ids = sorted({i for i in candidates if i in special})
-        return ids or sorted(set(_as_ids(getattr(self.tokenizer, "eos_token_id", None))))
-
-    def _find_end_of_turn(self) -> tuple[int, str, str]:
-        """(token id, its text, the text the template writes after it) that closes an assistant turn.
-        For ChatML: (<|im_end|> id, "<|im_end|>", "\\n")."""
-        conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
-        suffix = self.render(conv, add_generation_prompt=False).rsplit(_MARK, 1)[-1]
-        for tok in self.encode(suffix):
-            if tok in self.stop_ids:
-                text = self.tokenizer.decode([tok], skip_special_tokens=False)
-                after = suffix.split(text, 1)[1] if text in suffix else ""
-                return tok, text, after
-        if not self.stop_ids:
-            raise UserError("cannot tell which token ends a chat turn: the tokenizer has no eos token")
-        tok = self.stop_ids[0]
-        return tok, self.tokenizer.decode([tok], skip_special_tokens=False), ""
 
     def _pending_text(self) -> str:
         """The text to feed before the next reply: everything rendered that is not in the stream."""
@@ -241,6 +207,8 @@ class ChatSession:
     def _generate(self, max_new_tokens: int, sampling) -> Iterator:
         text = self._pending_text()
         ids = self.encode(text)
+        if not self._fed_text:  # the stream's start: BOS exactly once if the model's rule wants one
+            ids = special_tokens.chat_stream_start(self.tokenizer, ids)
         turn = TurnStats(prompt_tokens=len(ids))
         produced: list[int] = []
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ POSITIONS = ("cache", "absolute")
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 1020
 DEFAULT_CHUNK = 256
+# How model weights may be held: the one home of these choices (loading, quantize, the CLI, bench).
 
 
 @dataclass(frozen=True)

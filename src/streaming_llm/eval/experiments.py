@@ -7,6 +7,8 @@ which reads those files only). Per-token NLL arrays of every run are cached unde
 (`runs/`), keyed by model, configuration and token source, so experiments that share a run
 (e.g. streaming 4+1020 appears in fig3, table2, table6 and positions) compute it once; a run of N
 tokens serves any request of up to N tokens (evaluation is causal). Long runs checkpoint and resume.
+The stream starts with the BOS token when the model's rule says so (`models.special_tokens`;
+`--bos` / `--no-bos` override it); every result file records the choice.
 
 Experiments: throughput, fig3, table2, table6, positions, gemma3, fig5. This module does not
 implement attention or caching (engine) nor draw (plots).
@@ -26,6 +28,7 @@ from ..errors import UserError
 
 DEFAULT_OUT = "docs/results"
 DEFAULT_CORPUS = "gutenberg"
+FIG5_CORPUS = "gutenberg-kjv"  # gutenberg + the KJV: 4,494,011 SmolLM2 tokens (the paper streams 4M)
 DEFAULT_CHUNK = 512  # tokens per forward: a little faster than 256 on CPU, same numbers
 DEFAULT_TOKENS = {"throughput": 3000, "fig3": 20_000, "table2": 4096, "table6": 6144, "positions": 20_000,
                   "gemma3": 8192, "fig5": None}
@@ -54,9 +57,11 @@ class Runner:
     """One model + one token source; computes (and caches) per-token NLLs of engine configurations."""
 
     def __init__(self, model_name: str, corpus: str = DEFAULT_CORPUS, tokens: int | None = None,
-                 chunk: int = DEFAULT_CHUNK, progress: bool = True, model=None, tokenizer=None, ids=None, books=None):
+                 chunk: int = DEFAULT_CHUNK, progress: bool = True, model=None, tokenizer=None, ids=None, books=None,
+                 bos: bool | None = None):
         import numpy as np
 
+        from ..models.special_tokens import bos_choice_label
         from .data import cache_root
 
         self.model_name, self.corpus, self.chunk, self.progress = model_name, corpus, chunk, progress
@@ -65,10 +70,12 @@ class Runner:
 
             model, tokenizer = load_model(model_name)
         self.model, self.tokenizer = model, tokenizer
+        # what the stream starts with; given `ids`, the caller chose (and records it)
+        self.start = bos_choice_label(tokenizer, bos) if ids is None else {}  # {"bos", "bos_rule"}
         if ids is None:
             from .data import load_corpus, tokenize_corpus
 
-            ids, books = tokenize_corpus(load_corpus(corpus), tokenizer)
+            ids, books = tokenize_corpus(load_corpus(corpus), tokenizer, bos=bos)
         ids = np.asarray(ids, dtype=np.int64)
         if tokens is not None:
             if tokens < 2:
@@ -102,6 +109,8 @@ class Runner:
         cfg = engine.config.to_dict()
         cfg.pop("chunk_size")
         spec = {"model": self.model_name, "config": cfg, "prefix": prefix, "source": self.corpus}
+        if self.start.get("bos"):  # absent: no BOS (the key every run had before BOS handling)
+            spec["bos"] = True
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
         path = self.run_dir / f"{key}.npz"
         if path.is_file():  # a cached run of at least n tokens over the same tokens serves this one
@@ -182,12 +191,12 @@ def headline(r: Runner, out: Path, stride: int, window_tokens: int | None = None
         "dense": r.nll("dense", 0, CACHE),
     }
     n = len(r.ids)
-    pos = np.arange(stride, n, stride)
+    pos = np.arange(stride, n, stride) if stride else np.zeros(0, np.int64)  # --recompute-stride 0: none
     rec = r.recompute(pos.tolist()) if stride else np.zeros(0, np.float32)
     trained = _trained_context(r.model)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "nll.npz", recompute_positions=pos, recompute=rec, **runs)
-    summary = {"model": r.model_name, "corpus": r.corpus, "tokens": n, "cache": "4+1020 (window: 0+1024)",
+    summary = {"model": r.model_name, "corpus": r.corpus, **r.start, "tokens": n, "cache": "4+1020 (window: 0+1024)",
                "trained_context": trained, "recompute_stride": stride,
                "ppl": {m: _segments(v, CACHE, trained) for m, v in runs.items()},
                "tokens_per_method": {m: len(v) + 1 for m, v in runs.items()},
@@ -239,7 +248,8 @@ def exp_table2(r, out, args):
                      "ppl_after_fill": segment_ppl(v, cache), "ppl_all": segment_ppl(v, 1)})
     rows, log = _merge_rows(r, out, rows, "cache")
     _write_csv(out / "table.csv", list(rows[0]), [[x.get(k) for k in rows[0]] for x in rows])
-    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "newline_ids": nl, "rows": rows, "runs": log}
+    res = {"model": r.model_name, "corpus": r.corpus, **r.start, "tokens": len(r.ids), "newline_ids": nl, "rows": rows,
+           "runs": log}
     _write(out, "results.json", res)
     return res
 
@@ -253,7 +263,7 @@ def exp_table6(r, out, args):
                      "ppl_all": segment_ppl(v, 1)})  # the middle two: the same tokens in every row
     rows, log = _merge_rows(r, out, rows, "window")
     _write_csv(out / "table.csv", list(rows[0]), [[x.get(k) for k in rows[0]] for x in rows])
-    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "rows": rows, "runs": log}
+    res = {"model": r.model_name, "corpus": r.corpus, **r.start, "tokens": len(r.ids), "rows": rows, "runs": log}
     _write(out, "results.json", res)
     return res
 
@@ -265,7 +275,7 @@ def exp_positions(r, out, args):
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "nll.npz", **runs)
     trained = _trained_context(r.model)
-    res = {"model": r.model_name, "corpus": r.corpus, "tokens": len(r.ids), "trained_context": trained,
+    res = {"model": r.model_name, "corpus": r.corpus, **r.start, "tokens": len(r.ids), "trained_context": trained,
            "ppl": {k: _segments(v, CACHE, trained) for k, v in runs.items()}, "runs": r.log}
     _write(out, "summary.json", res)
     return res
@@ -299,7 +309,7 @@ def exp_throughput(r, out, args):
                          "tokens_per_s": round(count / secs, 2), "nll": np.concatenate(nll)}
         _log(f"{name}: {count} tokens in {secs:.1f}s = {count / secs:.2f} tok/s")
     a, b = results["chunked"]["nll"][:n_ref], results["token_by_token"]["nll"]
-    res = {"model": r.model_name, "cache": "4+1020", "prefill": CACHE,
+    res = {"model": r.model_name, **r.start, "cache": "4+1020", "prefill": CACHE,
            **{k: {kk: vv for kk, vv in v.items() if kk != "nll"} for k, v in results.items()},
            "speedup": round(results["chunked"]["tokens_per_s"] / results["token_by_token"]["tokens_per_s"], 2),
            "nll_max_abs_diff": float(np.abs(a - b).max()), "ppl_chunked": ppl(a), "ppl_token_by_token": ppl(b)}
@@ -311,16 +321,19 @@ def exp_fig5(r, out, args):
     """Streaming 4+1020 over the whole corpus; resumable; partial results written at checkpoints."""
     from .ppl import evaluate
 
-    stem = r.run_dir / f"fig5-{r.model_name}"
+    import re
+
+    label = r.model_name if r.corpus == DEFAULT_CORPUS else f"{r.model_name}-{r.corpus}"  # one checkpoint per stream
+    stem = r.run_dir / ("fig5-" + re.sub(r"[^\w.-]+", "_", label).strip("_"))  # a path is a model name too
     r.run_dir.mkdir(parents=True, exist_ok=True)
     eng = r._engine("streaming", 4, CACHE - 4)
-    fp = {"model": r.model_name, "source": r.corpus, "tokens": len(r.ids),
+    fp = {"model": r.model_name, "source": r.corpus, "bos": r.start.get("bos", False), "tokens": len(r.ids),
           "ids_sha256": hashlib.sha256(r.ids.tobytes()).hexdigest()[:16]}
 
     def publish(res: dict, done: int, final: bool) -> dict:
-        res = {"model": r.model_name, "corpus": r.corpus, "cache": "4+1020", "tokens_total": len(r.ids),
+        res = {"model": r.model_name, "corpus": r.corpus, **r.start, "cache": "4+1020", "tokens_total": len(r.ids),
                "tokens_done": done, "complete": final, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "resume_command": "streaming-llm reproduce fig5 --plot  (resumes from the checkpoint automatically)", **res}
+               "resume_command": _command(getattr(args, "name", "fig5")) + "  (resumes from the checkpoint automatically)", **res}
         res.pop("nll", None)
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "curve.csv", ["i", "running_nll", "bucket_nll"],
@@ -338,6 +351,11 @@ EXPERIMENTS = {"throughput": exp_throughput, "fig3": exp_fig3, "table2": exp_tab
                "positions": exp_positions, "gemma3": exp_gemma3, "fig5": exp_fig5}
 
 
+def _command(name: str) -> str:
+    """The command line of this run, as `streaming-llm reproduce NAME ...`."""
+    return "streaming-llm reproduce " + " ".join(sys.argv[sys.argv.index(name):] if name in sys.argv else [name])
+
+
 def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -345,7 +363,8 @@ def _int_list(s: str) -> list[int]:
 def add_arguments(p) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), help="which reproduction to run")
     p.add_argument("--model", default=None, help="default: smollm2-135m-instruct (gemma3-270m for gemma3)")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="gutenberg | pg19 | a .txt file | a folder of .txt files")
+    p.add_argument("--corpus", default=None, help=f"gutenberg | gutenberg-kjv | pg19 | a .txt file | a folder of .txt "
+                   f"files (default: {DEFAULT_CORPUS}; {FIG5_CORPUS} for fig5)")
     p.add_argument("--tokens", type=int, default=None, help="stream the first N corpus tokens (default per experiment)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results root; files go to <out>/<name>/")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
@@ -358,6 +377,9 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint-every", type=int, default=20_000, help="fig5: tokens between checkpoints")
     p.add_argument("--plot", action="store_true", help="draw the plots from the result files afterwards")
     p.add_argument("--no-progress", action="store_true")
+    from ..models.special_tokens import add_bos_arguments
+
+    add_bos_arguments(p)
 
 
 def run(args) -> int:
@@ -366,10 +388,11 @@ def run(args) -> int:
         raise UserError(f"--tokens must be at least 2 (got {tokens})")
     model = args.model or ("gemma3-270m" if args.name == "gemma3" else "smollm2-135m-instruct")
     out = Path(args.out) / args.name
-    r = Runner(model, args.corpus, tokens, args.chunk_size, progress=not args.no_progress)
+    corpus = args.corpus or (FIG5_CORPUS if args.name == "fig5" else DEFAULT_CORPUS)
+    r = Runner(model, corpus, tokens, args.chunk_size, progress=not args.no_progress, bos=args.bos)
     t0 = time.perf_counter()
     res = EXPERIMENTS[args.name](r, out, args)
-    cmd = "streaming-llm reproduce " + " ".join(sys.argv[sys.argv.index(args.name):] if args.name in sys.argv else [args.name])
+    cmd = _command(args.name)
     meta = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "tokens": len(r.ids)}
     _write(out, "run.json", meta)
     if args.plot:

@@ -1,8 +1,9 @@
 """`streaming-llm ppl`: stream a text or a corpus through a model and report perplexity.
 
 Tokenizes the text without special tokens (a corpus: each book on its own, see
-`streaming_llm.eval.data.tokenize_corpus`), keeps the first `--max-tokens` tokens t_0..t_{N-1}, and
-scores every t_i (i >= 1) given t_<i under the chosen method, writing one JSON line per predicted
+`streaming_llm.eval.data.tokenize_corpus`), starts the stream with the BOS token when the model's
+rule says so (`streaming_llm.models.special_tokens`; `--bos` / `--no-bos` override it), keeps the
+first `--max-tokens` tokens t_0..t_{N-1} (BOS included), and scores every t_i (i >= 1) given t_<i under the chosen method, writing one JSON line per predicted
 token to `--per-token-out`: {"i": i, "token": t_i, "nll": -log p(t_i | t_<i)}. Feeding is chunked
 with exact streaming semantics; `--reference` feeds one token per forward (the paper's evaluation
 loop) to check that. Prints the perplexity (overall, and per book when book boundaries are known),
@@ -32,8 +33,10 @@ CURVE_EVERY = 1000  # tokens per point of the downsampled curve kept in results
 
 def add_arguments(p) -> None:
     from ..cliargs import add_model_arguments
+    from ..models.special_tokens import add_bos_arguments
 
     add_model_arguments(p)
+    add_bos_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="UTF-8 text file to stream")
     src.add_argument("--corpus", help="corpus source: gutenberg | pg19 | a .txt file | a folder of .txt files")
@@ -182,7 +185,13 @@ def evaluate(engine, ids, book_starts=None, per_token_out=None, checkpoint=None,
     if resume and ckpt is not None and ckpt.is_file():
         st = torch.load(ckpt, weights_only=False)
         if st["fingerprint"] != fingerprint:
-            raise UserError(f"checkpoint {ckpt} is for another run ({st['fingerprint']}); remove it or drop --resume")
+            old, new = st["fingerprint"], fingerprint
+            if isinstance(old, dict) and isinstance(new, dict):  # name what differs, e.g. "bos: True there, False now"
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                what = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
+            else:
+                what = str(old)
+            raise UserError(f"checkpoint {ckpt} is for another run ({what}); remove it or drop --resume")
         engine.load_state_dict(st["engine"])
         totals.load(st["totals"])
         start, prev, offset = st["next"], st["prev"], st["jsonl_offset"]
@@ -227,15 +236,19 @@ def evaluate(engine, ids, book_starts=None, per_token_out=None, checkpoint=None,
 
 
 def load_ids(args, tokenizer):
-    """(ids, book_starts, source label) for --text or --corpus."""
+    """(ids, book_starts, source label) for --text or --corpus; BOS first as `args.bos` and the
+    model's rule say (`special_tokens.wants_bos`)."""
+    from ..models.special_tokens import stream_ids
+
+    bos = getattr(args, "bos", None)
     if args.text is not None:
         text = read_text(args.text)
-        ids, books, label = tokenizer(text, add_special_tokens=False)["input_ids"], None, args.text
+        ids, books, label = stream_ids(tokenizer, text, bos), None, args.text
     else:
         from .data import load_corpus, tokenize_corpus
 
         corpus = load_corpus(args.corpus)
-        arr, books = tokenize_corpus(corpus, tokenizer)
+        arr, books = tokenize_corpus(corpus, tokenizer, bos=bos)
         ids, label = arr, args.corpus
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
@@ -257,6 +270,7 @@ def run(args) -> int:
     if args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     from ..cliargs import config_from_args, load_model_from_args
+    from ..models.special_tokens import bos_choice_label
 
     config = config_from_args(args)
     if args.reference:
@@ -264,12 +278,13 @@ def run(args) -> int:
     model, tokenizer = load_model_from_args(args)
     ids, books, label = load_ids(args, tokenizer)
     ids = np.asarray(ids, dtype=np.int64)
+    start = bos_choice_label(tokenizer, args.bos)  # {"bos": used?, "bos_rule": why}
     base = args.per_token_out or args.out
     ckpt = args.checkpoint or (base + ".ckpt" if base else None)
     if args.resume and ckpt is None:
         raise UserError("--resume needs --checkpoint, --per-token-out or --out to know where the checkpoint is")
     fingerprint = {"model": args.model, "config": config.to_dict(), "dtype": args.dtype, "quant": args.quant, "source": label,
-                   "tokens": len(ids), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()[:16]}
+                   "bos": start["bos"], "tokens": len(ids), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()[:16]}
     engine = StreamingLLM(model, tokenizer, config)
     res = evaluate(engine, ids, books, args.per_token_out, ckpt, args.checkpoint_every, args.resume,
                    progress=not args.no_progress, fingerprint=fingerprint)
@@ -278,7 +293,8 @@ def run(args) -> int:
     for b in res["per_book"]:
         if b["predicted"]:
             print(f"  {b['ppl']:10.4f}  {b['predicted']:>9} tok  {b['title']}")
-    summary = {"model": args.model, **config.to_dict(), "dtype": args.dtype, "quant": args.quant, "source": label, "tokens": len(ids),
+    summary = {"model": args.model, **config.to_dict(), "dtype": args.dtype, "quant": args.quant, "source": label, **start,
+               "tokens": len(ids),
                "predicted": res["predicted"], "nll_mean": res["nll_mean"], "ppl": res["ppl"],
                "seconds": res["seconds"], "tokens_per_s": res["tokens_per_s"]}
     if res["per_book"]:

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Callable
 import platformdirs
 import torch
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, DTYPE_CHOICES
 from ..errors import ModelLoadError
+from . import special_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,10 +51,7 @@ _CONVERSION_VERSION = 1
 _STALE_TEMP_S = 6 * 3600
 # Rough dequantisation speed on a laptop CPU, only for the "this will take ~N s" message.
 _CONVERT_S_PER_MB = 0.2
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# End-of-turn tokens that should stop generation besides the GGUF's single eos id (chat models
-# end a turn with these). Added to the converted generation_config when the vocabulary has them.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -199,12 +197,7 @@ def _remove_stale_temps(models_dir: Path) -> None:
 
 def _add_end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """A GGUF stores a single eos id; chat models also stop on their end-of-turn token."""
-    eos = model.generation_config.eos_token_id
-    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    vocab = tokenizer.get_vocab()
-    for token in _END_OF_TURN_TOKENS:
-        if token in vocab and vocab[token] not in ids:
-            ids.append(vocab[token])
+    ids = special_tokens.generation_eos_ids(model, tokenizer)
     if ids:
         model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
@@ -273,27 +266,29 @@ def _load_folder(
     return model, tokenizer
 
 
-def _source(name_or_path: str) -> tuple[Path | str, bool]:
-    """(folder or hub id to load from, whether it is local). Converts GGUF files on the way."""
+def _source_and_gguf(name_or_path: str) -> tuple[Path | str, bool, Path | None]:
+    """(folder or hub id to load from, whether it is local, the GGUF it was converted from or None).
+    Converts GGUF files on the way."""
     if name_or_path.strip().lower() in ALIASES:
-        return _convert_gguf(resolve_alias(name_or_path), name_or_path.strip().lower()), True
+        gguf = resolve_alias(name_or_path)
+        return _convert_gguf(gguf, name_or_path.strip().lower()), True, gguf
     path = Path(name_or_path).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf file or a model folder")
-        return _convert_gguf(path, path.stem), True
+        return _convert_gguf(path, path.stem), True, path
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f"; to load a GGUF pass the file itself, e.g. {path / ggufs[0]}" if ggufs else ""
             raise ModelLoadError(f"{path} has no config.json, so it is not a model folder{hint}")
-        return path, True
+        return path, True, None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.lower().endswith(".gguf")
     if looks_like_path or ("/" in name_or_path and not _HUB_ID.match(name_or_path)):
         raise ModelLoadError(f"no such file or folder: {name_or_path}")
     if not _HUB_ID.match(name_or_path):
         raise ModelLoadError(_unknown_name_message(name_or_path))
-    return name_or_path, False
+    return name_or_path, False, None
 
 
 def load_model(
@@ -303,13 +298,17 @@ def load_model(
 
     `name_or_path`: a built-in alias (see `ALIASES`), a .gguf file, a model folder or a hub id
     'org/name'. Only a hub id may use the network. Raises `ModelLoadError` on any user-fixable
-    failure.
+    failure. The tokenizer carries the stream-start rule (`special_tokens.wants_bos`), decided here
+    from the GGUF's or the folder's tokenizer metadata.
     """
     dtype = _parse_dtype(dtype)
     _check_device(device)
-    source, local = _source(str(name_or_path))
+    source, local, gguf = _source_and_gguf(str(name_or_path))
     try:
-        return _load_folder(source, dtype, device, local)
+        model, tokenizer = _load_folder(source, dtype, device, local)
+        add_bos, why = special_tokens.decide_bos(tokenizer, gguf=gguf, folder=source if local else None)
+        special_tokens.record_bos(tokenizer, add_bos, why)
+        return model, tokenizer
     except ModelLoadError:
         raise
     except Exception as e:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import QUANT_CHOICES
+
 GROUP = 32
 COMPUTE = torch.bfloat16  # the kernels' fast input dtype; outputs are cast back
 
@@ -65,7 +67,7 @@ def quantizable(linear: nn.Linear, bits: int) -> bool:
     return bits == 8 or linear.in_features % GROUP == 0
 
 
-QUANT_MODES = ("auto", "none", "int8", "int4")
+QUANT_MODES = QUANT_CHOICES  # the one home: models/__init__.py
 
 
 def on_4bit_grid(weight: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..core.sampling import SamplingParams
+from ..core.sampling import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingParams
 from . import schemas as S
 from .sessions import SessionConflict, SessionManager
 
@@ -37,8 +37,8 @@ class Settings:
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
     max_body_bytes: int = 1 << 20
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
 
 
 class ApiError(Exception):
@@ -194,8 +194,8 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             sampling = SamplingParams(
                 temperature=settings.temperature if req.temperature is None else req.temperature,
                 top_p=settings.top_p if req.top_p is None else req.top_p,
-                top_k=req.top_k or 0,
-                repetition_penalty=req.repetition_penalty or 1.0,
+                top_k=req.top_k or DEFAULT_TOP_K,
+                repetition_penalty=req.repetition_penalty or DEFAULT_REPETITION_PENALTY,
                 seed=req.seed,
             )
         except UserError as e:

@@ -16,7 +16,6 @@ and back. Nothing here knows about HTTP, locks or threads.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict
 from typing import Iterator
 
 import torch
@@ -25,6 +24,7 @@ from ..core.config import StreamingConfig
 from ..core.engine import StreamingLLM, Token
 from ..errors import UserError
 from ..core.sampling import SamplingParams
+from ..models.special_tokens import stop_ids, stream_ids
 
 KINDS = ("chat", "text")
 
@@ -85,18 +85,6 @@ def unpack_state(data: bytes, dtype: torch.dtype, device) -> dict:
     return conv(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """End-of-turn ids: the model's eos id(s) plus the tokenizer's eos."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(i) for i in eos)
-    return sorted(ids)
-
-
 class TextConversation:
     """A raw stream: each prompt is appended to everything the stream has seen, then continued."""
 
@@ -120,8 +108,8 @@ class TextConversation:
         """-> (self, rebuilt=False, token iterator): the prompt is appended to the stream."""
         if not prompt:
             raise UserError("prompt must not be empty")
-        first = self.engine.tokens_seen == 0
-        ids = self.tokenizer(prompt, add_special_tokens=first)["input_ids"]
+        # a new stream starts as the model's BOS rule says; later prompts continue it
+        ids = stream_ids(self.tokenizer, prompt, start=self.engine.tokens_seen == 0)
         self.last_prompt_tokens = len(ids)
         return self, False, self._run(prompt, ids, max_new_tokens, sampling)
 
@@ -145,7 +133,7 @@ class TextConversation:
         self.turns = []
         text = "".join(t["prompt"] + t["completion"] for t in transcript)
         if text:
-            self.engine.feed(self.tokenizer(text, add_special_tokens=True)["input_ids"], logits="none")
+            self.engine.feed(stream_ids(self.tokenizer, text), logits="none")
         self.turns = list(transcript)
 
 
@@ -192,26 +180,16 @@ class ChatConversation:
             rebuilt = True
         return self, rebuilt, s.generate(max_new_tokens, sampling)
 
-    # ChatSession persists through files (save/load); the store wants bytes, so the same fields
-    # are gathered here. Keep in step with ChatSession.save/load.
+    # The store wants bytes: the session's own state_dict, packed by `pack_state`.
     def state(self) -> dict:
-        s = self.session
-        return {
-            "engine": s.engine.state_dict(),
-            "turns": [asdict(t) for t in s.turns],
-            "fed_text": s._fed_text,
-            "fed_messages": s._fed_messages,
-        }
+        return self.session.state_dict()
 
     def restore(self, state: dict, transcript: list[dict]) -> None:
-        from ..chat.session import TurnStats
-
-        s = self.session
-        s.reset()
-        s.engine.load_state_dict(state["engine"])
-        s.messages = [dict(m) for m in transcript]
-        s.turns = [TurnStats(**t) for t in state["turns"]]
-        s._fed_text, s._fed_messages = state["fed_text"], state["fed_messages"]
+        """`ChatSession.load_state_dict`; raises `UserError` on a snapshot of another format (the
+        session manager then replays the transcript)."""
+        self.session.load_state_dict(state)
+        if [dict(m) for m in transcript] != self.session.messages:
+            raise UserError("snapshot and transcript disagree")
 
     def replay(self, transcript: list[dict]) -> None:
         """No usable snapshot: the whole transcript is prefilled with the next reply."""

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 
+from ..core.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -45,8 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="max_tokens when a request gives none")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
-    p.add_argument("--temperature", type=float, default=0.7, help="when a request gives none (0: greedy)")
-    p.add_argument("--top-p", type=float, default=0.9, help="when a request gives none")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="when a request gives none (0: greedy)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="when a request gives none")
     p.add_argument("--snapshot-dtype", default="model", choices=SNAPSHOT_DTYPES,
                    help="dtype of stored streaming state: model (exact) or bfloat16 (half the size of float32)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
@@ -89,7 +90,7 @@ def check_args(args) -> None:
 
 def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, max_sessions=DEFAULT_MAX_SESSIONS,
           max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT, default_max_tokens=DEFAULT_MAX_TOKENS,
-          max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=0.7, top_p=0.9, snapshot_dtype="model",
+          max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P, snapshot_dtype="model",
           max_batch=DEFAULT_MAX_BATCH):
     """The app and its session manager for a loaded model (used by `run` and by the tests)."""
     import torch

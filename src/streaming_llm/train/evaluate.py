@@ -43,14 +43,17 @@ def validation_loss(model, val_ids: np.ndarray, context: int, sink_id: int | Non
     return total / count
 
 
-def stream_for(val_ids: np.ndarray, n_tokens: int, sink_id: int | None) -> tuple[np.ndarray, int]:
-    """(stream, first scored index): the held-out stream, with `<sink>` in front for that variant.
+def stream_for(val_ids: np.ndarray, n_tokens: int, sink_id: int | None, start: list[int] | tuple = ()) -> tuple[np.ndarray, int]:
+    """(stream, first scored index): the held-out stream, after `start` (the BOS rule's prefix,
+    `special_tokens.stream_prefix`: empty for this project's tokenizers, which add no BOS) and
+    `<sink>` for that variant.
 
     Scored are the predictions of stream[first+1:], i.e. of text tokens 1.. for every variant."""
     text = np.asarray(val_ids[:n_tokens], dtype=np.int64)
-    if sink_id is None:
+    prefix = list(start) + ([] if sink_id is None else [sink_id])
+    if not prefix:
         return text, 0
-    return np.concatenate([[sink_id], text]), 1
+    return np.concatenate([np.asarray(prefix, dtype=np.int64), text]), len(prefix)
 
 
 def streaming_nlls(model, tokenizer, stream: np.ndarray, first: int, sinks: int, window: int, chunk_size: int = 256) -> np.ndarray:

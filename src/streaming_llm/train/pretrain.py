@@ -125,6 +125,7 @@ def run_pretrain(args) -> dict:
     from .model import build_model, count_parameters, load_trained
     from .report import write_reports
     from .tokenizer import sink_token_id
+    from ..models.special_tokens import stream_prefix
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,7 +140,7 @@ def run_pretrain(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(out, corpus, n_val, size.vocab_size, p["tokenizer_chars"])
     size = replace(size, vocab_size=len(tokenizer))  # a small corpus may give fewer merges
-    ids, starts = data.tokenize_corpus(corpus, tokenizer)
+    ids, starts = data.tokenize_corpus(corpus, tokenizer, bos=False)  # training text; the eval stream's start below
     split = starts[len(corpus.books) - n_val][1]
     train_ids, val_ids = ids[:split], ids[split:]
     ctx = size.context
@@ -187,7 +188,7 @@ def run_pretrain(args) -> dict:
         t0 = time.perf_counter()
         val_loss = validation_loss(model, val_ids, ctx, v_sink, p["val_windows"])
         attention = first_position_share(model, val_ids, ctx, v_sink)
-        stream, first = stream_for(val_ids, eval_tokens, v_sink)
+        stream, first = stream_for(val_ids, eval_tokens, v_sink, stream_prefix(tokenizer))
         by_sinks = {}
         for s in p["sinks"]:
             by_sinks[str(s)] = round(ppl(streaming_nlls(model, tokenizer, stream, first, s, p["window"])), 4)
