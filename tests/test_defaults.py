@@ -1,12 +1,13 @@
 """One home for each default (issue 12): sampling in core/sampling.py, dtype and quant choices in
-core/config.py; every surface reads them from there."""
+models/__init__.py (beside DEFAULT_MODEL); every surface reads them from there."""
 
 from __future__ import annotations
 
 import inspect
 
 from streaming_llm.cli import build_parser
-from streaming_llm.core import config, sampling
+from streaming_llm import models as config
+from streaming_llm.core import sampling
 
 
 def _sub(name: str):
