@@ -10,6 +10,8 @@ This module parses, validates and formats; generation and state live in `session
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -26,6 +28,7 @@ from ..errors import UserError
 from ..core.sampling import SamplingParams
 from . import schemas as S
 from .sessions import SessionConflict, SessionManager
+from .store import CorruptRecord
 
 log = logging.getLogger("streaming_llm.server")
 
@@ -122,9 +125,21 @@ def sse(obj) -> str:
 
 # ---- the app ---------------------------------------------------------------------------------
 def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
-    app = FastAPI(title="streaming-llm", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        janitor = asyncio.ensure_future(_expire_periodically(manager)) if manager.session_ttl else None
+        yield
+        if janitor is not None:
+            janitor.cancel()
+
+    app = FastAPI(title="streaming-llm", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.manager, app.state.settings = manager, settings
     started = int(time.time())
+
+    @app.exception_handler(CorruptRecord)
+    async def _corrupt(request, e: CorruptRecord):
+        log.error("%s", e)
+        return error_response(409, str(e), "invalid_request_error", "session_id", "session_corrupt")
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -213,8 +228,9 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     # ---- routes ------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        stats = await manager.io.call(manager.store.stats)
         return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
-                "queued_model_jobs": manager.worker.pending, **manager.counters}
+                "queued_model_jobs": manager.worker.pending, **stats, **manager.counters}
 
     @app.get("/v1/models")
     async def models():
@@ -293,6 +309,13 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
     return app
+
+
+async def _expire_periodically(manager: SessionManager) -> None:
+    """--session-ttl also applies to a server that gets no requests."""
+    while True:
+        await asyncio.sleep(min(60.0, max(0.5, manager.session_ttl / 4)))
+        await manager.prune()
 
 
 _UNION_TAGS = {"str": "a string", "list[str]": "a list of strings", "list[TextPart]": "a list of text parts",

@@ -11,6 +11,8 @@ Sessions. Requests on the same session are serialised by an asyncio lock held fr
 to `Turn.close`. At most `max_sessions` idle sessions stay in memory; the least recently used are
 dropped, which costs nothing because every completed turn is already in the store, and are
 reloaded (snapshot, or replay of the transcript if the snapshot is unusable) on demand.
+After each completed turn the store is pruned in the background (`session_ttl`,
+`max_stored`: least recently updated first, never a session with a request in progress).
 A turn that does not complete (client gone, error) is rolled back by dropping the in-memory
 session: the next request reloads the last completed turn from the store.
 """
@@ -85,6 +87,8 @@ class SessionManager:
         max_sessions: int = 64,
         snapshot_dtype: torch.dtype | None = None,
         chat_factory: Callable | None = None,
+        session_ttl: float | None = None,
+        max_stored: int | None = None,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_name = model_name
@@ -98,7 +102,8 @@ class SessionManager:
         self.io = ModelWorker("store-io")
         self.live: OrderedDict[str, Live] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0}
+        self.session_ttl, self.max_stored = session_ttl, max_stored
+        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0}
 
     # ---- conversations -----------------------------------------------------------------------
     def new_conversation(self, kind: str):
@@ -213,6 +218,21 @@ class SessionManager:
 
         return await self.io.call(write)
 
+    async def prune(self) -> list[str]:
+        """Apply the TTL and the stored-session cap; pruned idle sessions leave memory too."""
+        if not self.session_ttl and self.max_stored is None:
+            return []
+        try:
+            gone = await self.io.call(self.store.prune, self.session_ttl, self.max_stored, frozenset(self._locks))
+        except Exception as e:  # never fail a request over housekeeping
+            log.warning("pruning the session store failed: %s", e)
+            return []
+        for sid in gone:
+            if not self.busy(sid):
+                self.live.pop(sid, None)
+        self.counters["expired"] += len(gone)
+        return gone
+
     async def delete(self, sid: str) -> bool:
         await self._acquire(sid)
         try:
@@ -325,3 +345,5 @@ class Turn:
         if not self.stateless:
             self.m._release(self.live.sid)
             self.m.evict_idle()
+            if self.committed:
+                asyncio.ensure_future(self.m.prune())
