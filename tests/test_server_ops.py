@@ -8,6 +8,7 @@ subprocess); the rest runs the app under uvicorn in a thread, on a tiny random m
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -207,3 +208,59 @@ def test_corrupt_row_is_a_clear_409_and_others_unaffected(tiny, tmp_path):
         assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 
 
+
+
+# ---- 4. hostile input never causes a 500; the OpenAPI document matches -----------------------------
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    _, model, tokenizer = tiny
+    with Server(model, tokenizer, tmp_path_factory.mktemp("data"), max_tokens_limit=4, default_max_tokens=4) as s:
+        yield s
+
+
+@pytest.mark.parametrize("extra, status", [
+    ({"temperature": 1e-40}, 200),  # tiny temperature = greedy
+    ({"temperature": 0.7, "repetition_penalty": 1e-300}, 400),
+    ({"temperature": 0.7, "repetition_penalty": 0.01}, 200),
+    ({"seed": 2 ** 70}, 400),
+    ({"seed": 2 ** 64 - 1}, 200),
+    ({"seed": -(2 ** 63)}, 200),
+])
+def test_extreme_sampling_values_are_handled(server, extra, status):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["param"] in extra
+    if extra.get("temperature") == 1e-40:
+        greedy = httpx.post(server.url + "/v1/chat/completions", json={**body, "temperature": 0}, timeout=30)
+        assert r.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+    r = httpx.post(server.url + "/v1/completions", content='{"model": "tiny", "prompt": "x", "temperature": NaN}', timeout=30)
+    assert r.status_code == 400
+
+
+def test_openapi_matches_the_server(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    assert "422" not in str({p: {m: list(op["responses"]) for m, op in ops.items()} for p, ops in doc["paths"].items()})
+    chat_op = doc["paths"]["/v1/chat/completions"]["post"]
+    assert chat_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
+    assert {"400", "404", "409", "413"} <= set(chat_op["responses"])
+    assert "requestBody" in doc["paths"]["/v1/completions"]["post"]
+    r = httpx.put(server.url + "/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
+    st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    if not Path(st).exists():
+        pytest.skip("schemathesis is not installed (pip install '.[test]')")
+    checks = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
+              "response_schema_conformance,negative_data_rejection,unsupported_method")
+    cmd = [st, "run", server.url + "/openapi.json", "--checks", checks, "--max-examples", "20", "--seed", "1",
+           "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "30",
+           "--generation-database", "none", "--no-color", "--max-time", "45",
+           "--suppress-health-check", "all"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    print(r.stdout[-3000:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"

@@ -158,7 +158,9 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}", param=None, code=code)
+        response = error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}", param=None, code=code)
+        response.headers.update(e.headers or {})  # Allow on 405
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
@@ -306,9 +308,55 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         turn = await open_turn(sid, "text", prompt, n, sampling)
         return await _respond(turn, req, "cmpl", _text_events, S.text_completion)
 
+    app.openapi = lambda: _openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
     return app
+
+
+# The statuses each route really sends (besides 200); FastAPI's automatic 422 is never sent.
+_ERRORS = {
+    ("post", "/v1/chat/completions"): (400, 404, 409, 413),
+    ("post", "/v1/completions"): (400, 404, 409, 413),
+    ("get", "/v1/models/{model_id}"): (404,),
+    ("get", "/v1/sessions"): (400,),
+    ("get", "/v1/sessions/{sid}"): (404, 409),
+    ("delete", "/v1/sessions/{sid}"): (404,),
+}
+_WHY = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model, session or route",
+        409: "session of the other kind, busy on another replica, or unreadable", 413: "body over --max-body-bytes"}
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's document, corrected to what the server does: request bodies of the completion
+    routes (they parse the body themselves), the error statuses it sends, no 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    comps = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        comps.pop(name, None)
+    for cls in (S.ChatCompletionRequest, S.CompletionRequest, S.ErrorBody):
+        js = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(js.pop("$defs", {}))
+        comps[cls.__name__] = js
+    ref = lambda name: {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}  # noqa: E731
+    for path, cls in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")):
+        doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": ref(cls)}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            responses.pop("422", None)
+            codes = _ERRORS.get((method, path), ()) + ((401,) if settings.api_key and path != "/health" else ())
+            for status in sorted(codes):
+                responses[str(status)] = {"description": _WHY[status], "content": ref("ErrorBody")}
+    if settings.api_key:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
 
 
 async def _expire_periodically(manager: SessionManager) -> None:
