@@ -264,3 +264,38 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+# ---- 5. /metrics ---------------------------------------------------------------------------------
+def scrape(url) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_scrape(server):
+    before = scrape(server.url)
+    chat(server.client(), [{"role": "user", "content": "count me"}], "metrics-1", n=3)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "and me"}], "max_tokens": 3, "stream": True,
+            "temperature": 0}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30).text.rstrip().endswith("[DONE]")
+    httpx.post(server.url + "/v1/chat/completions", content="{bad", timeout=30)
+    m = scrape(server.url)
+    get = lambda name, **labels: m.get((name, tuple(sorted(labels.items()))), 0)  # noqa: E731
+    was = lambda name, **labels: before.get((name, tuple(sorted(labels.items()))), 0)  # noqa: E731
+    route = {"route": "/v1/chat/completions", "method": "POST"}
+    assert get("streaming_llm_requests_total", **route, status="200") - was("streaming_llm_requests_total", **route, status="200") == 2
+    assert get("streaming_llm_requests_total", **route, status="400") - was("streaming_llm_requests_total", **route, status="400") == 1
+    assert get("streaming_llm_generated_tokens_total") - was("streaming_llm_generated_tokens_total") == 6
+    assert get("streaming_llm_prefilled_tokens_total") > was("streaming_llm_prefilled_tokens_total")
+    assert get("streaming_llm_turns_total", outcome="completed") - was("streaming_llm_turns_total", outcome="completed") == 2
+    assert get("streaming_llm_time_to_first_token_seconds_count") - was("streaming_llm_time_to_first_token_seconds_count") == 2
+    assert get("streaming_llm_inter_token_latency_seconds_count") - was("streaming_llm_inter_token_latency_seconds_count") == 4
+    assert get("streaming_llm_snapshot_bytes_count") - was("streaming_llm_snapshot_bytes_count") == 1  # the named session
+    assert get("streaming_llm_persist_seconds_count") >= 1 and get("streaming_llm_snapshot_bytes_sum") > 0
+    assert get("streaming_llm_stored_sessions") >= 1 and get("streaming_llm_store_bytes") > 0
+    assert get("streaming_llm_batch_size") == 1 and get("streaming_llm_queue_length") == 0
+    assert ("streaming_llm_active_sessions", ()) in m and get("streaming_llm_sessions_in_memory") >= 1

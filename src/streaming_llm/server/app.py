@@ -1,9 +1,9 @@
 """The FastAPI application: OpenAI-style routes over a `SessionManager`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE or not),
-GET /v1/models[/{id}], GET /health, and GET/DELETE /v1/sessions[/{id}] to inspect and remove
-stored sessions. Every error is an OpenAI-style object `{"error": {message, type, param, code}}`
-with a 4xx status for bad input. Two pure-ASGI middlewares guard every route: the API key
+GET /v1/models[/{id}], GET /health, GET /metrics (Prometheus, see metrics.py), and
+GET/DELETE /v1/sessions[/{id}] to inspect and remove stored sessions. Every error is an
+OpenAI-style object `{"error": {message, type, param, code}}` with a 4xx status for bad input. Two pure-ASGI middlewares guard every route: the API key
 (`Authorization: Bearer`, all routes but /health, when a key is set) and the request body size.
 This module parses, validates and formats; generation and state live in `sessions.py`.
 """
@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..core.sampling import SamplingParams
 from . import schemas as S
+from .metrics import CONTENT_TYPE, Metrics, RequestCounter
 from .sessions import SessionConflict, SessionManager
 from .store import CorruptRecord
 
@@ -105,9 +106,9 @@ class BodyLimitMiddleware:
 class SSEResponse(StreamingResponse):
     """A streaming response that always closes its turn, even if the client left early."""
 
-    def __init__(self, content, turn):
+    def __init__(self, content, turn, on_close):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.turn = turn
+        self.turn, self.on_close = turn, on_close
 
     async def __call__(self, scope, receive, send):
         try:
@@ -115,6 +116,7 @@ class SSEResponse(StreamingResponse):
         finally:
             try:
                 await self.turn.close()  # no awaits inside: safe even while being cancelled
+                self.on_close(self.turn)
             finally:
                 await self.body_iterator.aclose()
 
@@ -133,7 +135,8 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             janitor.cancel()
 
     app = FastAPI(title="streaming-llm", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.manager, app.state.settings = manager, settings
+    metrics = Metrics(manager)
+    app.state.manager, app.state.settings, app.state.metrics = manager, settings, metrics
     started = int(time.time())
 
     @app.exception_handler(CorruptRecord)
@@ -234,6 +237,10 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
                 "queued_model_jobs": manager.worker.pending, **stats, **manager.counters}
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics():
+        return Response(await metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(settings.model_name, started)]}
@@ -264,6 +271,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        request.state.t0 = time.perf_counter()
         req = await parse(request, S.ChatCompletionRequest)
         messages = [m.as_dict() for m in req.messages]
         if messages[-1]["role"] != "user":
@@ -274,28 +282,32 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, "session_append needs a named session (X-Session-ID, session_id or user)", param="session_append")
         n, sampling = generation_args(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
         turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling)
-        return await _respond(turn, req, "chatcmpl", _chat_events, S.chat_completion)
+        return await _respond(request, turn, req, "chatcmpl", _chat_events, S.chat_completion)
 
-    async def _respond(turn, req, id_prefix, events, build):
+    async def _respond(request, turn, req, id_prefix, events, build):
         """The reply to a completion request: an SSE stream of `events`, or the whole turn `build`-ed."""
+        metrics.ttft.observe(time.perf_counter() - request.state.t0)
         rid, created = S.new_id(id_prefix), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(events(turn, rid, req.model, created, include_usage), turn)
+            return SSEResponse(events(turn, metrics, rid, req.model, created, include_usage), turn, metrics.closed)
         text, info, use = await _collect(turn)
         return build(rid, req.model, text, turn.finish_reason or "length", use, info)
 
     async def _collect(turn):
         """Run a non-streaming turn to its end: (text, commit info, usage)."""
         try:
-            text = "".join([tok.text async for tok in turn.tokens()])
+            text = "".join([tok.text async for tok in metrics.tokens(turn)])
             info = await turn.commit()
+            metrics.committed(info)
         finally:
             await turn.close()
+            metrics.closed(turn)
         return text, info, S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        request.state.t0 = time.perf_counter()
         req = await parse(request, S.CompletionRequest)
         try:
             prompt = req.prompt_text()
@@ -306,11 +318,12 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         sid = session_id(request, req)
         n, sampling = generation_args(req, req.max_tokens)
         turn = await open_turn(sid, "text", prompt, n, sampling)
-        return await _respond(turn, req, "cmpl", _text_events, S.text_completion)
+        return await _respond(request, turn, req, "cmpl", _text_events, S.text_completion)
 
     app.openapi = lambda: _openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestCounter, metrics=metrics, routes=app.routes)  # added last = runs first
     return app
 
 
@@ -387,13 +400,14 @@ def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "streaming-llm"}
 
 
-async def _chat_events(turn, rid, model, created, include_usage):
+async def _chat_events(turn, metrics, rid, model, created, include_usage):
     try:
         yield sse(S.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-        async for tok in turn.tokens():
+        async for tok in metrics.tokens(turn):
             if tok.text:
                 yield sse(S.chat_chunk(rid, model, created, {"content": tok.text}))
         info = await turn.commit()  # durable before the client sees the end of the reply
+        metrics.committed(info)
         yield sse(S.chat_chunk(rid, model, created, {}, turn.finish_reason or "length", session=info))
         if include_usage:
             use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
@@ -404,12 +418,13 @@ async def _chat_events(turn, rid, model, created, include_usage):
         yield sse(S.error_body(f"internal error while generating ({type(e).__name__})", "server_error"))
 
 
-async def _text_events(turn, rid, model, created, include_usage):
+async def _text_events(turn, metrics, rid, model, created, include_usage):
     try:
-        async for tok in turn.tokens():
+        async for tok in metrics.tokens(turn):
             if tok.text:
                 yield sse(S.text_chunk(rid, model, created, tok.text))
         info = await turn.commit()
+        metrics.committed(info)
         yield sse(S.text_chunk(rid, model, created, "", turn.finish_reason or "length", session=info))
         if include_usage:
             use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
