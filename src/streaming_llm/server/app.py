@@ -28,7 +28,9 @@ from ..errors import UserError
 from ..core.sampling import SamplingParams
 from . import schemas as S
 from .metrics import CONTENT_TYPE, Metrics, RequestCounter
+from .replicas import SessionBusy
 from .sessions import SessionConflict, SessionManager
+from .redis_store import LeaseLost
 from .store import CorruptRecord
 
 log = logging.getLogger("streaming_llm.server")
@@ -139,6 +141,15 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     app.state.manager, app.state.settings, app.state.metrics = manager, settings, metrics
     started = int(time.time())
 
+    @app.exception_handler(SessionBusy)
+    async def _busy(request, e: SessionBusy):
+        return error_response(409, str(e), "invalid_request_error", "session_id", "session_busy")
+
+    @app.exception_handler(LeaseLost)
+    async def _lease_lost(request, e: LeaseLost):
+        return error_response(409, f"{e}; the turn was not stored, retry it", "invalid_request_error", "session_id",
+                              "session_busy")
+
     @app.exception_handler(CorruptRecord)
     async def _corrupt(request, e: CorruptRecord):
         log.error("%s", e)
@@ -225,6 +236,8 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     async def open_turn(sid, kind, payload, n, sampling):
         try:
             return await manager.open_turn(sid, kind, payload, n, sampling)
+        except SessionBusy:
+            raise
         except SessionConflict as e:
             raise ApiError(409, str(e), param="session_id", code="session_kind_conflict")
         except UserError as e:

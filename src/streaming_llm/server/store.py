@@ -56,6 +56,7 @@ class SessionRecord:
     turns: int = 0
     meta: dict = field(default_factory=dict)  # counters and anything else JSON-serializable
     updated: float = field(default_factory=time.time)
+    version: int = 0  # a shared store's write counter for the session (0: not tracked)
 
 
 @runtime_checkable
