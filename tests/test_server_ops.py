@@ -171,7 +171,8 @@ def test_bad_data_dir_is_a_one_line_error_before_loading(tmp_path):
     cases = [(["--data-dir", str(tmp_path / "a-file" / "sub")], "cannot create"),
              (["--data-dir", str(garbage)], "not a usable SQLite database"),
              (["--data-dir", str(damaged)], "session store"),
-             (["--store", "postgres://x"], "--store must be")]
+             (["--store", "postgres://x"], "--store must be"),
+             (["--store", f"redis://127.0.0.1:{free_port()}/0"], "cannot reach the Redis store")]
     env = {**os.environ, "PYTHONPATH": SRC}
     for extra, needle in cases:
         t0 = time.time()

@@ -169,10 +169,15 @@ def _make_server(config):
     return Server(config)
 
 
+def _interrupt(sig, frame):
+    raise KeyboardInterrupt(signal.Signals(sig).name)
+
+
 def run(args) -> int:
     check_args(args)
     api_key = resolve_api_key(args.host, args.api_key)  # before any model is loaded
     store, store_kind, store_target = open_checked_store(args)  # likewise
+    signal.signal(signal.SIGTERM, _interrupt)  # while the model loads: unwind, so the store is closed
     try:
         return _serve(args, api_key, store, store_kind, store_target)
     finally:
