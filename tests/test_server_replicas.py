@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from test_server import MODEL, free_port
-from test_server_ops import one_thread, start_serve, stream_some, tiny  # noqa: F401 (fixtures)
+from test_server_ops import one_thread, start_serve, stream_some, tiny  # noqa: F401 (fixtures used by name)
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (apt-get install redis-server)")

@@ -381,6 +381,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     if settings.api_key:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         doc["security"] = [{"bearer": []}]
+        doc["paths"]["/health"]["get"]["security"] = []  # open: liveness probes send no key
     app.openapi_schema = doc
     return doc
 

@@ -103,6 +103,7 @@ class SessionManager:
         self.live: OrderedDict[str, Live] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.session_ttl, self.max_stored = session_ttl, max_stored
+        self._background: set[asyncio.Task] = set()  # referenced until done (asyncio keeps weak refs)
         self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0}
 
     # ---- conversations -----------------------------------------------------------------------
@@ -346,4 +347,6 @@ class Turn:
             self.m._release(self.live.sid)
             self.m.evict_idle()
             if self.committed:
-                asyncio.ensure_future(self.m.prune())
+                task = asyncio.ensure_future(self.m.prune())
+                self.m._background.add(task)
+                task.add_done_callback(self.m._background.discard)

@@ -21,7 +21,6 @@ Calls block; the server runs them on its I/O thread, never on the event loop.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import tempfile
 import threading
