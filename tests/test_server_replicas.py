@@ -119,7 +119,7 @@ def test_a_session_never_runs_on_both_replicas(replicas):
     (a, b), _ = replicas
     messages = [{"role": "user", "content": "tell me a long story"}]
     cm, events = stream_some(a, {"model": MODEL, "messages": messages, "max_tokens": 2000, "stream": True,
-                                 "session_id": "busy"})
+                                 "session_id": "busy", "temperature": 0})  # greedy: no early end
     try:
         r = turn(b, "busy", messages)
         assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy", r.text
