@@ -211,6 +211,22 @@ def test_corrupt_row_is_a_clear_409_and_others_unaffected(tiny, tmp_path):
 
 
 
+def test_store_failure_is_a_503_not_a_500(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    with Server(model, tokenizer, tmp_path) as srv:
+        real_get = srv.manager.store.get
+
+        def broken(sid):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        srv.manager.store.get = broken
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "session_id": "s"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+        srv.manager.store.get = real_get
+        assert chat(srv.client(), [{"role": "user", "content": "x"}], "s", n=2)[1].model_extra["session"]["turns"] == 1
+
+
 # ---- 4. hostile input never causes a 500; the OpenAPI document matches -----------------------------
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):

@@ -150,6 +150,14 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         return error_response(409, f"{e}; the turn was not stored, retry it", "invalid_request_error", "session_id",
                               "session_busy")
 
+    async def _store_down(request, e: Exception):
+        log.error("session store error on %s %s: %s", request.method, request.url.path, e)
+        return error_response(503, f"the session store is unavailable ({type(e).__name__}: {e}); retry later",
+                              "server_error", None, "store_unavailable")
+
+    for cls in _store_errors():
+        app.add_exception_handler(cls, _store_down)
+
     @app.exception_handler(CorruptRecord)
     async def _corrupt(request, e: CorruptRecord):
         log.error("%s", e)
@@ -340,16 +348,32 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     return app
 
 
+def _store_errors() -> tuple[type[Exception], ...]:
+    """The store's environment failures (disk full, locked, Redis gone): 503, not a bug's 500."""
+    import sqlite3
+
+    errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+    try:
+        import redis
+
+        errors += (redis.ConnectionError, redis.TimeoutError)
+    except ImportError:
+        pass
+    return errors
+
+
 # The statuses each route really sends (besides 200); FastAPI's automatic 422 is never sent.
 _ERRORS = {
-    ("post", "/v1/chat/completions"): (400, 404, 409, 413),
-    ("post", "/v1/completions"): (400, 404, 409, 413),
+    ("post", "/v1/chat/completions"): (400, 404, 409, 413, 503),
+    ("post", "/v1/completions"): (400, 404, 409, 413, 503),
     ("get", "/v1/models/{model_id}"): (404,),
-    ("get", "/v1/sessions"): (400,),
-    ("get", "/v1/sessions/{sid}"): (404, 409),
-    ("delete", "/v1/sessions/{sid}"): (404,),
+    ("get", "/v1/sessions"): (400, 503),
+    ("get", "/v1/sessions/{sid}"): (404, 409, 503),
+    ("delete", "/v1/sessions/{sid}"): (404, 409, 503),
+    ("get", "/health"): (503,),
+    ("get", "/metrics"): (503,),
 }
-_WHY = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model, session or route",
+_WHY = {503: "the session store is unavailable", 400: "invalid request", 401: "missing or wrong API key", 404: "unknown model, session or route",
         409: "session of the other kind, busy on another replica, or unreadable", 413: "body over --max-body-bytes"}
 
 
