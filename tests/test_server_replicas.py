@@ -112,7 +112,8 @@ def test_turns_alternate_between_replicas_and_continue_exactly(replicas):
     assert got == reference
     assert [i["loaded_from"] for i in infos] == ["new", "snapshot", "snapshot", "snapshot"]  # each replica reloads
     assert [i["turns"] for i in infos] == [1, 2, 3, 4] and not any(i["rebuilt"] for i in infos)
-    assert httpx.get(b + "/v1/sessions/alt").json()["turns"] == 4
+    for url in (a, b):  # A's copy in memory is from turn 3: it reads the store's
+        assert httpx.get(url + "/v1/sessions/alt").json()["turns"] == 4
 
 
 def test_a_session_never_runs_on_both_replicas(replicas):
@@ -164,3 +165,20 @@ def test_replica_killed_mid_reply_loses_only_that_reply(replicas):
     stored = httpx.get(b + "/v1/sessions/kill").json()
     assert [m["content"] for m in stored["messages"]] == [
         "one", acknowledged[0], "two", acknowledged[1], "three", r.json()["choices"][0]["message"]["content"]]
+
+
+def test_redis_prune_spares_leased_sessions(redis_url):
+    from streaming_llm.server.redis_store import RedisStore
+    from streaming_llm.server.store import SessionRecord
+
+    store = RedisStore(redis_url, prefix="prune:")
+    for i, sid in enumerate(["old", "mid", "new"]):
+        assert store.acquire_lease(sid, 5000)
+        store.put(SessionRecord(sid, "text", MODEL, {}, [], b"x" * 10, 1, {}, updated=1000.0 + i))
+        store.release_lease(sid)
+    assert store.acquire_lease("old", 5000)  # a turn runs on "old" somewhere
+    assert store.prune(None, 1) == ["mid"]
+    store.release_lease("old")
+    assert store.prune(None, 1) == ["old"] and [s["id"] for s in store.list()] == ["new"]
+    assert store.prune(60.0, None) == ["new"] and store.stats() == {"stored_sessions": 0, "store_bytes": 0}
+    assert not list(store.r.scan_iter("prune:*"))

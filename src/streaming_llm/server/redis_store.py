@@ -124,7 +124,8 @@ class RedisStore:
             except redis.WatchError:
                 raise LeaseLost(f"session {sid!r}: its lease changed hands while its turn was stored") from None
             except BaseException:
-                self.r.delete(*[self._c(sid, gen, i) for i in range(len(chunks))] or [self._c(sid, gen, 0)])
+                if chunks:  # the new generation never became visible
+                    self.r.delete(*[self._c(sid, gen, i) for i in range(len(chunks))])
                 raise
         if old_n:
             self.r.delete(*[self._c(sid, old_gen, i) for i in range(old_n)])
@@ -150,7 +151,10 @@ class RedisStore:
 
     def prune(self, ttl_s, max_sessions, keep=frozenset()):
         rows = [(sid.decode(), score) for sid, score in self.r.zrevrange(self._index, 0, -1, withscores=True)]
-        leased = {sid for sid, _ in rows if self.r.exists(self._lease(sid))}  # a turn runs somewhere
+        pipe = self.r.pipeline(transaction=False)
+        for sid, _ in rows:
+            pipe.exists(self._lease(sid))
+        leased = {sid for (sid, _), held in zip(rows, pipe.execute()) if held}  # a turn runs somewhere
         gone = _victims(rows, ttl_s, max_sessions, set(keep) | leased, time.time())
         for sid in gone:
             self.delete(sid)

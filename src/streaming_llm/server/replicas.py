@@ -82,6 +82,13 @@ class SharedSessionManager(SessionManager):
                 self.live.pop(sid, None)
         return await super()._get_live(sid, kind)
 
+    async def describe(self, sid: str) -> dict | None:
+        live = self.live.get(sid)
+        if live is not None and not self.busy(sid):
+            if await self.io.call(self.store.version, sid) != getattr(live, "store_version", None):
+                self.live.pop(sid, None)  # stale: describe the stored record instead
+        return await super().describe(sid)
+
     async def persist(self, live: Live) -> int:
         size = await super().persist(live)
         live.store_version = await self.io.call(self.store.version, live.sid)  # ours: we hold the lease

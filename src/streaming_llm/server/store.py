@@ -87,8 +87,8 @@ def _victims(rows, ttl_s, max_sessions, keep, now) -> list[str]:
     out = [sid for sid, updated in rows if ttl_s and updated < now - ttl_s and sid not in keep]
     if max_sessions is not None:
         left = [sid for sid, _ in rows if sid not in out]
-        excess = max(0, len(left) - max_sessions)
-        out += [sid for sid in reversed(left) if sid not in keep][:excess]  # oldest first
+        # beyond the N most recent, oldest first; a kept (busy) one stays, over the cap until it ends
+        out += [sid for sid in reversed(left[max_sessions:]) if sid not in keep]
     return out
 
 
