@@ -135,6 +135,50 @@ def test_a_session_never_runs_on_both_replicas(replicas):
     assert httpx.get(a + "/metrics").text.count("streaming_llm_requests_total") > 0
 
 
+def test_redis_prune_spares_leased_sessions(redis_url):
+    from streaming_llm.server.redis_store import RedisStore
+    from streaming_llm.server.store import SessionRecord
+
+    store = RedisStore(redis_url, prefix="prune:")
+    for i, sid in enumerate(["old", "mid", "new"]):
+        assert store.acquire_lease(sid, 5000)
+        store.put(SessionRecord(sid, "text", MODEL, {}, [], b"x" * 10, 1, {}, updated=1000.0 + i))
+        store.release_lease(sid)
+    assert store.acquire_lease("old", 5000)  # a turn runs on "old" somewhere
+    assert store.prune(None, 1) == ["mid"]
+    store.release_lease("old")
+    assert store.prune(None, 1) == ["old"] and [s["id"] for s in store.list()] == ["new"]
+    assert store.prune(60.0, None) == ["new"] and store.stats() == {"stored_sessions": 0, "store_bytes": 0}
+    assert not list(store.r.scan_iter("prune:*"))
+
+
+def test_concurrent_appends_on_both_replicas_lose_nothing(replicas):
+    """Four clients append to one session through both replicas at once: every 200 is a distinct
+    turn number, and the stored session holds exactly those turns (no two ran from one state)."""
+    import concurrent.futures as cf
+
+    (a, b), _ = replicas
+
+    def client(url, k):
+        out = []
+        for i in range(3):
+            r = turn(url, "race", [{"role": "user", "content": f"{k}-{i}"}], n=4, session_append=True)
+            out.append((r.status_code, r.json()))
+        return out
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = [x for f in [pool.submit(client, url, k) for k, url in enumerate([a, b, a, b])] for x in f.result()]
+    ok = [body["session"]["turns"] for status, body in results if status == 200]
+    assert all(status in (200, 409) for status, _ in results)
+    assert all(body["error"]["code"] == "session_busy" for status, body in results if status == 409)
+    assert sorted(ok) == list(range(1, len(ok) + 1)) and ok
+    stored = httpx.get(a + "/v1/sessions/race").json()
+    assert stored["turns"] == len(ok) and len(stored["messages"]) == 2 * len(ok)
+    sent = {f"{k}-{i}" for k in range(4) for i in range(3)}
+    assert {m["content"] for m in stored["messages"] if m["role"] == "user"} <= sent
+
+
+# last: it kills replica A
 def test_replica_killed_mid_reply_loses_only_that_reply(replicas):
     (a, b), procs = replicas
     texts = ["one", "two", "three"]
@@ -165,20 +209,3 @@ def test_replica_killed_mid_reply_loses_only_that_reply(replicas):
     stored = httpx.get(b + "/v1/sessions/kill").json()
     assert [m["content"] for m in stored["messages"]] == [
         "one", acknowledged[0], "two", acknowledged[1], "three", r.json()["choices"][0]["message"]["content"]]
-
-
-def test_redis_prune_spares_leased_sessions(redis_url):
-    from streaming_llm.server.redis_store import RedisStore
-    from streaming_llm.server.store import SessionRecord
-
-    store = RedisStore(redis_url, prefix="prune:")
-    for i, sid in enumerate(["old", "mid", "new"]):
-        assert store.acquire_lease(sid, 5000)
-        store.put(SessionRecord(sid, "text", MODEL, {}, [], b"x" * 10, 1, {}, updated=1000.0 + i))
-        store.release_lease(sid)
-    assert store.acquire_lease("old", 5000)  # a turn runs on "old" somewhere
-    assert store.prune(None, 1) == ["mid"]
-    store.release_lease("old")
-    assert store.prune(None, 1) == ["old"] and [s["id"] for s in store.list()] == ["new"]
-    assert store.prune(60.0, None) == ["new"] and store.stats() == {"stored_sessions": 0, "store_bytes": 0}
-    assert not list(store.r.scan_iter("prune:*"))
