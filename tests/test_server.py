@@ -386,7 +386,7 @@ def test_cli_serve_killed_mid_reply_loses_only_that_reply(tiny, tmp_path):
         reply, _ = chat(client, [{"role": "user", "content": "hello"}], "k")
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": reply},
                                              {"role": "user", "content": "go"}],
-                "max_tokens": 2000, "stream": True, "session_id": "k"}
+                "max_tokens": 2000, "stream": True, "session_id": "k", "temperature": 0}  # greedy: no early end
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             events = (line for line in r.iter_lines() if line)

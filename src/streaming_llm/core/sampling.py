@@ -62,7 +62,7 @@ class Sampler:
             idx = torch.tensor(sorted(set(previous)), device=logits.device)
             seen = logits[idx]
             logits[idx] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        if p.temperature == 0:
+        if p.temperature < 1e-4:  # 0, or so small that logits / temperature overflow: greedy
             return int(torch.argmax(logits))
         logits = logits / p.temperature
         if p.top_k:

@@ -1,15 +1,17 @@
 """The FastAPI application: OpenAI-style routes over a `SessionManager`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE or not),
-GET /v1/models[/{id}], GET /health, and GET/DELETE /v1/sessions[/{id}] to inspect and remove
-stored sessions. Every error is an OpenAI-style object `{"error": {message, type, param, code}}`
-with a 4xx status for bad input. Two pure-ASGI middlewares guard every route: the API key
+GET /v1/models[/{id}], GET /health, GET /metrics (Prometheus, see metrics.py), and
+GET/DELETE /v1/sessions[/{id}] to inspect and remove stored sessions. Every error is an
+OpenAI-style object `{"error": {message, type, param, code}}` with a 4xx status for bad input. Two pure-ASGI middlewares guard every route: the API key
 (`Authorization: Bearer`, all routes but /health, when a key is set) and the request body size.
 This module parses, validates and formats; generation and state live in `sessions.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -18,14 +20,18 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..core.sampling import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingParams
 from . import schemas as S
+from .metrics import CONTENT_TYPE, Metrics, RequestCounter
+from .replicas import SessionBusy
 from .sessions import SessionConflict, SessionManager
+from .redis_store import LeaseLost
+from .store import CorruptRecord
 
 log = logging.getLogger("streaming_llm.server")
 
@@ -102,9 +108,9 @@ class BodyLimitMiddleware:
 class SSEResponse(StreamingResponse):
     """A streaming response that always closes its turn, even if the client left early."""
 
-    def __init__(self, content, turn):
+    def __init__(self, content, turn, on_close):
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.turn = turn
+        self.turn, self.on_close = turn, on_close
 
     async def __call__(self, scope, receive, send):
         try:
@@ -112,6 +118,7 @@ class SSEResponse(StreamingResponse):
         finally:
             try:
                 await self.turn.close()  # no awaits inside: safe even while being cancelled
+                self.on_close(self.turn)
             finally:
                 await self.body_iterator.aclose()
 
@@ -122,9 +129,39 @@ def sse(obj) -> str:
 
 # ---- the app ---------------------------------------------------------------------------------
 def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
-    app = FastAPI(title="streaming-llm", docs_url=None, redoc_url=None)
-    app.state.manager, app.state.settings = manager, settings
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        janitor = asyncio.ensure_future(_expire_periodically(manager)) if manager.session_ttl else None
+        yield
+        if janitor is not None:
+            janitor.cancel()
+
+    app = FastAPI(title="streaming-llm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = Metrics(manager)
+    app.state.manager, app.state.settings, app.state.metrics = manager, settings, metrics
     started = int(time.time())
+
+    @app.exception_handler(SessionBusy)
+    async def _busy(request, e: SessionBusy):
+        return error_response(409, str(e), "invalid_request_error", "session_id", "session_busy")
+
+    @app.exception_handler(LeaseLost)
+    async def _lease_lost(request, e: LeaseLost):
+        return error_response(409, f"{e}; the turn was not stored, retry it", "invalid_request_error", "session_id",
+                              "session_busy")
+
+    async def _store_down(request, e: Exception):
+        log.error("session store error on %s %s: %s", request.method, request.url.path, e)
+        return error_response(503, f"the session store is unavailable ({type(e).__name__}: {e}); retry later",
+                              "server_error", None, "store_unavailable")
+
+    for cls in _store_errors():
+        app.add_exception_handler(cls, _store_down)
+
+    @app.exception_handler(CorruptRecord)
+    async def _corrupt(request, e: CorruptRecord):
+        log.error("%s", e)
+        return error_response(409, str(e), "invalid_request_error", "session_id", "session_corrupt")
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -143,7 +180,9 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}", param=None, code=code)
+        response = error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}", param=None, code=code)
+        response.headers.update(e.headers or {})  # Allow on 405
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
@@ -205,6 +244,8 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     async def open_turn(sid, kind, payload, n, sampling):
         try:
             return await manager.open_turn(sid, kind, payload, n, sampling)
+        except SessionBusy:
+            raise
         except SessionConflict as e:
             raise ApiError(409, str(e), param="session_id", code="session_kind_conflict")
         except UserError as e:
@@ -213,8 +254,13 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     # ---- routes ------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        stats = await manager.io.call(manager.store.stats)
         return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
-                "queued_model_jobs": manager.worker.pending, "batch": manager.batch_info(), **manager.counters}
+                "queued_model_jobs": manager.worker.pending, "batch": manager.batch_info(), **stats, **manager.counters}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics():
+        return Response(await metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -246,6 +292,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        request.state.t0 = time.perf_counter()
         req = await parse(request, S.ChatCompletionRequest)
         messages = [m.as_dict() for m in req.messages]
         if messages[-1]["role"] != "user":
@@ -256,28 +303,32 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, "session_append needs a named session (X-Session-ID, session_id or user)", param="session_append")
         n, sampling = generation_args(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
         turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling)
-        return await _respond(turn, req, "chatcmpl", _chat_events, S.chat_completion)
+        return await _respond(request, turn, req, "chatcmpl", _chat_events, S.chat_completion)
 
-    async def _respond(turn, req, id_prefix, events, build):
+    async def _respond(request, turn, req, id_prefix, events, build):
         """The reply to a completion request: an SSE stream of `events`, or the whole turn `build`-ed."""
+        metrics.ttft.observe(time.perf_counter() - request.state.t0)
         rid, created = S.new_id(id_prefix), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(events(turn, rid, req.model, created, include_usage), turn)
+            return SSEResponse(events(turn, metrics, rid, req.model, created, include_usage), turn, metrics.closed)
         text, info, use = await _collect(turn)
         return build(rid, req.model, text, turn.finish_reason or "length", use, info)
 
     async def _collect(turn):
         """Run a non-streaming turn to its end: (text, commit info, usage)."""
         try:
-            text = "".join([tok.text async for tok in turn.tokens()])
+            text = "".join([tok.text async for tok in metrics.tokens(turn)])
             info = await turn.commit()
+            metrics.committed(info)
         finally:
             await turn.close()
+            metrics.closed(turn)
         return text, info, S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        request.state.t0 = time.perf_counter()
         req = await parse(request, S.CompletionRequest)
         try:
             prompt = req.prompt_text()
@@ -288,11 +339,82 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         sid = session_id(request, req)
         n, sampling = generation_args(req, req.max_tokens)
         turn = await open_turn(sid, "text", prompt, n, sampling)
-        return await _respond(turn, req, "cmpl", _text_events, S.text_completion)
+        return await _respond(request, turn, req, "cmpl", _text_events, S.text_completion)
 
+    app.openapi = lambda: _openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, api_key=settings.api_key)  # added last = runs first
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestCounter, metrics=metrics, routes=app.routes)  # added last = runs first
     return app
+
+
+def _store_errors() -> tuple[type[Exception], ...]:
+    """The store's environment failures (disk full, locked, Redis gone): 503, not a bug's 500."""
+    import sqlite3
+
+    errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+    try:
+        import redis
+
+        errors += (redis.ConnectionError, redis.TimeoutError)
+    except ImportError:
+        pass
+    return errors
+
+
+# The statuses each route really sends (besides 200); FastAPI's automatic 422 is never sent.
+_ERRORS = {
+    ("post", "/v1/chat/completions"): (400, 404, 409, 413, 503),
+    ("post", "/v1/completions"): (400, 404, 409, 413, 503),
+    ("get", "/v1/models/{model_id}"): (404,),
+    ("get", "/v1/sessions"): (400, 503),
+    ("get", "/v1/sessions/{sid}"): (404, 409, 503),
+    ("delete", "/v1/sessions/{sid}"): (404, 409, 503),
+    ("get", "/health"): (503,),
+    ("get", "/metrics"): (503,),
+}
+_WHY = {503: "the session store is unavailable", 400: "invalid request", 401: "missing or wrong API key", 404: "unknown model, session or route",
+        409: "session of the other kind, busy on another replica, or unreadable", 413: "body over --max-body-bytes"}
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's document, corrected to what the server does: request bodies of the completion
+    routes (they parse the body themselves), the error statuses it sends, no 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    comps = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        comps.pop(name, None)
+    for cls in (S.ChatCompletionRequest, S.CompletionRequest, S.ErrorBody):
+        js = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(js.pop("$defs", {}))
+        comps[cls.__name__] = js
+    ref = lambda name: {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}  # noqa: E731
+    for path, cls in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")):
+        doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": ref(cls)}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            responses.pop("422", None)
+            codes = _ERRORS.get((method, path), ()) + ((401,) if settings.api_key and path != "/health" else ())
+            for status in sorted(codes):
+                responses[str(status)] = {"description": _WHY[status], "content": ref("ErrorBody")}
+    if settings.api_key:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        doc["paths"]["/health"]["get"]["security"] = []  # open: liveness probes send no key
+    app.openapi_schema = doc
+    return doc
+
+
+async def _expire_periodically(manager: SessionManager) -> None:
+    """--session-ttl also applies to a server that gets no requests."""
+    while True:
+        await asyncio.sleep(min(60.0, max(0.5, manager.session_ttl / 4)))
+        await manager.prune()
 
 
 _UNION_TAGS = {"str": "a string", "list[str]": "a list of strings", "list[TextPart]": "a list of text parts",
@@ -316,13 +438,14 @@ def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "streaming-llm"}
 
 
-async def _chat_events(turn, rid, model, created, include_usage):
+async def _chat_events(turn, metrics, rid, model, created, include_usage):
     try:
         yield sse(S.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-        async for tok in turn.tokens():
+        async for tok in metrics.tokens(turn):
             if tok.text:
                 yield sse(S.chat_chunk(rid, model, created, {"content": tok.text}))
         info = await turn.commit()  # durable before the client sees the end of the reply
+        metrics.committed(info)
         yield sse(S.chat_chunk(rid, model, created, {}, turn.finish_reason or "length", session=info))
         if include_usage:
             use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
@@ -333,12 +456,13 @@ async def _chat_events(turn, rid, model, created, include_usage):
         yield sse(S.error_body(f"internal error while generating ({type(e).__name__})", "server_error"))
 
 
-async def _text_events(turn, rid, model, created, include_usage):
+async def _text_events(turn, metrics, rid, model, created, include_usage):
     try:
-        async for tok in turn.tokens():
+        async for tok in metrics.tokens(turn):
             if tok.text:
                 yield sse(S.text_chunk(rid, model, created, tok.text))
         info = await turn.commit()
+        metrics.committed(info)
         yield sse(S.text_chunk(rid, model, created, "", turn.finish_reason or "length", session=info))
         if include_usage:
             use = S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)

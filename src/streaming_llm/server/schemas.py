@@ -21,7 +21,7 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -56,8 +56,9 @@ class _Generation(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(default=None, ge=0)  # extension (vLLM-style)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # extension
-    seed: StrictInt | None = None
+    # extension; below 0.01 the penalised logits overflow float32 (1e-300 made the sampler fail)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
+    seed: StrictInt | None = Field(default=None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch's generator takes
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None
@@ -131,6 +132,19 @@ def unsupported_features(req: _Generation) -> tuple[str, str] | None:
         if req.best_of not in (None, 1):
             return "best_of", "only best_of=1 is supported"
     return None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: `{"error": {message, type, param, code}}`."""
+
+    error: ErrorDetail
 
 
 # ---- responses --------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Sessions. Requests on the same session are serialised by an asyncio lock held fr
 to `Turn.close`. At most `max_sessions` idle sessions stay in memory; the least recently used are
 dropped, which costs nothing because every completed turn is already in the store, and are
 reloaded (snapshot, or replay of the transcript if the snapshot is unusable) on demand.
+After each completed turn the store is pruned in the background (`session_ttl`,
+`max_stored`: least recently updated first, never a session with a request in progress).
 A turn that does not complete (client gone, error) is rolled back by dropping the in-memory
 session: the next request reloads the last completed turn from the store.
 """
@@ -90,6 +92,8 @@ class SessionManager:
         max_sessions: int = 64,
         snapshot_dtype: torch.dtype | None = None,
         chat_factory: Callable | None = None,
+        session_ttl: float | None = None,
+        max_stored: int | None = None,
         *,
         max_batch: int,
     ):
@@ -111,7 +115,9 @@ class SessionManager:
         self._rows = asyncio.Semaphore(max_batch) if batched else None
         self.live: OrderedDict[str, Live] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0}
+        self.session_ttl, self.max_stored = session_ttl, max_stored
+        self._background: set[asyncio.Task] = set()  # referenced until done (asyncio keeps weak refs)
+        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0}
 
     # ---- running turns ------------------------------------------------------------------------
     async def step(self, fn: Callable, *args):
@@ -255,6 +261,21 @@ class SessionManager:
             return len(blob)
 
         return await self.io.call(write)
+
+    async def prune(self) -> list[str]:
+        """Apply the TTL and the stored-session cap; pruned idle sessions leave memory too."""
+        if not self.session_ttl and self.max_stored is None:
+            return []
+        try:
+            gone = await self.io.call(self.store.prune, self.session_ttl, self.max_stored, frozenset(self._locks))
+        except Exception as e:  # never fail a request over housekeeping
+            log.warning("pruning the session store failed: %s", e)
+            return []
+        for sid in gone:
+            if not self.busy(sid):
+                self.live.pop(sid, None)
+        self.counters["expired"] += len(gone)
+        return gone
 
     async def delete(self, sid: str) -> bool:
         await self._acquire(sid)
@@ -433,3 +454,7 @@ class Turn:
         if not self.stateless:
             self.m._release(self.live.sid)
             self.m.evict_idle()
+            if self.committed:
+                task = asyncio.ensure_future(self.m.prune())
+                self.m._background.add(task)
+                task.add_done_callback(self.m._background.discard)

@@ -6,7 +6,14 @@ entries) and a little metadata. The store knows nothing about models or HTTP: it
 to the record of the session's last completed turn. `put` is atomic and durable when it returns
 (one SQLite transaction in WAL mode with synchronous=FULL), so a crash loses at most the turn in
 flight. Another backend (Redis, PostgreSQL) only has to implement `SessionStore` to let several
-server replicas share sessions.
+server replicas share sessions (`redis_store.RedisStore` is one).
+
+Bounded disk: after every write the SQLite WAL is checkpointed and truncated (`journal_size_limit`
+caps what is left), and `prune` removes sessions older than a TTL and the least recently updated
+ones beyond a count. `check_sqlite` validates a database file (writable, a database, passing
+`PRAGMA quick_check`) in well under a second, before any model is loaded. A row that cannot be
+decoded raises `CorruptRecord` naming the session and the field; other rows are unaffected.
+This module does not decide when to prune (the session manager does) nor touch model state.
 
 Calls block; the server runs them on its I/O thread, never on the event loop.
 """
@@ -15,13 +22,26 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ..errors import UserError
+
 SCHEMA_VERSION = 1
+WAL_SIZE_LIMIT = 8 << 20  # bytes a truncated WAL may keep between checkpoints (journal_size_limit)
+
+
+class CorruptRecord(Exception):
+    """A stored session exists but cannot be read (e.g. its transcript is not JSON)."""
+
+    def __init__(self, session_id: str, what: str):
+        super().__init__(f"session {session_id!r} is stored but unreadable: {what}; "
+                         f"DELETE /v1/sessions/{session_id} removes it")
+        self.session_id = session_id
 
 
 @dataclass
@@ -35,6 +55,7 @@ class SessionRecord:
     turns: int = 0
     meta: dict = field(default_factory=dict)  # counters and anything else JSON-serializable
     updated: float = field(default_factory=time.time)
+    version: int = 0  # a shared store's write counter for the session (0: not tracked)
 
 
 @runtime_checkable
@@ -51,7 +72,24 @@ class SessionStore(Protocol):
     def list(self, limit: int = 1000) -> list[dict]:
         """Summaries (no snapshots) of the most recently updated sessions."""
 
+    def prune(self, ttl_s: float | None, max_sessions: int | None, keep=frozenset()) -> list[str]:
+        """Delete sessions not updated for `ttl_s` seconds, then the least recently updated beyond
+        `max_sessions` (never those in `keep`); returns the deleted ids."""
+
+    def stats(self) -> dict:
+        """{"stored_sessions": n, "store_bytes": bytes used}."""
+
     def close(self) -> None: ...
+
+
+def _victims(rows, ttl_s, max_sessions, keep, now) -> list[str]:
+    """rows: (id, updated) most recent first -> ids to prune (see SessionStore.prune)."""
+    out = [sid for sid, updated in rows if ttl_s and updated < now - ttl_s and sid not in keep]
+    if max_sessions is not None:
+        left = [sid for sid, _ in rows if sid not in out]
+        # beyond the N most recent, oldest first; a kept (busy) one stays, over the cap until it ends
+        out += [sid for sid in reversed(left[max_sessions:]) if sid not in keep]
+    return out
 
 
 class MemoryStore:
@@ -78,6 +116,19 @@ class MemoryStore:
             recs = sorted(self._records.values(), key=lambda r: r.updated, reverse=True)[:limit]
         return [_summary(r.session_id, r.kind, r.model, r.turns, r.updated, len(r.snapshot or b"")) for r in recs]
 
+    def prune(self, ttl_s, max_sessions, keep=frozenset()):
+        with self._lock:
+            rows = sorted(((r.session_id, r.updated) for r in self._records.values()), key=lambda x: -x[1])
+            gone = _victims(rows, ttl_s, max_sessions, keep, time.time())
+            for sid in gone:
+                del self._records[sid]
+        return gone
+
+    def stats(self):
+        with self._lock:
+            return {"stored_sessions": len(self._records),
+                    "store_bytes": sum(len(r.snapshot or b"") + len(str(r.messages)) for r in self._records.values())}
+
     def close(self):
         pass
 
@@ -97,9 +148,12 @@ class SQLiteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        self._closed = False
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: deletions give space back
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._db.execute(
             """CREATE TABLE IF NOT EXISTS sessions (
                 id TEXT PRIMARY KEY,
@@ -126,8 +180,8 @@ class SQLiteStore:
             return None
         sid, kind, model, config, messages, snapshot, turns, meta, updated = row
         return SessionRecord(
-            sid, kind, model, json.loads(config), json.loads(messages),
-            None if snapshot is None else bytes(snapshot), turns, json.loads(meta), updated,
+            sid, kind, model, _json(sid, "config", config), _json(sid, "transcript", messages),
+            None if snapshot is None else bytes(snapshot), turns, _json(sid, "meta", meta), updated,
         )
 
     def put(self, record):
@@ -144,11 +198,34 @@ class SQLiteStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._checkpoint()
+
+    def _checkpoint(self):
+        """Copy the WAL into the database and truncate it (a busy reader elsewhere: next time)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def delete(self, session_id):
         with self._lock:
             cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self._db.execute("PRAGMA incremental_vacuum")
+            self._checkpoint()
         return cur.rowcount > 0
+
+    def prune(self, ttl_s, max_sessions, keep=frozenset()):
+        with self._lock:
+            rows = self._db.execute("SELECT id, updated FROM sessions ORDER BY updated DESC").fetchall()
+            gone = _victims(rows, ttl_s, max_sessions, keep, time.time())
+            if gone:
+                self._db.executemany("DELETE FROM sessions WHERE id = ?", [(sid,) for sid in gone])
+                self._db.execute("PRAGMA incremental_vacuum")
+                self._checkpoint()
+        return gone
+
+    def stats(self):
+        with self._lock:
+            n = self._db.execute("SELECT count(*) FROM sessions").fetchone()[0]
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return {"stored_sessions": n, "store_bytes": size}
 
     def list(self, limit=1000):
         with self._lock:
@@ -160,7 +237,52 @@ class SQLiteStore:
 
     def close(self):
         with self._lock:
-            self._db.close()
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._checkpoint()
+            finally:
+                self._db.close()  # the last connection: SQLite removes the -wal and -shm files
+
+
+def _json(sid: str, what: str, text):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise CorruptRecord(sid, f"its {what} is not valid JSON ({e})") from None
+
+
+def check_sqlite(path: str | Path) -> None:
+    """Raise UserError (one line) unless `path` can hold a session store: its folder writable,
+    the file (if any) an SQLite database passing `PRAGMA quick_check`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the data directory {path.parent}: {e.strerror}") from None
+    try:  # a real write: permission bits say nothing for root or on a read-only mount
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
+            pass
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as e:
+        raise UserError(f"the session store {path} is not writable: {e.strerror}") from None
+    if not path.exists():
+        return
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"the session store {path} is not a usable SQLite database ({e}); move it away or pick "
+                        f"another --data-dir") from None
+    if rows != [("ok",)]:
+        raise UserError(f"the session store {path} fails its integrity check ({rows[0][0]}); restore a backup, "
+                        f"or move it away to start empty") from None
 
 
 def open_store(data_dir: str | None) -> SessionStore:
@@ -168,3 +290,32 @@ def open_store(data_dir: str | None) -> SessionStore:
     if data_dir is None or str(data_dir).lower() in ("", "none", ":memory:"):
         return MemoryStore()
     return SQLiteStore(Path(data_dir) / "sessions.sqlite3")
+
+
+def parse_store_url(url: str | None, data_dir: str | None) -> tuple[str, str | None]:
+    """`--store` (or `--data-dir` when it is None) -> (kind, target): ("memory", None),
+    ("sqlite", file path) or ("redis", url)."""
+    if url is None:
+        if data_dir is None or str(data_dir).lower() in ("", "none", ":memory:"):
+            return "memory", None
+        return "sqlite", str(Path(data_dir) / "sessions.sqlite3")
+    if url in ("memory", "none"):
+        return "memory", None
+    if url.startswith("sqlite:"):
+        target = url[len("sqlite:"):]
+        if not target:
+            raise UserError("--store sqlite:PATH needs a file path")
+        return "sqlite", target
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return "redis", url
+    raise UserError(f"--store must be sqlite:PATH, redis://HOST:PORT/DB or memory (got {url!r})")
+
+
+def open_store_url(kind: str, target: str | None, **redis_kw) -> SessionStore:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(target)
+    from .redis_store import RedisStore
+
+    return RedisStore(target, **redis_kw)
