@@ -6,8 +6,8 @@ middleware, so 401s, 413s and unknown routes count too); generated and prefilled
 turns by outcome; time to first token (request received -> first token sampled) and the time
 between tokens as the reply is consumed; snapshot size and persist time per stored turn; and,
 read at scrape time, active sessions (a request in progress), sessions in memory, stored
-sessions, store bytes, the model queue and the batch size of a model step (1: the worker has no
-cross-session batching yet). Names are prefixed `streaming_llm_`. This module only counts; it
+sessions, store bytes, the model queue and the batch size of the last batched decode forward
+(1 without continuous batching). Names are prefixed `streaming_llm_`. This module only counts; it
 never changes what a request does.
 """
 
@@ -46,8 +46,12 @@ class Metrics:
         Gauge(p + "active_sessions", "sessions with a request in progress", registry=r).set_function(
             lambda: len(manager._locks))
         Gauge(p + "sessions_in_memory", "sessions held in memory", registry=r).set_function(lambda: len(manager.live))
-        Gauge(p + "queue_length", "model jobs queued or running", registry=r).set_function(lambda: manager.worker.pending)
-        Gauge(p + "batch_size", "sequences per model step (1: no cross-session batching yet)", registry=r).set(1)
+        Gauge(p + "queue_length", "model jobs and batched forward requests waiting", registry=r).set_function(
+            lambda: manager.worker.pending + (manager.scheduler.queue_length if manager.scheduler else 0))
+        Gauge(p + "batch_size", "streams in the last batched decode forward (1 without batching)", registry=r).set_function(
+            lambda: manager.scheduler.stats["last_batch_size"] if manager.scheduler else 1)
+        Gauge(p + "active_batch_rows", "replies holding a batch row now", registry=r).set_function(
+            lambda: manager.scheduler.active_rows if manager.scheduler else 0)
         self.stored = Gauge(p + "stored_sessions", "sessions in the store", registry=r)
         self.store_bytes = Gauge(p + "store_bytes", "bytes used by the store (SQLite: database + WAL)", registry=r)
 
