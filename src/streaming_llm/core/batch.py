@@ -58,6 +58,17 @@ class StreamBatch:
         self.cache.reset_row(row)
         self._free.append(row)
 
+    def move(self, src: int, dst: int) -> None:
+        """Move the stream in row `src` to the free row `dst` (a copy of one row's buffers), so a
+        scheduler can keep its active rows contiguous (read in place) after streams leave."""
+        self._check([src])
+        if dst in self.active or not 0 <= dst < self.slots:
+            raise UserError(f"row {dst} is not free")
+        self.cache.load_row_state(dst, self.cache.row_state(src))
+        self.cache.reset_row(src)
+        self._free.remove(dst)
+        self._free.append(src)
+
     def state(self, row: int) -> dict:
         """Row's stream as a `StreamingLLM.state_dict()` (copies): load it into an engine or a batch."""
         self._check([row])

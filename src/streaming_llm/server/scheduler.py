@@ -13,7 +13,8 @@ before; only its forwards come here, as requests (`Row.feed`). The model thread 
    (a new prompt), so a long prompt delays each decode round by one chunk instead of stalling
    every other reply until it is done: vLLM's chunked prefill with decodes first.
 Attach and detach run on the model thread too, between forwards, so nothing else ever touches
-the batch. Every row is exact (a row's logits equal the same stream alone; `core/batch.py`).
+the batch. When streams leave from the middle, the highest rows move down into the holes before
+the next decode (one row copy each), so the decoding rows stay contiguous and are read in place. Every row is exact (a row's logits equal the same stream alone; `core/batch.py`).
 
 What it does NOT do: sampling, HTTP, locks per session, persistence (see `sessions.py`).
 """
@@ -34,13 +35,17 @@ DEFAULT_GATHER_MS = 5.0
 
 
 class _Request:
-    __slots__ = ("row", "ids", "logits", "future", "offset", "outs")
+    __slots__ = ("handle", "ids", "logits", "future", "offset", "outs")
 
-    def __init__(self, row: int, ids: torch.Tensor, logits: str):
-        self.row, self.ids, self.logits = row, ids, logits
+    def __init__(self, handle: "Row", ids: torch.Tensor, logits: str):
+        self.handle, self.ids, self.logits = handle, ids, logits
         self.future: Future = Future()
         self.offset = 0
         self.outs: list[torch.Tensor] = []
+
+    @property
+    def row(self) -> int:  # read on the model thread only: compaction may move the stream
+        return self.handle.row
 
 
 class Row:
@@ -50,7 +55,7 @@ class Row:
         self.scheduler, self.row = scheduler, row
 
     def feed(self, ids: torch.Tensor, logits: str):
-        return self.scheduler.submit(self.row, ids, logits).result()
+        return self.scheduler.submit(self, ids, logits).result()
 
     @property
     def tokens_seen(self) -> int:
@@ -61,7 +66,7 @@ class Row:
         return self.scheduler.batch.cache_tokens(self.row)
 
     def state(self) -> dict:
-        return self.scheduler.call(self.scheduler.batch.state, self.row)
+        return self.scheduler.call(lambda: self.scheduler.batch.state(self.row))
 
 
 class Scheduler:
@@ -76,10 +81,11 @@ class Scheduler:
         self._pending: deque[_Request] = deque()
         self._calls: deque[tuple] = deque()
         self._decoding: set[int] = set()  # rows whose last request was a decode step
+        self._handles: dict[int, Row] = {}  # row -> the attached stream's handle
         self._last_forward = 0.0
         self._running = True
         self.stats = {"forwards": 0, "decode_steps": 0, "decode_tokens": 0, "prefill_chunks": 0,
-                      "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0}
+                      "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0, "row_moves": 0}
         self._thread = threading.Thread(target=self._loop, name="batch-model", daemon=True)
         self._thread.start()
 
@@ -94,7 +100,7 @@ class Scheduler:
 
     def attach(self, engine: StreamingLLM) -> Row:
         """Move `engine`'s stream into a free row; its feeds come here until `detach`."""
-        row = Row(self, self.call(self.batch.add, engine.state_dict()))
+        row = self.call(self._add, engine.state_dict())
         engine.attach(row)
         return row
 
@@ -104,10 +110,10 @@ class Scheduler:
         if not isinstance(row, Row) or row.scheduler is not self:
             return
         engine.detach()  # reads the row's state through the model thread
-        self.call(self._free, row.row)
+        self.call(lambda: self._free(row.row))
 
-    def submit(self, row: int, ids: torch.Tensor, logits: str) -> Future:
-        req = _Request(row, ids.reshape(-1), logits)
+    def submit(self, handle: Row, ids: torch.Tensor, logits: str) -> Future:
+        req = _Request(handle, ids.reshape(-1), logits)
         with self._cv:
             if not self._running:
                 req.future.set_exception(RuntimeError("the model thread has stopped"))
@@ -133,9 +139,32 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # ---- the model thread --------------------------------------------------------------------
+    def _add(self, state: dict) -> Row:
+        handle = Row(self, self.batch.add(state))
+        self._handles[handle.row] = handle
+        return handle
+
     def _free(self, row: int) -> None:
         self._decoding.discard(row)
+        self._handles.pop(row, None)
         self.batch.remove(row)
+
+    def _compact(self) -> None:
+        """Move the highest active rows into the holes below them (between forwards)."""
+        while True:
+            active = self.batch.active
+            holes = sorted(set(range(len(active))) - set(active))
+            if not holes:
+                return
+            src, dst = active[-1], holes[0]
+            self.batch.move(src, dst)
+            self.stats["row_moves"] += 1
+            handle = self._handles.pop(src)
+            handle.row = dst  # its requests follow (they read handle.row)
+            self._handles[dst] = handle
+            if src in self._decoding:
+                self._decoding.discard(src)
+                self._decoding.add(dst)
 
     def _take(self):
         """(calls, decode requests, one prefill request or None), waiting as the policy says."""
@@ -172,6 +201,7 @@ class Scheduler:
                     fut.set_exception(e)
             try:
                 if decodes:
+                    self._compact()
                     self._decode(decodes)
                 if prefill is not None:
                     self._prefill_chunk(prefill)
