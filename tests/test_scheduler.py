@@ -30,11 +30,13 @@ def test_concurrent_replies_through_the_scheduler_equal_each_alone_and_rows_comp
     alone = {s: reply(StreamingLLM(model, None, CONFIG), s, n) for s, n in lengths.items()}
     sched = Scheduler(StreamingLLM(model, None, CONFIG), slots=4, gather_ms=20)
     got, errors = {}, []
+    engines = {s: StreamingLLM(model, None, CONFIG) for s in lengths}
+    for s in lengths:  # rows 0..3 in this order: the short replies leave holes at rows 1 and 3
+        sched.attach(engines[s])
 
     def run(seed):
         try:
-            e = StreamingLLM(model, None, CONFIG)
-            sched.attach(e)
+            e = engines[seed]
             got[seed] = reply(e, seed, lengths[seed])
             sched.detach(e)
             assert e.feeder is None and e.tokens_seen == 7 + seed + lengths[seed]
