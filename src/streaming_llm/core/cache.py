@@ -59,7 +59,7 @@ class AttentionPlan:
     causal: bool = False  # `keys` are stream tokens 0..N-1 in order: plain causal attention, end-aligned
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     keys: torch.Tensor  # (B, H, C, D): this forward's keys for the rows below
     values: torch.Tensor
@@ -111,25 +111,29 @@ class SinkWindowLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rows = self.owner.rows_for(key_states.shape[0])
-        seen = tuple(self.seen[r] for r in rows)
+        seen = tuple([self.seen[r] for r in rows])
         c, s, w = key_states.shape[-2], self.sinks, self.window
-        # Sinks: the first `s` stream tokens of a row go to its own slots, written now, never overwritten.
-        for i, (r, n) in enumerate(zip(rows, seen)):
-            if n < s:
-                m = min(s, n + c) - n
-                if n == 0:
-                    self.sink_shift[r] = self.owner.pos_shift[r]
-                self.sink_keys[r, :, n : n + m] = key_states[i, :, :m]
-                self.keys[r, :, n : n + m] = key_states[i, :, :m]
-                self.values[r, :, n : n + m] = value_states[i, :, :m]
+        if min(seen) < s:  # sinks: a row's first `s` tokens go to its own slots, written now, never overwritten
+            for i, (r, n) in enumerate(zip(rows, seen)):
+                if n < s:
+                    m = min(s, n + c) - n
+                    if n == 0:
+                        self.sink_shift[r] = self.owner.pos_shift[r]
+                    self.sink_keys[r, :, n : n + m] = key_states[i, :, :m]
+                    self.keys[r, :, n : n + m] = key_states[i, :, :m]
+                    self.values[r, :, n : n + m] = value_states[i, :, :m]
         written = c == 1
-        if written:  # a decoded token overwrites exactly the token it evicts
+        if written and len(rows) == 1:  # a decoded token overwrites exactly the token it evicts
+            r, n = rows[0], seen[0]
+            if n >= s:
+                slot = s + (n - s) % w
+                # one stream in the whole cache: write through the batch dimension (no row views)
+                keys, values = (self.keys, self.values) if self.owner.n_rows == 1 else (self.keys[r : r + 1], self.values[r : r + 1])
+                keys[:, :, slot] = key_states[:, :, 0]
+                values[:, :, slot] = value_states[:, :, 0]
+        elif written:
             ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
-            if len(ring) == 1:
-                i, r, slot = ring[0]
-                self.keys[r, :, slot] = key_states[i, :, 0]
-                self.values[r, :, slot] = value_states[i, :, 0]
-            elif ring:
+            if ring:
                 i_idx, r_idx, slots = (torch.tensor(x, device=self.device) for x in zip(*ring))
                 self.keys[r_idx, :, slots] = key_states[i_idx, :, 0]
                 self.values[r_idx, :, slots] = value_states[i_idx, :, 0]
@@ -173,9 +177,10 @@ class SinkWindowLayer(CacheLayerMixin):
         p = self._pending
         c, s, w = p.keys.shape[-2], self.sinks, self.window
         sel = self.owner.selector()
-        full = all(n >= s + w - 1 for n in p.seen)
-        if p.written and full:  # decode with every row's cache full: every slot is visible
-            self._set_sink_view(p.rows, [self._decode_delta(r, n) for r, n in zip(p.rows, p.seen)])
+        if p.written and min(p.seen) >= s + w - 1:  # decode with every row's cache full: every slot is visible
+            self._set_sink_view(p.rows, p.seen)
+            if sel == slice(0, self.owner.n_rows):
+                return AttentionPlan(self.keys, self.values, None)
             return AttentionPlan(self.keys[sel], self.values[sel], None)
         same = len(set(p.seen)) == 1
         n0 = p.seen[0]
@@ -193,7 +198,7 @@ class SinkWindowLayer(CacheLayerMixin):
         dev = p.keys.device
         seen = torch.tensor(p.seen, device=dev)  # (B,)
         if p.written:  # decode, rows at different stages: sinks viewed per row, one masked softmax
-            self._set_sink_view(p.rows, [self._decode_delta(r, n) for r, n in zip(p.rows, p.seen)])
+            self._set_sink_view(p.rows, p.seen)
             filled = torch.clamp(seen + 1 - s, min=0, max=w)  # ring slots in use (the ring fills in order)
             mask = torch.cat([
                 torch.arange(s, device=dev)[None, :] <= seen[:, None],
@@ -231,17 +236,24 @@ class SinkWindowLayer(CacheLayerMixin):
             window_rows_nonempty=min(p.seen) >= s,  # a query past the sinks always sees itself
         )
 
-    def _set_sink_view(self, rows: tuple[int, ...], deltas: list[int]) -> None:
-        """Make each row's sink slots of `keys` hold its sink keys rotated by -delta (decode): one
-        small matmul per row with a rotation matrix shared by all layers of the same rotary type."""
+    def _set_sink_view(self, rows: tuple[int, ...], seen: tuple[int, ...]) -> None:
+        """Make each row's sink slots of `keys` hold its sink keys rotated by -delta, the decode
+        delta of its query (stream index `seen`): one small matmul per row with a rotation matrix
+        shared by all layers of the same rotary type."""
         if not self.sinks:
             return
-        todo = [(r, d) for r, d in zip(rows, deltas) if d != self.view_delta[r]]
-        if len(todo) == 1:
-            r, d = todo[0]
-            self.keys[r, :, : self.sinks] = self.sink_keys[r] @ self.owner.rotation_matrix(self.rope, -d, self.sink_keys)
-            self.view_delta[r] = d
-        elif todo:
+        if len(rows) == 1:
+            r, d = rows[0], self._decode_delta(rows[0], seen[0])
+            if d != self.view_delta[r]:
+                rot = self.owner.rotation_matrix(self.rope, -d, self.sink_keys)
+                if self.owner.n_rows == 1:  # no row views
+                    self.keys[:, :, : self.sinks] = self.sink_keys @ rot
+                else:
+                    self.keys[r, :, : self.sinks] = self.sink_keys[r] @ rot
+                self.view_delta[r] = d
+            return
+        todo = [(r, d) for r, n in zip(rows, seen) if (d := self._decode_delta(r, n)) != self.view_delta[r]]
+        if todo:
             r_idx = torch.tensor([r for r, _ in todo], device=self.device)
             rot = torch.stack([self.owner.rotation_matrix(self.rope, -d, self.sink_keys) for _, d in todo])
             self.keys[r_idx, :, : self.sinks] = self.sink_keys[r_idx] @ rot[:, None]
@@ -252,6 +264,10 @@ class SinkWindowLayer(CacheLayerMixin):
         """After attention: write each row's last non-sink chunk tokens into its ring, advance."""
         p = self._pending
         c, s, w = p.keys.shape[-2], self.sinks, self.window
+        if p.written and len(p.rows) == 1:
+            self.seen[p.rows[0]] = p.seen[0] + 1
+            self._pending = None
+            return
         for i, (r, n) in enumerate(zip(p.rows, p.seen)):
             if not p.written:
                 lo = max(n, s, n + c - w)
@@ -409,6 +425,8 @@ class StreamingCache(Cache):
                 self.pos_shift[r] -= shift
                 first -= shift
             firsts.append(first)
+        if len(firsts) == 1:
+            return torch.arange(firsts[0], firsts[0] + n_new, device=device)[None, :]
         return torch.tensor(firsts, device=device)[:, None] + torch.arange(n_new, device=device)[None, :]
 
     # ---- snapshots -------------------------------------------------------------------------------
