@@ -179,7 +179,7 @@ class SinkWindowLayer(CacheLayerMixin):
         sel = self.owner.selector()
         if p.written and min(p.seen) >= s + w - 1:  # decode with every row's cache full: every slot is visible
             self._set_sink_view(p.rows, p.seen)
-            if sel == slice(0, self.owner.n_rows):
+            if isinstance(sel, slice) and sel == slice(0, self.owner.n_rows):  # every row: no view needed
                 return AttentionPlan(self.keys, self.values, None)
             return AttentionPlan(self.keys[sel], self.values[sel], None)
         same = len(set(p.seen)) == 1
