@@ -97,9 +97,12 @@ def _quantized_copy(model, mode: str):
 
 def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, warmup: int = WARMUP) -> dict:
     """Median ms of one decode step per format, over `steps` steps after `warmup`, interleaved."""
+    import inspect
+
     import torch
     from transformers.cache_utils import DynamicCache
 
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, prefill + 1), generator=torch.Generator().manual_seed(0))
     runs = {}
@@ -107,13 +110,15 @@ def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, w
         for mode in modes:
             m = _quantized_copy(model, mode)
             cache = DynamicCache(config=m.config)
-            m(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            m(input_ids=ids[:, :prefill], use_cache=True, logits_to_keep=1, **{kw: cache})
             runs[mode] = (m, cache, [])
         for i in range(warmup + steps):
             for mode, (m, cache, samples) in runs.items():
-                cache.crop(prefill)  # every step attends over the same cached tokens
+                extra = cache.get_seq_length() - prefill
+                if extra > 0:
+                    cache.crop(-extra)  # every step attends over the same cached tokens
                 t0 = time.perf_counter()
-                m(input_ids=ids[:, prefill:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax()
+                m(input_ids=ids[:, prefill:], use_cache=True, logits_to_keep=1, **{kw: cache}).logits.argmax()
                 if i >= warmup:
                     samples.append((time.perf_counter() - t0) * 1000)
     return {mode: round(statistics.median(s), 3) for mode, (_, _, s) in runs.items()}

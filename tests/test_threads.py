@@ -1,0 +1,61 @@
+"""The thread policy of the loading layer (models/threads.py): explicit, environment, auto."""
+
+import os
+
+import pytest
+import torch
+
+from streaming_llm.errors import UserError
+from streaming_llm.models import threads
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return monkeypatch
+
+
+def test_free_cores_decide_the_count():
+    n = os.cpu_count()
+    assert threads.pick_threads(limit=n, busy=0.0).threads == n
+    assert threads.pick_threads(limit=n, busy=float(n)).threads == 1  # never fewer than one
+    assert threads.pick_threads(limit=1, busy=0.0).threads == 1  # never more than the limit
+    if n >= 2:
+        assert threads.pick_threads(limit=n, busy=n - 1.2).threads == 1
+        assert threads.pick_threads(limit=n, busy=0.4).threads == n
+    choice = threads.pick_threads(limit=n, busy=1.0)
+    assert choice.policy == "auto" and "1.0 of" in choice.reason and choice.busy_cores == 1.0
+
+
+def test_busy_cores_samples_the_machine():
+    busy = threads.busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= os.cpu_count() + 0.5
+
+
+def test_resolve_order(clean_env):
+    assert threads.resolve(3) == threads.ThreadChoice(3, "explicit", "asked for")
+    clean_env.setenv(threads.ENV, "torch")
+    assert threads.resolve(None).threads is None
+    clean_env.setenv(threads.ENV, "2")
+    assert threads.resolve(None).threads == 2 and threads.resolve(1).threads == 1
+    clean_env.setenv(threads.ENV, "many")
+    with pytest.raises(UserError, match="'auto' or 'torch'"):
+        threads.resolve(None)
+    with pytest.raises(UserError, match=">= 1"):
+        threads.resolve(0)
+    clean_env.delenv(threads.ENV)
+    clean_env.setenv("OMP_NUM_THREADS", "1")
+    assert threads.resolve(None).policy == "torch"  # the user's OpenMP setting is left alone
+    clean_env.delenv("OMP_NUM_THREADS")
+    assert threads.resolve(None).policy == "auto"
+
+
+def test_apply_sets_torch_threads(clean_env):
+    n = torch.get_num_threads()
+    try:
+        assert threads.apply(1).threads == 1 and torch.get_num_threads() == 1
+        clean_env.setenv(threads.ENV, "torch")
+        assert threads.apply(None).threads is None and torch.get_num_threads() == 1  # untouched
+    finally:
+        torch.set_num_threads(n)
