@@ -8,7 +8,9 @@ Policies (each cell is one `streaming-llm bench --methods streaming,llamacpp --c
 - spin2:    --threads 2, OMP_WAIT_POLICY unset (libgomp's default: idle threads spin a while);
 - passive2: --threads 2, OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once);
 - one:      --threads 1;
-- auto:     no --threads: one thread per free core at start (models/threads.py, the default).
+- auto-fewer:   no --threads, the policy of models/threads.py with STREAMING_LLM_BUSY_THREADS=fewer:
+                quiet at start -> 2 threads, spin; busy -> one thread per free core;
+- auto-passive: the same with =passive: busy -> 2 threads with OMP_WAIT_POLICY=PASSIVE.
 Machines: quiet, then busy (`bench --busy 2`: bench starts the matmul loop itself, before the
 thread choice, and stops it at the end). Rounds alternate the policy order, so drift hits all.
 Prints one line per cell (p50 ms per token, prefill tok/s, the threads used), then per policy the
@@ -28,10 +30,11 @@ POLICIES = {
     "spin2": (["--threads", "2"], {}),
     "passive2": (["--threads", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
     "one": (["--threads", "1"], {}),
-    "auto": ([], {}),
+    "auto-fewer": ([], {"STREAMING_LLM_BUSY_THREADS": "fewer"}),
+    "auto-passive": ([], {"STREAMING_LLM_BUSY_THREADS": "passive"}),
 }
 MACHINES = {"quiet": [], "busy": ["--busy", "2"]}
-CLEARED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STREAMING_LLM_THREADS", "GOMP_SPINCOUNT")
+CLEARED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "STREAMING_LLM_THREADS", "STREAMING_LLM_BUSY_THREADS", "GOMP_SPINCOUNT")
 
 
 def cell(policy: str, machine: str, args) -> list[dict]:
@@ -45,7 +48,7 @@ def cell(policy: str, machine: str, args) -> list[dict]:
                "--json", out, *flags, *MACHINES[machine]]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode != 0:
-            print(f"{machine:6s} {policy:9s} failed: {run.stderr.strip()[-300:]}", flush=True)
+            print(f"{machine:6s} {policy:12s} failed: {run.stderr.strip()[-300:]}", flush=True)
             return []
         data = json.load(open(out))
     rows = []
@@ -53,8 +56,9 @@ def cell(policy: str, machine: str, args) -> list[dict]:
         rows.append({"policy": policy, "machine": machine, "method": r["method"], "p50_ms": r["ms_per_token_p50"],
                      "p90_ms": r["ms_per_token_p90"], "prefill_tok_per_s": r["prefill_tok_per_s"],
                      "threads": r["threads"], "load_avg_1m": r["load_avg_1m"],
-                     "busy_cores_at_start": data["machine"].get("busy_cores_at_start")})
-        print(f"{machine:6s} {policy:9s} {r['method']:10s} threads {r['threads']}  p50 {r['ms_per_token_p50']:7.2f} "
+                     "busy_cores_at_start": data["machine"].get("busy_cores_at_start"),
+                     "omp_wait_policy": data["machine"].get("omp_wait_policy") or extra_env.get("OMP_WAIT_POLICY")})
+        print(f"{machine:6s} {policy:12s} {r['method']:10s} threads {r['threads']}  p50 {r['ms_per_token_p50']:7.2f} "
               f"ms/token ({1000 / r['ms_per_token_p50']:5.1f} tok/s)  p90 {r['ms_per_token_p90']:7.2f}  "
               f"prefill {r['prefill_tok_per_s']:6.0f} tok/s  load {r['load_avg_1m']}", flush=True)
     return rows
@@ -93,7 +97,7 @@ def main() -> None:
                 rows.extend(cell(policy, machine, args))
     summary = summarise(rows)
     for key, s in summary.items():
-        print(f"{key:22s} quiet {s['quiet_p50_ms']:7.2f}  busy {s['busy_p50_ms']:7.2f}  busy/quiet "
+        print(f"{key:25s} quiet {s['quiet_p50_ms']:7.2f}  busy {s['busy_p50_ms']:7.2f}  busy/quiet "
               f"{s['busy_over_quiet']:5.2f}x  geomean {s['geomean_ms']:7.2f} ms")
     result = {"rows": rows, "summary": summary, "settings": vars(args)}
     if args.json:

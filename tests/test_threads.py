@@ -59,3 +59,21 @@ def test_apply_sets_torch_threads(clean_env):
         assert threads.apply(None).threads is None and torch.get_num_threads() == 1  # untouched
     finally:
         torch.set_num_threads(n)
+
+
+def test_busy_mode_passive_keeps_the_threads_and_sleeps(clean_env):
+    n = os.cpu_count()
+    clean_env.delenv("OMP_WAIT_POLICY", raising=False)
+    clean_env.setenv(threads.BUSY_ENV, "passive")
+    choice = threads.pick_threads(limit=n, busy=float(n))
+    assert choice.threads == n and choice.wait_policy == "PASSIVE"
+    assert choice.child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert threads.pick_threads(limit=n, busy=float(n), passive_ok=False).wait_policy is None  # torch loaded: fewer
+    assert threads.pick_threads(limit=n, busy=float(n), passive_ok=False).threads == 1
+    clean_env.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's setting is never changed
+    assert threads.pick_threads(limit=n, busy=float(n)).wait_policy is None
+    assert threads.ThreadChoice(2, "auto", "", None, "PASSIVE").child_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {
+        "OMP_WAIT_POLICY": "ACTIVE"}
+    clean_env.setenv(threads.BUSY_ENV, "sometimes")
+    with pytest.raises(UserError, match="fewer, passive"):
+        threads.pick_threads(limit=n, busy=float(n))

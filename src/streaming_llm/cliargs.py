@@ -46,11 +46,12 @@ def add_model_arguments(p, quant_default: str = "none") -> None:
 def load_model_from_args(args):
     """(model, tokenizer) as the shared model flags say, quantized if asked. The thread policy
     (`models.threads`: `args.threads` if the verb has it, else auto) is applied first."""
-    from .models.loading import load_model
-    from .models.quantize import quantize_linears
     from .models.threads import apply as apply_threads
 
-    apply_threads(getattr(args, "threads", None))
+    apply_threads(getattr(args, "threads", None))  # before torch loads, where it has not yet
+    from .models.loading import load_model
+    from .models.quantize import quantize_linears
+
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     quant = getattr(args, "quant", "none")
     if quant == "auto" and (args.device != "cpu" or args.dtype != "float32"):

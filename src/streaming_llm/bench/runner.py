@@ -178,7 +178,8 @@ def _machine(args) -> dict:
     from ..models import threads
     from . import hardware
 
-    choice = threads.apply(args.threads)
+    choice = threads.resolve(args.threads, for_children=True)  # the workers are fresh processes
+    os.environ.update(choice.child_env())  # a PASSIVE wait policy reaches the workers (not this process)
     args.threads = choice.threads or torch.get_num_threads()
     return {**hardware.machine_info(args.device), "dtype": args.dtype, "quant": args.quant, "hf_dtype": HF_DTYPE,
             "model": args.model, **choice.as_dict(), "threads": args.threads, "busy_threads": args.busy}
