@@ -229,7 +229,9 @@ def test_concurrent_sessions_match_sequential(tiny, tmp_path):
         same = httpx.get(srv.url + "/v1/sessions/same").json()
         assert same["turns"] == 2 and [m["role"] for m in same["messages"]] == ["user", "assistant"] * 2
         health = httpx.get(srv.url + "/health").json()
+        batched = srv.manager.scheduler.stats["max_batch_size"]
     assert got == expected
+    assert batched > 1  # the concurrent replies really shared forwards
     assert health["reloaded"] >= reloaded + 2 and health["rebuilt"] == 0 and health["sessions_in_memory"] <= 2
 
 
@@ -401,3 +403,23 @@ def test_cli_serve_killed_mid_reply_loses_only_that_reply(tiny, tmp_path):
         again, r = chat(srv.client(), body["messages"], "k")
     info = r.model_extra["session"]
     assert info["loaded_from"] == "snapshot" and info["turns"] == 2 and not info["rebuilt"]
+
+
+def test_eight_batched_sessions_are_exact_and_isolated(tiny, tmp_path):
+    """Eight sessions with distinct content stream at once (sharing forwards): each reply equals
+    the same request on a server that runs it alone, and no session sees another's tokens."""
+    _, model, tokenizer = tiny
+    prompts = {f"iso{i}": [f"Session {i} says {'abcdefgh'[i] * (i + 2)}", "and then?"] for i in range(8)}
+    with Server(model, tokenizer, tmp_path / "alone", max_batch=1) as srv:
+        assert srv.manager.scheduler is None
+        alone = {sid: conversation(srv.client(), sid, texts, 16) for sid, texts in prompts.items()}
+    with Server(model, tokenizer, tmp_path / "batched", max_batch=8) as srv:
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = {sid: pool.submit(conversation, srv.client(), sid, texts, 16) for sid, texts in prompts.items()}
+            got = {sid: f.result(timeout=120) for sid, f in futures.items()}
+        stats = srv.manager.scheduler.stats
+        stored = {sid: httpx.get(f"{srv.url}/v1/sessions/{sid}").json()["messages"] for sid in prompts}
+    assert got == alone
+    assert stats["max_batch_size"] >= 2
+    for sid, texts in prompts.items():  # each stored transcript holds its own turns only
+        assert [m["content"] for m in stored[sid] if m["role"] == "user"] == texts

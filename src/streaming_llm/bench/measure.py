@@ -144,6 +144,10 @@ def _load(spec: dict):
 
 
 def _decoder(model, spec: dict):
+    if spec.get("batch_size", 1) > 1:
+        from .batched import BatchDecoder
+
+        return BatchDecoder(model, spec["method"], spec["cache_size"], spec["sinks"], spec["chunk_size"], spec["batch_size"])
     if spec["method"] == "hf":
         return _HFDecoder(model, spec["cache_size"], spec["chunk_size"])
     return _EngineDecoder(model, spec["method"], spec["cache_size"], spec["sinks"], spec["chunk_size"])
@@ -183,6 +187,7 @@ def measure(spec: dict) -> dict:
     steps = spec["recompute_steps"] if spec["method"] == "recompute" else spec["steps"]
     warmup = min(spec["warmup"], 1) if spec["method"] == "recompute" else spec["warmup"]
     tok, samples = int(ids[-1]), []
+    batch = spec.get("batch_size", 1)  # tokens per decode step
     gc.collect()
     for i in range(warmup + steps):
         dec.before_step()
@@ -205,7 +210,8 @@ def measure(spec: dict) -> dict:
         "ms_per_token_mean": round(statistics.fmean(samples), 4),
         "ms_per_token_min": round(min(samples), 4),
         "ms_per_token_max": round(max(samples), 4),
-        "tokens_per_s": round(1000 / p50, 2),
+        "batch_size": batch,
+        "tokens_per_s": round(1000 * batch / p50, 2),  # aggregate over the batch's streams
         "steps": steps,
         "warmup": warmup,
         "peak_rss_mb": round(peak, 1),
@@ -215,15 +221,15 @@ def measure(spec: dict) -> dict:
         "decode_rss_increase_mb": round(decode_peak - base_rss, 1),
         "process_peak_rss_mb": round(hardware.process_peak_rss_mb(), 1),
         "peak_rss_reset": reset_ok,
-        "prefill_tokens": int(ids.numel()),
+        "prefill_tokens": int(ids.numel()) * batch,
         "prefill_s": round(prefill_s, 4),
-        "prefill_tok_per_s": None if spec["method"] == "recompute" else round(ids.numel() / prefill_s, 1),
+        "prefill_tok_per_s": None if spec["method"] == "recompute" else round(ids.numel() * batch / prefill_s, 1),
         **dec.state(),
         "sinks": spec["sinks"] if spec["method"] == "streaming" else 0,
         "kv_cache_mb": round(kv / 2**20, 3),
         "weight_mb": round(w["weight_bytes"] / 2**20, 3),
         "weight_dtypes": w["weight_dtypes"],
-        "bytes_per_token": None if spec["method"] == "recompute" else w["weight_bytes"] + kv,
+        "bytes_per_token": None if spec["method"] == "recompute" or batch > 1 else w["weight_bytes"] + kv,
         "dtype": dtype,
         "quant": quant,
         "threads": torch.get_num_threads(),

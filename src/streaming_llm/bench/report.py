@@ -62,14 +62,20 @@ def plot_data(data: dict, out: str) -> str:
     return out
 
 
+def row_label(r: dict) -> str:
+    """A result row's method, with its batch size when it decoded several streams per forward."""
+    b = r.get("batch_size", 1)
+    return r["method"] + (f" x{b}" if b > 1 else "")
+
+
 def _sweep(plt, data: dict):
     results = data["results"]
     if not results:
         raise UserError("the results file has no results to plot")
     fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(15, 4.2))
-    methods = list(dict.fromkeys(r["method"] for r in results))
+    methods = list(dict.fromkeys(row_label(r) for r in results))
     for method in methods:
-        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["cache_size"])
+        rows = sorted((r for r in results if row_label(r) == method), key=lambda r: r["cache_size"])
         x = [r["cache_size"] for r in rows]
         colour, marker = STYLE.get(method, ("black", "x"))
         label = method + (f" ({_precision(rows[0])})" if rows[0].get("dtype") else "")
@@ -90,7 +96,7 @@ def _sweep(plt, data: dict):
         ax.set_xlabel("cache size (tokens)")
         ax.grid(alpha=0.3)
     ax_t.set_yscale("log")
-    ax_t.set_ylabel("decode latency, ms/token (p50; band to p90)")
+    ax_t.set_ylabel("decode latency, ms/step (p50; band to p90)")
     ax_m.set_ylabel("peak RSS of the process, MB")
     ax_d.set_ylabel("RSS increase over the loaded model, MB\n(solid: prefill + decode; dashed: decode)")
     for ax in (ax_t, ax_m, ax_d):
@@ -152,14 +158,14 @@ def markdown(data: dict) -> str:
     results = data["results"]
     floor = any(r.get("floor_ms") is not None for r in results)
     lines += [
-        "| method | dtype | cache | p50 ms/tok | p90 ms/tok | tok/s | peak RSS MB | RSS increase MB (decode only) "
+        "| method (x streams per forward) | dtype | cache | p50 ms/step | p90 ms/step | tok/s (all streams) | peak RSS MB | RSS increase MB (decode only) "
         "| prefill tok/s |"
         + (" floor ms | x floor |" if floor else ""),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if floor else ""),
     ]
     order = {m: i for i, m in enumerate(STYLE)}
-    for r in sorted(results, key=lambda r: (order.get(r["method"], len(order)), r["cache_size"])):
-        row = (f"| {r['method']} | {_precision(r)} | {r['cache_size']} | {r['ms_per_token_p50']:.2f} | "
+    for r in sorted(results, key=lambda r: (order.get(r["method"], len(order)), r.get("batch_size", 1), r["cache_size"])):
+        row = (f"| {row_label(r)} | {_precision(r)} | {r['cache_size']} | {r['ms_per_token_p50']:.2f} | "
                f"{r['ms_per_token_p90']:.2f} | {_cell(r.get('tokens_per_s'), '.1f')} | {r['peak_rss_mb']:.0f} | "
                f"{r['rss_increase_mb']:.1f} ({_cell(r.get('decode_rss_increase_mb'), '.1f')}) | "
                f"{_cell(r.get('prefill_tok_per_s'), '.0f')} |")

@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
                    help="run an N-thread matmul loop beside the measurements (a busy machine)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of cached tokens")
+    p.add_argument("--batch-sizes", default="1", help="comma list of streams decoded in one forward (streaming and "
+                   "window; batch 1 is the single-stream engine), e.g. 1,2,4,8,16")
     p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="sinks of streaming (window = size - sinks)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="timed decode steps per configuration")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed decode steps first")
@@ -106,6 +108,19 @@ def parse_sizes(text: str, sinks: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def parse_batch_sizes(text: str, methods: list[str]) -> list[int]:
+    try:
+        sizes = sorted({int(p) for p in str(text).split(",") if p.strip()})
+    except ValueError:
+        raise UserError(f"--batch-sizes: {text!r} is not a comma list of integers (expected e.g. 1,2,4,8)") from None
+    if not sizes or sizes[0] < 1:
+        raise UserError(f"--batch-sizes needs integers >= 1 (got {text!r})")
+    if sizes != [1] and any(m not in ("streaming", "window") for m in methods):
+        raise UserError("--batch-sizes above 1 work with --methods streaming and window only (the other caches "
+                        "are unbounded or have no batched path)")
+    return sizes
+
+
 def _check_positive(args, names: list[str], minimum: int = 1) -> None:
     for name in names:
         value = getattr(args, name)
@@ -115,12 +130,18 @@ def _check_positive(args, names: list[str], minimum: int = 1) -> None:
 
 # ---- the verb ------------------------------------------------------------------------------------
 def compute_ratios(results: list[dict]) -> dict:
-    """Per cache size, from p50s: streaming vs recompute speed-up, streaming/dense cost, hf/streaming."""
-    by = {(r["method"], r["cache_size"]): r["ms_per_token_p50"] for r in results}
+    """Per cache size, from p50s: streaming vs recompute speed-up, streaming/dense cost, hf/streaming;
+    with several batch sizes, each one's aggregate tokens/s over batch 1's (same method and size)."""
+    single = [r for r in results if r.get("batch_size", 1) == 1]
+    by = {(r["method"], r["cache_size"]): r["ms_per_token_p50"] for r in single}
+    tps = {(r["method"], r["cache_size"], r.get("batch_size", 1)): r["tokens_per_s"] for r in results if "tokens_per_s" in r}
     out = {}
     for size in sorted({r["cache_size"] for r in results}):
         s, d, rc, hf, lc = (by.get((m, size)) for m in ("streaming", "dense", "recompute", "hf", "llamacpp"))
         entry = {}
+        for (m, sz, b), v in sorted(tps.items()):
+            if sz == size and b > 1 and (m, sz, 1) in tps:
+                entry[f"{m}_batch{b}_over_batch1_tokens_per_s"] = round(v / tps[(m, sz, 1)], 3)
         if s and rc:
             entry["streaming_vs_recompute_speedup"] = round(rc / s, 2)
         if s and d:
@@ -139,10 +160,10 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
-    head = f"{'method':<10} {'cache':>6} {'p50 ms':>9} {'p90 ms':>9} {'tok/s':>8} {'peak RSS MB':>12} {'+RSS MB':>8} {'prefill tok/s':>14}"
+    head = f"{'method':<10} {'cache':>6} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'tok/s':>8} {'peak RSS MB':>12} {'+RSS MB':>8} {'prefill tok/s':>14}"
     print(head + (f" {'floor ms':>9} {'x floor':>8}" if floor else ""))
     for r in results:
-        line = (f"{r['method']:<10} {r['cache_size']:>6} {r['ms_per_token_p50']:>9.2f} {r['ms_per_token_p90']:>9.2f} "
+        line = (f"{r['method']:<10} {r['cache_size']:>6} {r.get('batch_size', 1):>5} {r['ms_per_token_p50']:>9.2f} {r['ms_per_token_p90']:>9.2f} "
                 f"{r['tokens_per_s']:>8.1f} {r['peak_rss_mb']:>12.0f} {r['rss_increase_mb']:>8.1f} "
                 f"{_fmt(r['prefill_tok_per_s'], '>14.0f')}")
         if floor:
@@ -158,11 +179,13 @@ def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
             parts.append(f"hf/streaming {e['hf_over_streaming']:.2f}x (target >= 2)")
         if "streaming_over_llamacpp" in e:
             parts.append(f"streaming/llama.cpp {e['streaming_over_llamacpp']:.3f} (target <= 0.85)")
+        parts += [f"{k.replace('_over_batch1_tokens_per_s', '')} {v:.2f}x batch-1 tokens/s" for k, v in e.items()
+                  if k.endswith("_over_batch1_tokens_per_s")]
         print(f"cache {size}: " + "; ".join(parts))
 
 
-def _spec(args, method: str, size: int) -> dict:
-    return {
+def _spec(args, method: str, size: int, batch: int = 1) -> dict:
+    return {"batch_size": batch,
         "model": args.model, "dtype": args.dtype, "quant": args.quant, "device": args.device, "threads": args.threads,
         "method": method, "cache_size": size, "sinks": args.sinks, "steps": args.steps, "warmup": args.warmup,
         "recompute_steps": args.recompute_steps, "chunk_size": args.chunk_size, "profile": args.profile,
@@ -182,7 +205,8 @@ def _machine(args) -> dict:
     os.environ.update(choice.child_env())  # a PASSIVE wait policy reaches the workers (not this process)
     args.threads = choice.threads or torch.get_num_threads()
     return {**hardware.machine_info(args.device), "dtype": args.dtype, "quant": args.quant, "hf_dtype": HF_DTYPE,
-            "model": args.model, **choice.as_dict(), "threads": args.threads, "busy_threads": args.busy}
+            "model": args.model, **choice.as_dict(), "threads": args.threads, "torch_threads": args.threads,
+            "busy_threads": args.busy}
 
 
 def _available(args, methods: list[str]) -> list[str]:
@@ -236,16 +260,17 @@ def run(args) -> int:
         return 0
     methods = parse_methods(args.methods)
     sizes = parse_sizes(args.cache_sizes, args.sinks)
+    batches = parse_batch_sizes(args.batch_sizes, methods)
     _check_positive(args, ["steps", "recompute_steps", "chunk_size", "threads", "profile_steps", "every", "long_window"])
     _check_positive(args, ["warmup", "sinks", "busy"], minimum=0)
     methods = _available(args, methods)
     with busy_machine(args.busy):
         if args.long_stream is not None:
             return run_long(args, methods, sizes)
-        return _sweep(args, methods, sizes)
+        return _sweep(args, methods, sizes, batches)
 
 
-def _sweep(args, methods: list[str], sizes: list[int]) -> int:
+def _sweep(args, methods: list[str], sizes: list[int], batches: list[int]) -> int:
     from . import report as bench_report
 
     machine = _machine(args)
@@ -257,9 +282,9 @@ def _sweep(args, methods: list[str], sizes: list[int]) -> int:
               f"copy {machine['bandwidth']['copy_gb_s']} GB/s", file=sys.stderr)
     results = []
     for size in sizes:  # all methods of one size close together in time: ratios see the same noise
-        for method in methods:
-            print(f"bench: {method} @ cache {size} ...", file=sys.stderr, flush=True)
-            row = run_worker(_spec(args, method, size), args.in_process)
+        for method, batch in [(m, b) for m in methods for b in batches]:
+            print(f"bench: {method} @ cache {size}, batch {batch} ...", file=sys.stderr, flush=True)
+            row = run_worker(_spec(args, method, size, batch), args.in_process)
             if args.floor and row["bytes_per_token"]:
                 row["floor_ms"] = round(row["bytes_per_token"] / (machine["bandwidth"]["read_gb_s"] * 1e9) * 1000, 4)
                 row["x_floor"] = round(row["ms_per_token_p50"] / row["floor_ms"], 2)
@@ -276,7 +301,8 @@ def _sweep(args, methods: list[str], sizes: list[int]) -> int:
         print(bench_report.markdown(data))
     plot = bench_report.plot_data(data, args.plot) if args.plot else None
     summary = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": machine["torch_threads"],
-               "p50_ms": {f"{r['method']}@{r['cache_size']}": r["ms_per_token_p50"] for r in results},
+               "p50_ms": {f"{r['method']}@{r['cache_size']}" + (f"x{r['batch_size']}" if r.get("batch_size", 1) > 1 else ""):
+                          r["ms_per_token_p50"] for r in results},
                "ratios": ratios, "json": args.json, "plot": plot}
     print(json.dumps(summary))
     return 0

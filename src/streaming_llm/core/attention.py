@@ -1,11 +1,14 @@
 """The attention function registered with transformers, and `enable(model)` to switch a model to it.
 
-It is one function for every method: with a `StreamingCache` it attends as that layer's
-`AttentionPlan` says (sinks scored against a position-shifted query, window as is, one softmax
-over both); without one (plain forward, `DynamicCache`, training) it is ordinary causal attention,
-sliding-window aware, aligned to the end of the key sequence. It never changes model code: the
-hook points are `AttentionInterface.register` and `set_attn_implementation`, and because no mask
-function is registered under this name, transformers builds no mask at all.
+It is one function for every method: given a `StreamingCache` (the forward keyword argument
+`streaming_cache`, which transformers passes through to the attention function) it attends as the
+`AttentionPlan` of the cache's layer `module.layer_idx` says (sinks scored against a
+position-shifted query, window as is, one softmax over both; every batch row is its own stream,
+with its own mask and sink rotation); without one (plain forward, `DynamicCache`, training) it is
+ordinary causal attention, sliding-window aware, aligned to the end of the key sequence. It never
+changes model code: the hook points are `AttentionInterface.register` and
+`set_attn_implementation`, and because no mask function is registered under this name,
+transformers builds no mask at all. It keeps no state of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .cache import AttentionPlan, take_active_layer
+from .cache import KWARG, AttentionPlan
 from .rope import apply_rotation
 
 NAME = "streaming_llm"
@@ -45,10 +48,11 @@ def streaming_attention(
         raise NotImplementedError("models with learned attention-sink logits (s_aux) are not supported")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     off_by_one = bool(getattr(getattr(module, "config", None), "softmax_off_by_one", False))
-    layer = take_active_layer()
-    if layer is None:
+    cache = kwargs.get(KWARG)
+    if cache is None:
         out = causal_attention(query, key, value, attention_mask, scale, softcap, sliding_window, off_by_one)
     else:
+        layer = cache.layers[module.layer_idx]
         out = planned_attention(query, layer.plan(), scale, softcap)
         layer.commit()
     return out.transpose(1, 2).contiguous(), None
@@ -57,12 +61,14 @@ def streaming_attention(
 def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softcap: float | None) -> torch.Tensor:
     if plan.causal:  # nothing evicted yet: what dense attention does
         return causal_attention(q, plan.keys, plan.values, None, scale, softcap, None, plan.zero_slot)
-    if plan.sink_delta is None and softcap is None:  # decode, full cache: one fused kernel
-        return F.scaled_dot_product_attention(q, plan.keys, plan.values, scale=scale, enable_gqa=True)
+    if plan.sink_delta is None and softcap is None:  # decode: one fused kernel over the whole buffer
+        mask = None if plan.mask is None else plan.mask[:, None]  # (B, 1, 1, N)
+        return F.scaled_dot_product_attention(q, plan.keys, plan.values, attn_mask=mask, scale=scale, enable_gqa=True)
     if plan.sink_delta is None:
         return grouped_attention(q, plan.keys, plan.values, plan.mask, scale, softcap, plan.zero_slot)
-    cos, sin = plan.rope.cos_sin(plan.sink_delta, q.dtype)
-    q_sink = apply_rotation(q, cos, sin, plan.rope.interleaved)
+    b, c = plan.sink_delta.shape
+    cos, sin = plan.rope.cos_sin(plan.sink_delta.reshape(-1), q.dtype)  # (B*C, R)
+    q_sink = apply_rotation(q, cos.reshape(b, 1, c, -1), sin.reshape(b, 1, c, -1), plan.rope.interleaved)
     if softcap is None and not plan.zero_slot and plan.window_rows_nonempty and _FLASH_CPU is not None \
             and q.device.type == "cpu":
         return fused_chunk_attention(q, q_sink, plan, scale)
@@ -98,14 +104,16 @@ def fused_chunk_attention(q: torch.Tensor, q_sink: torch.Tensor, plan: Attention
     k, v = plan.keys, plan.values
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    bias = torch.zeros(plan.mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~plan.mask, float("-inf"))
+    mask = plan.mask if plan.mask.dim() == 3 else plan.mask[None]  # (B or 1, C, N)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))[:, None]
     out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     n_sink = plan.sink_keys.shape[-2]
     if n_sink == 0:
         return out
     sq = q_sink.reshape(b, hkv, g, c, d).float()
     s = (sq @ plan.sink_keys.float().unsqueeze(2).transpose(-1, -2)).reshape(b, hq, c, n_sink) * scale
-    s = s.masked_fill(~plan.sink_mask, float("-inf"))
+    sink_mask = plan.sink_mask if plan.sink_mask.dim() == 3 else plan.sink_mask[None]
+    s = s.masked_fill(~sink_mask[:, None], float("-inf"))
     lse = lse.float().unsqueeze(-1)  # (B, Hq, C, 1)
     top = torch.maximum(lse, s.amax(-1, keepdim=True))
     w_win, w_sink = torch.exp(lse - top), torch.exp(s - top)
@@ -118,14 +126,14 @@ def grouped_attention(
     q: torch.Tensor,  # (B, Hq, C, D)
     k: torch.Tensor,  # (B, Hkv, N, D)
     v: torch.Tensor,  # (B, Hkv, N, Dv)
-    mask: torch.Tensor | None,  # (C, N) bool, True = visible
+    mask: torch.Tensor | None,  # (C, N) or (B, C, N) bool, True = visible
     scale: float,
     softcap: float | None = None,
     zero_slot: bool = False,
     q_sink: torch.Tensor | None = None,  # (B, Hq, C, D): the query as the sinks see it
     sink_keys: torch.Tensor | None = None,  # (B, Hkv, S, D)
     sink_values: torch.Tensor | None = None,
-    sink_mask: torch.Tensor | None = None,  # (C, S)
+    sink_mask: torch.Tensor | None = None,  # (C, S) or (B, C, S)
 ) -> torch.Tensor:
     """Softmax attention over [sinks | keys] in one softmax; grouped-query heads share K/V
     without copies. `zero_slot` adds a key of score 0 and value 0 (softmax-off-by-one)."""
@@ -134,17 +142,22 @@ def grouped_attention(
     g = hq // hkv
     qg = q.reshape(b, hkv, g, c, d)  # (B, Hkv, G, C, D)
     scores = qg @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, C, N)
-    masks = [mask] if mask is not None else []
     n_sink = 0 if sink_keys is None else sink_keys.shape[-2]
     if n_sink:
         sq = q_sink.reshape(b, hkv, g, c, d)
         scores = torch.cat([sq @ sink_keys.unsqueeze(2).transpose(-1, -2), scores], dim=-1)
-        masks = [sink_mask, mask if mask is not None else torch.ones_like(scores[0, 0, 0, :, n_sink:], dtype=bool)]
+        if mask is None:
+            mask = torch.ones(c, k.shape[-2], dtype=torch.bool, device=q.device)
+        masks = [torch.broadcast_to(x, (b, c, x.shape[-1])) for x in (sink_mask, mask)]
+    else:
+        masks = [] if mask is None else [mask]
     scores = scores.float() * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if masks:
-        scores = scores.masked_fill(~torch.cat(masks, dim=-1), float("-inf"))
+        full = torch.cat(masks, dim=-1)  # (C, S+N) or (B, C, S+N)
+        full = full[:, None, None] if full.dim() == 3 else full
+        scores = scores.masked_fill(~full, float("-inf"))
     if zero_slot:
         scores = torch.cat([scores, scores.new_zeros(*scores.shape[:-1], 1)], dim=-1)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)

@@ -1,25 +1,32 @@
-"""Sink + window KV storage with fixed shapes, plugged into transformers as a `Cache`.
+"""Sink + window KV storage with fixed shapes for B independent streams, as a transformers `Cache`.
 
-Each layer holds `sinks` slots for the first tokens of the stream and a ring buffer of `window`
-slots for the most recent ones (plus one all-zero slot for softmax-off-by-one models). Keys are
-stored as the model rotated them, at their storage position `stream index + pos_shift`; they are
-never re-rotated per step. What the paper's positions-in-cache scheme changes is only the
-query-to-sink distance, which `AttentionPlan.sink_delta` carries and the attention applies by
-rotating the query (chunks) or the few sink keys (decode). Per-token maintenance is one ring write.
+Each layer holds, per batch row (one stream), `sinks` slots for the first tokens of the stream and
+a ring buffer of `window` slots for the most recent ones (plus one all-zero slot for
+softmax-off-by-one models): buffers of shape (B, H, sinks + window [+1], D), allocated once. Every
+row has its own counters: tokens seen, the shift of its storage positions (`pos_shift`, changed
+by a rebase) and of its sinks (`sink_shift`). Keys are stored as the model rotated them, at the
+row's storage position `stream index + pos_shift`, and never re-rotated per step. What the
+paper's positions-in-cache scheme changes is only the query-to-sink distance, which
+`AttentionPlan.sink_delta` carries and the attention applies by rotating the query (chunks) or the
+few sink keys (decode). Per-token maintenance is one ring write per row.
 
-Positions stay small: before a forward that would push storage positions past `position_limit`,
-`prepare()` rotates every layer's ring once by the excess (a rebase), so float32 angles in the
-model's own rotary embedding never see large numbers, however long the stream runs.
+The hand-off to the attention is explicit: the attention function receives this cache as the
+forward keyword argument `streaming_cache` (the engine passes it; under a plain
+`model.generate(..., cache=cache)` the cache adds itself to the forward's keyword arguments that
+transformers hands to `Cache.update`) and reads `cache.layers[module.layer_idx].plan()`. There is
+no thread-local or global state: two caches can run forwards on two threads at once.
 
-The layer writes a chunk's tokens into the ring only after its attention ran (`commit`), because
-they overwrite tokens earlier queries of the same chunk still see; a single decoded token overwrites
-exactly the token it evicts, so it is written at once. This module computes no attention; see
-`attention.py`, which receives each layer through `take_active_layer()`.
+A forward covers the rows `prepare(n, rows)` names (all rows by default), each getting n tokens.
+Positions stay small: before a forward that would push a row's storage positions past
+`position_limit`, `prepare()` rotates that row's ring once by the excess (a rebase). The layer
+writes a chunk's tokens into the ring only after its attention ran (`commit`), because they
+overwrite tokens that earlier queries of the same chunk still see; a single decoded token
+overwrites exactly the token it evicts, so it is written at once. This module computes no
+attention; see `attention.py`.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,40 +34,43 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .rope import LayerRope, apply_rotation
 
-_ACTIVE = threading.local()
-
-
-def take_active_layer() -> "SinkWindowLayer | None":
-    """The layer whose `update` ran last in this thread (and clear it): the attention hand-off."""
-    layer = getattr(_ACTIVE, "layer", None)
-    _ACTIVE.layer = None
-    return layer
+KWARG = "streaming_cache"  # the forward keyword argument that carries the cache to the attention
 
 
 @dataclass
 class AttentionPlan:
-    """What one layer's attention must attend to, for queries with stream indices t0..t0+C-1.
+    """What one layer's attention must attend to, for B rows of C queries each.
 
-    Decode fast path (`sink_q is None`): attend over `keys`/`values` with `mask` (None = all).
-    Chunk path: sink scores use the query rotated by `sink_delta` against `sink_keys`; window
-    scores use the query as is against `keys`; `sink_mask`/`mask` say which are visible.
+    `keys`/`values` (B, Hkv, N, D) with `mask` (B, C, N) bool (None: all visible). Chunk path
+    (`sink_delta` set): sink scores use the query rotated by `sink_delta` (B, C) against
+    `sink_keys` (B, Hkv, s, D) with `sink_mask` (B, C, s); window scores use the query as is.
     """
 
-    keys: torch.Tensor  # (B, Hkv, N, D)
-    values: torch.Tensor  # (B, Hkv, N, Dv)
-    mask: torch.Tensor | None  # (C, N) bool
-    sink_keys: torch.Tensor | None = None  # (B, Hkv, s, D)
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor | None
+    sink_keys: torch.Tensor | None = None
     sink_values: torch.Tensor | None = None
-    sink_mask: torch.Tensor | None = None  # (C, s) bool
-    sink_delta: torch.Tensor | None = None  # (C,) positions to rotate the query by, for sinks
+    sink_mask: torch.Tensor | None = None
+    sink_delta: torch.Tensor | None = None
     rope: LayerRope | None = None
     zero_slot: bool = False  # append a zero-score, zero-value key (softmax-off-by-one)
     window_rows_nonempty: bool = False  # every query sees at least one key of `keys` (not only sinks)
     causal: bool = False  # `keys` are stream tokens 0..N-1 in order: plain causal attention, end-aligned
 
 
+@dataclass
+class _Pending:
+    keys: torch.Tensor  # (B, H, C, D): this forward's keys for the rows below
+    values: torch.Tensor
+    rows: tuple[int, ...]
+    seen: tuple[int, ...]  # tokens each row had seen before this forward
+    written: bool  # the chunk is already in the buffers (single token per row)
+
+
 class SinkWindowLayer(CacheLayerMixin):
-    """One attention layer's sink slots + ring buffer. Never holds more than sinks+window tokens."""
+    """One attention layer's sink slots + ring buffer for every row. Never holds more than
+    sinks+window tokens per row."""
 
     is_sliding = False
     is_compileable = False
@@ -70,15 +80,16 @@ class SinkWindowLayer(CacheLayerMixin):
         super().__init__()
         self.sinks, self.window, self.rope, self.owner = sinks, window, rope, owner
         self.zero_slot = off_by_one
-        self.seen = 0  # stream tokens committed to this layer
-        self.sink_shift = 0  # sink j's key is rotated at storage position j + sink_shift
+        b = owner.n_rows
+        self.seen = [0] * b  # stream tokens committed to this layer, per row
+        self.sink_shift = [0] * b  # sink j of row r is rotated at storage position j + sink_shift[r]
+        self.view_delta = [0] * b  # rotation currently applied to row r's sink slots of `keys`
         self.sink_keys: torch.Tensor | None = None  # originals, as the model rotated them
-        self._view_delta = 0  # rotation currently applied to the sink slots of `keys`
-        self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._pending: _Pending | None = None
 
     # ---- transformers CacheLayerMixin -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
+        b, h, d = self.owner.n_rows, key_states.shape[1], key_states.shape[-1]
         n = self.sinks + self.window + int(self.zero_slot)
         self.keys = key_states.new_zeros(b, h, n, d)
         self.values = value_states.new_zeros(b, h, n, value_states.shape[-1])
@@ -87,165 +98,214 @@ class SinkWindowLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if getattr(_ACTIVE, "layer", None) is not None:
+        if self._pending is not None:
             raise RuntimeError(
-                "a streaming cache was used but the model's attention did not consume it: switch the model "
-                "to the streaming attention with streaming_llm.core.attention.enable(model)"
+                "a streaming cache was used but the model's attention did not consume it: switch the model to "
+                "the streaming attention with streaming_llm.core.attention.enable(model), and pass "
+                f"{KWARG}=cache to the forward when the model does not hand its keyword arguments to the cache"
             )
+        forward_kwargs = kwargs.get("kwargs")
+        if isinstance(forward_kwargs, dict):  # transformers' own forward kwargs: hand ourselves to the attention
+            forward_kwargs.setdefault(KWARG, self.owner)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, c, s = self.seen, key_states.shape[-2], self.sinks
-        # Sinks: the first `s` stream tokens go to their own slots, written now (never overwritten).
-        if n < s:
-            m = min(s, n + c) - n
-            if n == 0:
-                self.sink_shift = self.owner.pos_shift
-            self.sink_keys[:, :, n : n + m] = key_states[:, :, :m]
-            self.keys[:, :, n : n + m] = key_states[:, :, :m]
-            self.values[:, :, n : n + m] = value_states[:, :, :m]
-        written = c == 1 and n >= s
-        if written:  # the decoded token overwrites exactly the token it evicts
-            slot = s + (n - s) % self.window
-            self.keys[:, :, slot] = key_states[:, :, 0]
-            self.values[:, :, slot] = value_states[:, :, 0]
-        self._pending = (key_states, value_states, n, written)
-        _ACTIVE.layer = self
+        rows = self.owner.rows_for(key_states.shape[0])
+        seen = tuple(self.seen[r] for r in rows)
+        c, s, w = key_states.shape[-2], self.sinks, self.window
+        # Sinks: the first `s` stream tokens of a row go to its own slots, written now, never overwritten.
+        for i, (r, n) in enumerate(zip(rows, seen)):
+            if n < s:
+                m = min(s, n + c) - n
+                if n == 0:
+                    self.sink_shift[r] = self.owner.pos_shift[r]
+                self.sink_keys[r, :, n : n + m] = key_states[i, :, :m]
+                self.keys[r, :, n : n + m] = key_states[i, :, :m]
+                self.values[r, :, n : n + m] = value_states[i, :, :m]
+        written = c == 1
+        if written:  # a decoded token overwrites exactly the token it evicts
+            ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
+            if len(ring) == 1:
+                i, r, slot = ring[0]
+                self.keys[r, :, slot] = key_states[i, :, 0]
+                self.values[r, :, slot] = value_states[i, :, 0]
+            elif ring:
+                i_idx, r_idx, slots = (torch.tensor(x, device=self.device) for x in zip(*ring))
+                self.keys[r_idx, :, slots] = key_states[i_idx, :, 0]
+                self.values[r_idx, :, slots] = value_states[i_idx, :, 0]
+        self._pending = _Pending(key_states, value_states, rows, seen, written)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.sinks + self.window + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.seen[0]
 
     def get_max_length(self) -> int:
         return self.sinks + self.window
 
     def reset(self) -> None:
-        self.keys = self.values = self.sink_keys = None
-        self.is_initialized = False
-        self.seen, self.sink_shift, self._view_delta, self._pending = 0, 0, 0, None
+        for r in range(self.owner.n_rows):
+            self.reset_row(r)
+        self._pending = None
+
+    @torch.inference_mode()
+    def reset_row(self, r: int) -> None:
+        """Forget row r's stream (its buffers are kept and overwritten later, never reallocated)."""
+        self.seen[r], self.sink_shift[r], self.view_delta[r] = 0, 0, 0
+        if self.is_initialized:  # stale slots are masked out by the counters; zero them anyway
+            self.keys[r].zero_()
+            self.values[r].zero_()
+            self.sink_keys[r].zero_()
 
     # ---- streaming semantics ------------------------------------------------------------------
-    def _sink_deltas(self, t: torch.Tensor) -> torch.Tensor:
-        """Positions to rotate queries t by so that their distance to sink j is the paper's
-        (cache position of the query minus j) or, for absolute positions, t - j."""
-        shift = self.sink_shift - self.owner.pos_shift
+    def _shift(self, r: int) -> int:
+        return self.sink_shift[r] - self.owner.pos_shift[r]
+
+    def _decode_delta(self, r: int, n: int) -> int:
+        """The query-to-sink rotation of a single query with stream index n in row r."""
         if self.owner.positions == "absolute":
-            return torch.full_like(t, shift)
-        return torch.clamp(t, max=self.sinks + self.window - 1) - t + shift
+            return self._shift(r)
+        return min(n, self.sinks + self.window - 1) - n + self._shift(r)
 
     def plan(self) -> AttentionPlan:
-        key_states, value_states, n, written = self._pending
-        c, s, w = key_states.shape[-2], self.sinks, self.window
-        if written and n >= s + w - 1:  # decode with a full cache: every slot is visible
-            shift = self.sink_shift - self.owner.pos_shift
-            delta = shift if self.owner.positions == "absolute" else min(n, s + w - 1) - n + shift
-            self._set_sink_view(delta)
-            return AttentionPlan(self.keys, self.values, None, zero_slot=False)
-        if n + c <= s + w and (s == 0 or (self.sink_shift == self.owner.pos_shift and self._view_delta == 0)):
+        p = self._pending
+        c, s, w = p.keys.shape[-2], self.sinks, self.window
+        sel = self.owner.selector(p.rows)
+        full = all(n >= s + w - 1 for n in p.seen)
+        if p.written and full:  # decode with every row's cache full: every slot is visible
+            self._set_sink_view(p.rows, [self._decode_delta(r, n) for r, n in zip(p.rows, p.seen)])
+            return AttentionPlan(self.keys[sel], self.values[sel], None)
+        same = len(set(p.seen)) == 1
+        n0 = p.seen[0]
+        if same and n0 + c <= s + w and (s == 0 or all(
+                self.sink_shift[r] == self.owner.pos_shift[r] and self.view_delta[r] == 0 for r in p.rows)):
             # Nothing evicted yet and every key at its own position (the first S+W tokens: prefill,
             # early decode): ordinary causal attention over the tokens so far, no empty ring slots.
             # The ring has not wrapped, so slot i holds stream token i.
-            if written:
-                keys, values = self.keys[:, :, : n + c], self.values[:, :, : n + c]
+            if p.written:
+                keys, values = self.keys[sel][:, :, : n0 + c], self.values[sel][:, :, : n0 + c]
             else:
-                keys = torch.cat([self.keys[:, :, :n], key_states], dim=-2)
-                values = torch.cat([self.values[:, :, :n], value_states], dim=-2)
+                keys = torch.cat([self.keys[sel][:, :, :n0], p.keys], dim=-2)
+                values = torch.cat([self.values[sel][:, :, :n0], p.values], dim=-2)
             return AttentionPlan(keys, values, None, zero_slot=self.zero_slot, causal=True)
-        dev = key_states.device
-        t = torch.arange(n, n + c, device=dev)  # query stream indices
-        ring_end = n + c if written else n
-        ring_start = max(s, ring_end - w)
-        n_sinks = min(s, n + c)
-        # Stream index held by each ring slot (-1: empty).
-        slot = torch.arange(w, device=dev)
-        last = ring_end - 1
-        u_ring = last - torch.remainder(last - s - slot, w)
-        u_ring = torch.where(u_ring >= ring_start, u_ring, torch.full_like(u_ring, -1))
-        u_win = u_ring
-        keys, values = self.keys[:, :, s : s + w], self.values[:, :, s : s + w]
-        if not written:  # the chunk's own non-sink tokens follow the ring
-            u_chunk = torch.arange(n, n + c, device=dev)
-            u_chunk = torch.where(u_chunk >= s, u_chunk, torch.full_like(u_chunk, -1))
-            u_win = torch.cat([u_ring, u_chunk])
-            keys = torch.cat([keys, key_states], dim=-2)
-            values = torch.cat([values, value_states], dim=-2)
-        tt = t[:, None]
-        mask = (u_win[None, :] >= 0) & (u_win[None, :] <= tt) & (u_win[None, :] > tt - w)
-        j = torch.arange(n_sinks, device=dev)
+        dev = p.keys.device
+        seen = torch.tensor(p.seen, device=dev)  # (B,)
+        if p.written:  # decode, rows at different stages: sinks viewed per row, one masked softmax
+            self._set_sink_view(p.rows, [self._decode_delta(r, n) for r, n in zip(p.rows, p.seen)])
+            filled = torch.clamp(seen + 1 - s, min=0, max=w)  # ring slots in use (the ring fills in order)
+            mask = torch.cat([
+                torch.arange(s, device=dev)[None, :] <= seen[:, None],
+                torch.arange(w, device=dev)[None, :] < filled[:, None],
+                torch.ones(len(p.rows), int(self.zero_slot), dtype=torch.bool, device=dev),
+            ], dim=1)[:, None, :]  # (B, 1, N)
+            return AttentionPlan(self.keys[sel], self.values[sel], mask)
+        t = seen[:, None] + torch.arange(c, device=dev)[None, :]  # (B, C) query stream indices
+        ring_start = torch.clamp(seen - w, min=s)  # oldest stream index the ring still holds
+        last = (seen - 1)[:, None]
+        u_ring = last - torch.remainder(last - s - torch.arange(w, device=dev)[None, :], w)  # (B, w)
+        u_ring = torch.where(u_ring >= ring_start[:, None], u_ring, torch.full_like(u_ring, -1))
+        u_chunk = torch.where(t >= s, t, torch.full_like(t, -1))  # the chunk's own non-sink tokens follow
+        u_win = torch.cat([u_ring, u_chunk], dim=1)[:, None, :]  # (B, 1, w + C)
+        tt = t[:, :, None]
+        mask = (u_win >= 0) & (u_win <= tt) & (u_win > tt - w)  # (B, C, w + C)
+        keys = torch.cat([self.keys[sel][:, :, s : s + w], p.keys], dim=-2)
+        values = torch.cat([self.values[sel][:, :, s : s + w], p.values], dim=-2)
+        n_sinks = min(s, max(p.seen) + c)
+        shift = torch.tensor([self._shift(r) for r in p.rows], device=dev)[:, None]
+        if self.owner.positions == "absolute":
+            delta = shift.expand(-1, c)
+        else:
+            delta = torch.clamp(t, max=s + w - 1) - t + shift
         return AttentionPlan(
             keys,
             values,
             mask,
-            sink_keys=self.sink_keys[:, :, :n_sinks],
-            sink_values=self.values[:, :, :n_sinks],
-            sink_mask=j[None, :] <= tt,
-            sink_delta=self._sink_deltas(t),
+            sink_keys=self.sink_keys[sel][:, :, :n_sinks],
+            sink_values=self.values[sel][:, :, :n_sinks],
+            sink_mask=torch.arange(n_sinks, device=dev)[None, None, :] <= tt,
+            sink_delta=delta,
             rope=self.rope,
             zero_slot=self.zero_slot,
-            window_rows_nonempty=n >= s,  # a query past the sinks always sees itself in the window
+            window_rows_nonempty=min(p.seen) >= s,  # a query past the sinks always sees itself
         )
 
-    def _set_sink_view(self, delta: int) -> None:
-        """Make the sink slots of `keys` hold the sink keys rotated by -delta (decode fast path):
-        one small matmul with a rotation matrix shared by all layers of the same rotary type."""
-        if delta != self._view_delta and self.sinks:
-            rot = self.owner.rotation_matrix(self.rope, -delta, self.sink_keys)
-            self.keys[:, :, : self.sinks] = self.sink_keys @ rot
-            self._view_delta = delta
+    def _set_sink_view(self, rows: tuple[int, ...], deltas: list[int]) -> None:
+        """Make each row's sink slots of `keys` hold its sink keys rotated by -delta (decode): one
+        small matmul per row with a rotation matrix shared by all layers of the same rotary type."""
+        if not self.sinks:
+            return
+        todo = [(r, d) for r, d in zip(rows, deltas) if d != self.view_delta[r]]
+        if len(todo) == 1:
+            r, d = todo[0]
+            self.keys[r, :, : self.sinks] = self.sink_keys[r] @ self.owner.rotation_matrix(self.rope, -d, self.sink_keys)
+            self.view_delta[r] = d
+        elif todo:
+            r_idx = torch.tensor([r for r, _ in todo], device=self.device)
+            rot = torch.stack([self.owner.rotation_matrix(self.rope, -d, self.sink_keys) for _, d in todo])
+            self.keys[r_idx, :, : self.sinks] = self.sink_keys[r_idx] @ rot[:, None]
+            for r, d in todo:
+                self.view_delta[r] = d
 
     def commit(self) -> None:
-        """After attention: write the chunk's last non-sink tokens into the ring, advance."""
-        key_states, value_states, n, written = self._pending
-        c, s, w = key_states.shape[-2], self.sinks, self.window
-        if not written:
-            lo = max(n, s, n + c - w)
-            if lo < n + c:
-                u = torch.arange(lo, n + c, device=key_states.device)
-                slots = s + torch.remainder(u - s, w)
-                self.keys.index_copy_(2, slots, key_states[:, :, lo - n :])
-                self.values.index_copy_(2, slots, value_states[:, :, lo - n :])
-        self.seen = n + c
+        """After attention: write each row's last non-sink chunk tokens into its ring, advance."""
+        p = self._pending
+        c, s, w = p.keys.shape[-2], self.sinks, self.window
+        for i, (r, n) in enumerate(zip(p.rows, p.seen)):
+            if not p.written:
+                lo = max(n, s, n + c - w)
+                if lo < n + c:
+                    slots = s + torch.remainder(torch.arange(lo, n + c, device=self.device) - s, w)
+                    self.keys[r].index_copy_(1, slots, p.keys[i, :, lo - n :])
+                    self.values[r].index_copy_(1, slots, p.values[i, :, lo - n :])
+            self.seen[r] = n + c
         self._pending = None
 
-    def rotate_ring(self, shift: int) -> None:
-        """Move every stored window key `shift` positions back (a rebase); sinks move only while
-        they are still being written, so that all sinks share one shift."""
+    def drop_pending(self) -> None:
+        """Forget a forward that was interrupted before this layer's attention ran."""
+        self._pending = None
+
+    def rotate_ring(self, r: int, shift: int) -> None:
+        """Move row r's stored window keys `shift` positions back (a rebase); its sinks move only
+        while they are still being written, so that all of a row's sinks share one shift."""
         if not self.is_initialized:
             return
         s, w = self.sinks, self.window
         d = torch.full((w,), -shift, device=self.keys.device)
-        self.keys[:, :, s : s + w] = self.rope.rotate(self.keys[:, :, s : s + w], d)
-        if self.seen < s:
-            self.sink_keys = self.rope.rotate(self.sink_keys, torch.full((s,), -shift, device=self.keys.device))
-            self.keys[:, :, :s] = self.sink_keys
-            self.sink_shift -= shift
-            self._view_delta = 0
+        self.keys[r, :, s : s + w] = self.rope.rotate(self.keys[r, :, s : s + w], d)
+        if self.seen[r] < s:
+            self.sink_keys[r] = self.rope.rotate(self.sink_keys[r], torch.full((s,), -shift, device=self.keys.device))
+            self.keys[r, :, :s] = self.sink_keys[r]
+            self.sink_shift[r] -= shift
+            self.view_delta[r] = 0
 
-    def state(self) -> dict:
-        """A snapshot (copies): the live buffers keep changing as the stream goes on."""
-        copy = lambda x: None if x is None else x.clone()  # noqa: E731
+    def row_state(self, r: int) -> dict:
+        """A snapshot of row r (copies, batch dimension 1): the live buffers keep changing."""
+        take = (lambda x: None) if not self.is_initialized else (lambda x: x[r : r + 1].clone())  # noqa: E731
         return {
-            "keys": copy(self.keys),
-            "values": copy(self.values),
-            "sink_keys": copy(self.sink_keys),
-            "seen": self.seen,
-            "sink_shift": self.sink_shift,
-            "view_delta": self._view_delta,
+            "keys": take(self.keys),
+            "values": take(self.values),
+            "sink_keys": take(self.sink_keys),
+            "seen": self.seen[r],
+            "sink_shift": self.sink_shift[r],
+            "view_delta": self.view_delta[r],
         }
 
-    def load_state(self, st: dict) -> None:
-        copy = lambda x: None if x is None else x.clone()  # noqa: E731
-        self.keys, self.values, self.sink_keys = copy(st["keys"]), copy(st["values"]), copy(st["sink_keys"])
-        self.seen, self.sink_shift, self._view_delta = st["seen"], st["sink_shift"], st["view_delta"]
-        self.is_initialized = self.keys is not None
-        if self.is_initialized:
-            self.device = self.keys.device
+    @torch.inference_mode()
+    def load_row_state(self, r: int, st: dict) -> None:
+        if st["keys"] is None:
+            self.reset_row(r)
+            return
+        if not self.is_initialized:
+            self.lazy_initialization(st["keys"], st["values"])
+        self.keys[r : r + 1] = st["keys"]
+        self.values[r : r + 1] = st["values"]
+        self.sink_keys[r : r + 1] = st["sink_keys"]
+        self.seen[r], self.sink_shift[r], self.view_delta[r] = st["seen"], st["sink_shift"], st["view_delta"]
 
 
 class StreamingCache(Cache):
-    """A transformers `Cache` whose layers are `SinkWindowLayer`s: pass it as the model's cache.
+    """A transformers `Cache` whose layers are `SinkWindowLayer`s, for `batch_size` streams (rows).
 
     `layer_shapes` gives (sinks, window) per decoder layer: sinks+window for global layers, (0,
     trained window) for sliding-window layers. Keep your own reference: it is mutated in place.
@@ -259,23 +319,51 @@ class StreamingCache(Cache):
         off_by_one: bool = False,
         start_position: int = 0,
         position_limit: int | None = None,
+        batch_size: int = 1,
     ):
         self.positions = positions
-        self.pos_shift = start_position  # storage position of stream token i is i + pos_shift
+        self.n_rows = batch_size  # streams (rows) this cache holds; transformers reserves `batch_size`
+        self.start_position = start_position
+        self.pos_shift = [start_position] * batch_size  # storage position of row r's token i: i + pos_shift[r]
+        self._rows: tuple[int, ...] = tuple(range(batch_size))  # rows of the next forward
         self._rotations: dict = {}
         largest = max(s + w for s, w in layer_shapes)
         self.position_limit = position_limit or max(4 * largest, 4096)
         layers = [SinkWindowLayer(s, w, r, self, off_by_one) for (s, w), r in zip(layer_shapes, ropes)]
         super().__init__(layers=layers)
 
+    # ---- rows ------------------------------------------------------------------------------------
+    def rows_for(self, batch: int) -> tuple[int, ...]:
+        if batch != len(self._rows):
+            raise RuntimeError(f"forward of {batch} rows, but the cache was prepared for rows {self._rows}")
+        return self._rows
+
+    def selector(self, rows: tuple[int, ...]):
+        """Index of `rows` into the buffers: a slice (a view, no copy) when they are contiguous."""
+        if rows == tuple(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.layers[0].device if self.layers[0].is_initialized else "cpu")
+
+    def reset_row(self, r: int) -> None:
+        self.pos_shift[r] = self.start_position
+        for layer in self.layers:
+            layer.reset_row(r)
+
+    # ---- counters --------------------------------------------------------------------------------
+    def seen(self, r: int = 0) -> int:
+        return self.layers[0].seen[r]
+
     @property
     def tokens_seen(self) -> int:
-        return self.layers[0].seen
+        return self.seen(0)
+
+    def held(self, r: int = 0) -> int:
+        """Tokens row r's largest layer holds now (at most its sinks + window)."""
+        return max(min(layer.seen[r], layer.sinks + layer.window) for layer in self.layers)
 
     @property
     def cache_tokens(self) -> int:
-        """Tokens currently held by the largest layer (at most its sinks + window)."""
-        return max(min(layer.seen, layer.sinks + layer.window) for layer in self.layers)
+        return self.held(0)
 
     @property
     def capacity(self) -> int:
@@ -286,7 +374,7 @@ class StreamingCache(Cache):
         key = (id(rope.module), rope.buffer_name, rope.inv_freq._version, delta, like.dtype, like.device)
         rot = self._rotations.get(key)
         if rot is None:
-            if len(self._rotations) > 64:
+            if len(self._rotations) > 64 + 4 * self.n_rows:
                 self._rotations.clear()
             eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
             cos, sin = rope.cos_sin(torch.tensor([delta], device=like.device), like.dtype)  # (1, R): every row
@@ -294,21 +382,36 @@ class StreamingCache(Cache):
             self._rotations[key] = rot
         return rot
 
-    def prepare(self, n_new: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Position ids (1, n_new) for the next forward, rebasing first if they would grow too big."""
-        first = self.tokens_seen + self.pos_shift
-        if first + n_new > self.position_limit or first < 0:
-            shift = first - self.capacity  # the next token lands at storage position `capacity`
-            for layer in self.layers:
-                layer.rotate_ring(shift)
-            self.pos_shift -= shift
-            first -= shift
-        return torch.arange(first, first + n_new, device=device)[None, :]
+    def prepare(self, n_new: int, rows=None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Position ids (len(rows), n_new) for the next forward over `rows` (default: all), rebasing
+        a row first if its positions would grow too big. Drops what an interrupted forward left."""
+        self._rows = tuple(range(self.n_rows)) if rows is None else tuple(int(r) for r in rows)
+        for layer in self.layers:
+            layer.drop_pending()
+        firsts = []
+        for r in self._rows:
+            first = self.seen(r) + self.pos_shift[r]
+            if first + n_new > self.position_limit or first < 0:
+                shift = first - self.capacity  # the next token lands at storage position `capacity`
+                for layer in self.layers:
+                    layer.rotate_ring(r, shift)
+                self.pos_shift[r] -= shift
+                first -= shift
+            firsts.append(first)
+        return torch.tensor(firsts, device=device)[:, None] + torch.arange(n_new, device=device)[None, :]
+
+    # ---- snapshots -------------------------------------------------------------------------------
+    def row_state(self, r: int = 0) -> dict:
+        return {"pos_shift": self.pos_shift[r], "layers": [layer.row_state(r) for layer in self.layers]}
+
+    def load_row_state(self, r: int, state: dict) -> None:
+        self.pos_shift[r] = state["pos_shift"]
+        for layer, st in zip(self.layers, state["layers"]):
+            layer.load_row_state(r, st)
 
     def state_dict(self) -> dict:
-        return {"pos_shift": self.pos_shift, "layers": [layer.state() for layer in self.layers]}
+        """Row 0's stream (the single-stream engine's state)."""
+        return self.row_state(0)
 
     def load_state_dict(self, state: dict) -> None:
-        self.pos_shift = state["pos_shift"]
-        for layer, st in zip(self.layers, state["layers"]):
-            layer.load_state(st)
+        self.load_row_state(0, state)

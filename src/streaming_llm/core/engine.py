@@ -5,16 +5,17 @@ long inputs (chunked prefill with exact streaming semantics) and the decode loop
 evaluation and benchmarks all consume `feed` and `generate`; the engine knows nothing about
 terminals, HTTP, files or plots.
 
-Methods (see `config.StreamingConfig`): `streaming` and `window` use `StreamingCache`; `dense`
-uses transformers' `DynamicCache` (absolute positions, no eviction); `recompute` keeps only the
-last sinks+window token ids and recomputes every token from scratch over them.
+Methods (see `config.StreamingConfig`): what differs per method is the stream's state, behind
+one interface (`streams.py`): `streaming` and `window` use `StreamingCache`; `dense` uses
+transformers' `DynamicCache` (absolute positions, no eviction); `recompute` keeps only the last
+sinks+window token ids and recomputes every token from scratch over them. Many streams in one
+forward: `batch.StreamBatch`.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -22,11 +23,12 @@ import torch
 from transformers.cache_utils import DynamicCache, get_layer_types_and_kwargs
 
 from . import attention
-from .cache import StreamingCache, take_active_layer
+from .cache import StreamingCache
 from .config import StreamingConfig
 from ..errors import UnsupportedModelError, UserError
 from .rope import find_rotary_module, layer_ropes
 from .sampling import SamplingParams, Sampler, TextDecoder
+from .streams import DenseStream, RecomputeStream, SinkStream
 
 
 @dataclass
@@ -58,16 +60,14 @@ def layer_shapes(model, config: StreamingConfig) -> list[tuple[int, int]]:
     return shapes
 
 
-def _clone(x):
-    return None if x is None else x.clone()
-
-
 def _layer_types(model) -> list[str]:
     return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
 
 
 class StreamingLLM:
-    """A model plus one stream's state. Not thread-safe: one stream, one caller at a time."""
+    """A model plus one stream's state. Not thread-safe: one stream, one caller at a time (two
+    engines, even over the same model, can run on two threads at once). Many streams in one
+    forward: `batch.StreamBatch`."""
 
     def __init__(self, model, tokenizer=None, config: StreamingConfig | None = None, start_position: int = 0):
         self.model = attention.enable(model.eval())
@@ -78,8 +78,8 @@ class StreamingLLM:
         self.shapes = layer_shapes(model, self.config)
         self.ropes = layer_ropes(model, _layer_types(model))
         params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" in params
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.can_keep_logits = "logits_to_keep" in params
         self.device = next(model.parameters()).device
         self.reset()
 
@@ -92,8 +92,9 @@ class StreamingLLM:
         return cls(model, tokenizer, StreamingConfig(**config))
 
     # ---- state -------------------------------------------------------------------------------
-    def new_cache(self):
-        """A fresh cache for this engine's method (None for recompute)."""
+    def new_cache(self, batch_size: int = 1):
+        """A fresh cache for this engine's method (None for recompute); usable with plain
+        `model.generate(..., cache=engine.new_cache())` too."""
         method = self.config.method
         if method == "dense":
             return DynamicCache(config=self.model.config)
@@ -105,27 +106,54 @@ class StreamingLLM:
             positions=self.config.positions,
             off_by_one=bool(getattr(self.model.config, "softmax_off_by_one", False)),
             start_position=self.start_position,
+            batch_size=batch_size,
         )
 
     def reset(self) -> None:
-        self.cache = self.new_cache()
-        self.tokens_seen = 0
-        self.history: deque[int] = deque(maxlen=self.config.cache_size)  # recompute's window
+        if getattr(self, "feeder", None) is not None:
+            raise UserError("this stream is attached to a batch row: detach it before resetting it")
+        self.feeder = None  # see attach()
+        method = self.config.method
+        if method == "recompute":
+            self.stream = RecomputeStream(self.config.cache_size)
+        elif method == "dense":
+            self.stream = DenseStream(self.new_cache(), self.cache_kw)
+        else:
+            self.stream = SinkStream(self.new_cache(), self.cache_kw)
+
+    @property
+    def cache(self):
+        """The stream's KV cache (`StreamingCache`, `DynamicCache`, or None for recompute)."""
+        return getattr(self.stream, "cache", None)
+
+    @property
+    def tokens_seen(self) -> int:
+        return (self.feeder or self.stream).tokens_seen
 
     @property
     def cache_tokens(self) -> int:
-        if isinstance(self.cache, StreamingCache):
-            return self.cache.cache_tokens
-        if self.cache is None:
-            return len(self.history)
-        return self.cache.get_seq_length()
+        return (self.feeder or self.stream).cache_tokens
+
+    # ---- running inside a batch --------------------------------------------------------------
+    def attach(self, feeder) -> None:
+        """Continue this stream elsewhere, e.g. in a row of a `StreamBatch` that a scheduler steps
+        together with other streams: `feeder` got this stream's `state_dict()` and serves
+        `feed(ids, logits)`, `tokens_seen`, `cache_tokens` and `state()` until `detach`. Until then
+        every feed (and so `generate`) goes through it; this engine's own cache sits unused."""
+        if self.feeder is not None:
+            raise UserError("this stream is already attached")
+        self.feeder = feeder
+
+    def detach(self) -> None:
+        """Take the stream back from the feeder (its state is copied into this engine's cache)."""
+        feeder, self.feeder = self.feeder, None
+        if feeder is not None:
+            self.stream.load_state_dict(feeder.state())
 
     @property
     def capacity(self) -> int | None:
         """Most tokens the cache will ever hold (None: unbounded, dense)."""
-        if self.config.method == "dense":
-            return None
-        return self.cache.capacity if isinstance(self.cache, StreamingCache) else self.config.cache_size
+        return self.stream.capacity
 
     @property
     def evicted(self) -> int:
@@ -133,31 +161,15 @@ class StreamingLLM:
 
     def state_dict(self) -> dict:
         """Everything needed to continue this stream exactly (tensors stay on their device)."""
-        if isinstance(self.cache, StreamingCache):
-            cache = self.cache.state_dict()
-        elif self.cache is None:
-            cache = None
-        else:
-            cache = [(_clone(layer.keys), _clone(layer.values)) for layer in self.cache.layers]
-        return {
-            "config": self.config.to_dict(),
-            "tokens_seen": self.tokens_seen,
-            "history": list(self.history),
-            "cache": cache,
-        }
+        if self.feeder is not None:
+            return self.feeder.state()
+        return {"config": self.config.to_dict(), **self.stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.config.to_dict():
             raise UserError(f"saved stream used {state['config']}, this engine uses {self.config.to_dict()}")
         self.reset()
-        self.tokens_seen = state["tokens_seen"]
-        self.history.extend(state["history"])
-        if isinstance(self.cache, StreamingCache):
-            self.cache.load_state_dict(state["cache"])
-        elif self.cache is not None:
-            for layer, (k, v) in zip(self.cache.layers, state["cache"]):
-                if k is not None:
-                    layer.update(k, v)
+        self.stream.load_state_dict(state)
 
     # ---- feeding -----------------------------------------------------------------------------
     def feed(self, ids: Sequence[int] | torch.Tensor, logits: str = "all") -> torch.Tensor | None:
@@ -166,51 +178,38 @@ class StreamingLLM:
         (T, V) for logits="all", (V,) for "last", None for "none". Exact for any chunking."""
         if isinstance(ids, Mapping):  # a tokenizer's BatchEncoding
             ids = ids["input_ids"]
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
         if ids.numel() == 0:
             raise UserError("nothing to feed: empty token sequence")
-        if self.config.method == "recompute":
-            return self._feed_recompute(ids, logits)
+        if self.feeder is not None:
+            return self.feeder.feed(ids, logits)
         outs = []
-        step = self.config.chunk_size
+        step = min(self.config.chunk_size, self.stream.max_chunk or self.config.chunk_size)
         for lo in range(0, ids.numel(), step):
             chunk = ids[lo : lo + step]
-            keep = logits == "all" or (logits == "last" and lo + step >= ids.numel())
-            out = self._forward(chunk, keep_all=logits == "all")
-            if keep:
+            last = lo + step >= ids.numel()
+            need = logits == "all" or (logits == "last" and last)
+            out = self._forward(chunk, need, keep_all=logits == "all")
+            if need:
                 outs.append(out)
         if logits == "none":
             return None
         return torch.cat(outs, dim=0) if logits == "all" else outs[-1][-1]
 
     @torch.inference_mode()
-    def _forward(self, chunk: torch.Tensor, keep_all: bool) -> torch.Tensor:
-        take_active_layer()  # drop a hand-off left by an interrupted forward
-        n = chunk.numel()
-        if isinstance(self.cache, StreamingCache):
-            pos = self.cache.prepare(n, self.device)
-        else:
-            pos = torch.arange(self.tokens_seen, self.tokens_seen + n, device=self.device)[None, :]
-        kwargs = {self._cache_kw: self.cache, "use_cache": True, "position_ids": pos}
-        if self._keep_kw and not keep_all:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=chunk.to(self.device)[None, :], **kwargs)
-        self.tokens_seen += n
-        return out.logits[0].float()
-
-    @torch.inference_mode()
-    def _feed_recompute(self, ids: torch.Tensor, logits: str) -> torch.Tensor | None:
-        outs = []
-        for i, tok in enumerate(ids.tolist()):
-            self.history.append(tok)
-            self.tokens_seen += 1
-            if logits == "all" or (logits == "last" and i == ids.numel() - 1):
-                window = torch.tensor(list(self.history), device=self.device)[None, :]
-                out = self.model(input_ids=window, use_cache=False, **({"logits_to_keep": 1} if self._keep_kw else {}))
-                outs.append(out.logits[0, -1].float())
-        if logits == "none":
-            return None
-        return torch.stack(outs) if logits == "all" else outs[-1]
+    def _forward(self, chunk: torch.Tensor, need_logits: bool, keep_all: bool) -> torch.Tensor | None:
+        """One model call for `chunk`, as the stream lays it out; float32 logits (n, V) of its
+        tokens (only the last one unless keep_all), None when the stream needed no forward."""
+        inputs = self.stream.begin(chunk, need_logits)
+        out = None
+        if inputs is not None:
+            keep_one = not keep_all or inputs["input_ids"].shape[-1] != chunk.numel()  # recompute: its last token
+            if self.can_keep_logits and keep_one:
+                inputs["logits_to_keep"] = 1
+            logits = self.model(**inputs).logits[0]
+            out = (logits[-1:] if keep_one else logits).float()
+        self.stream.end(chunk.numel())
+        return out
 
     # ---- generation --------------------------------------------------------------------------
     def generate(

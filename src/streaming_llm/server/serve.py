@@ -17,6 +17,7 @@ from ..errors import UserError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_SESSIONS = 16
+DEFAULT_MAX_BATCH = 16  # replies in one forward; each takes a batch row (one bounded cache) while it runs
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -39,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", default=None, help=f"required bearer token (default: ${API_KEY_ENV})")
     p.add_argument("--data-dir", default=None, help="where sessions are stored (SQLite); 'none' keeps them in memory only")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, help="sessions kept in memory (the rest on disk)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help="replies decoded together in one forward (continuous batching; 1: one at a time)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="max_tokens when a request gives none")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
@@ -75,7 +78,7 @@ def resolve_api_key(host: str, api_key: str | None) -> str | None:
 
 
 def check_args(args) -> None:
-    for flag in ("max_sessions", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
+    for flag in ("max_sessions", "max_batch", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.threads is not None and args.threads < 1:
@@ -86,7 +89,8 @@ def check_args(args) -> None:
 
 def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, max_sessions=DEFAULT_MAX_SESSIONS,
           max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT, default_max_tokens=DEFAULT_MAX_TOKENS,
-          max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=0.7, top_p=0.9, snapshot_dtype="model"):
+          max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=0.7, top_p=0.9, snapshot_dtype="model",
+          max_batch=DEFAULT_MAX_BATCH):
     """The app and its session manager for a loaded model (used by `run` and by the tests)."""
     import torch
 
@@ -97,7 +101,7 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
 
     dtype = None if snapshot_dtype == "model" else getattr(torch, snapshot_dtype)
     manager = SessionManager(model, tokenizer, config, model_name, open_store(data_dir), max_sessions, dtype,
-                             chat_factory(model, tokenizer, config))
+                             chat_factory(model, tokenizer, config), max_batch=max_batch)
     settings = Settings(model_name, api_key, max_tokens_limit, min(default_max_tokens, max_tokens_limit),
                         max_body_bytes, temperature, top_p)
     return create_app(manager, settings), manager
@@ -122,7 +126,7 @@ def run(args) -> int:
         model, tokenizer, config, model_name=args.served_model_name or args.model, data_dir=data_dir, api_key=api_key,
         max_sessions=args.max_sessions, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
-        temperature=args.temperature, top_p=args.top_p, snapshot_dtype=args.snapshot_dtype,
+        temperature=args.temperature, top_p=args.top_p, snapshot_dtype=args.snapshot_dtype, max_batch=args.max_batch,
     )
     where = "memory only" if str(data_dir).lower() == "none" else data_dir
     print(f"serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "

@@ -1,11 +1,14 @@
 """In-memory session manager: per-session locks, an LRU cap, the model thread and persistence.
 
-Scheduling. The model runs on ONE worker thread (`ModelWorker`) fed by a FIFO queue. A reply is
-a generator stepped one token per queued job, so concurrent replies on different sessions
-interleave token by token (round robin in arrival order) instead of one reply holding the model
-until it ends; a prompt's prefill is one job. One thread because the engine is not thread-safe,
-its cache hand-off is thread-local, and on CPU parallel forwards only fight over the same cores.
-Store I/O (serializing snapshots, SQLite) runs on a second thread so it never stalls decoding.
+Scheduling. Continuous batching (`scheduler.py`): while a turn runs, its session's stream sits
+in a row of one `StreamBatch`, and one model thread runs, each round, a single batched decode
+forward for every reply waiting for its next token, then at most one prefill chunk of a new
+prompt. A reply is a generator stepped on a pool of turn threads (sampling and text decoding
+run there; its forwards go to the model thread). At most `max_batch` turns run at once; more
+wait for a row. Methods without a batched path (dense, recompute) and `max_batch` 1 use the
+one-thread worker instead: replies interleave token by token, one forward each. Session loads,
+replays and state capture run on a second model-call thread (`ModelWorker`); store I/O
+(serializing snapshots, SQLite) on a third, so neither stalls decoding.
 
 Sessions. Requests on the same session are serialised by an asyncio lock held from `open_turn`
 to `Turn.close`. At most `max_sessions` idle sessions stay in memory; the least recently used are
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +32,11 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..core.config import StreamingConfig
-from ..core.engine import Token
+from ..core.engine import StreamingLLM, Token
 from ..errors import UserError
 from ..core.sampling import SamplingParams
 from .conversations import TextConversation, pack_state, unpack_state
+from .scheduler import Scheduler
 from .store import SessionRecord, SessionStore
 
 log = logging.getLogger("streaming_llm.server")
@@ -85,6 +90,8 @@ class SessionManager:
         max_sessions: int = 64,
         snapshot_dtype: torch.dtype | None = None,
         chat_factory: Callable | None = None,
+        *,
+        max_batch: int,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_name = model_name
@@ -96,9 +103,26 @@ class SessionManager:
         self.device = next(model.parameters()).device
         self.worker = ModelWorker("model")
         self.io = ModelWorker("store-io")
+        batched = config.method in ("streaming", "window") and max_batch > 1
+        self.scheduler = Scheduler(StreamingLLM(model, tokenizer, config), max_batch) if batched else None
+        self.turn_pool = ThreadPoolExecutor(max_workers=max_batch + 2, thread_name_prefix="turn") if batched else None
+        self.max_batch = max_batch
+        self._rows = asyncio.Semaphore(max_batch) if batched else None
         self.live: OrderedDict[str, Live] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0}
+
+    # ---- running turns ------------------------------------------------------------------------
+    async def step(self, fn: Callable, *args):
+        """Run a turn's step (its generator's next token, its start, its settling): on a turn
+        thread when batching (its forwards go to the scheduler), else on the model worker."""
+        if self.scheduler is None:
+            return await self.worker.call(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.turn_pool, fn, *args)
+
+    def step_later(self, fn: Callable, *args) -> None:
+        """Queue a turn step without waiting (cleanup when the caller cannot await)."""
+        (self.turn_pool or self.worker).submit(fn, *args)
 
     # ---- conversations -----------------------------------------------------------------------
     def new_conversation(self, kind: str):
@@ -152,6 +176,16 @@ class SessionManager:
     async def open_turn(self, sid: str | None, kind: str, payload, max_new_tokens: int, sampling: SamplingParams) -> "Turn":
         """Lock the session, bring it into memory, prefill and sample the first token. The caller
         must `await turn.close()` whatever happens."""
+        if self._rows is not None:
+            await self._rows.acquire()  # a batch row for this turn; released by Turn.close
+        try:
+            return await self._open_turn(sid, kind, payload, max_new_tokens, sampling)
+        except BaseException:
+            if self._rows is not None:
+                self._rows.release()
+            raise
+
+    async def _open_turn(self, sid, kind, payload, max_new_tokens, sampling) -> "Turn":
         if sid is None:
             turn = Turn(self, Live("", await self.worker.call(self.new_conversation, kind)), stateless=True)
         else:
@@ -164,9 +198,9 @@ class SessionManager:
                 if turn is None:
                     self._release(sid)
         try:
-            await self.worker.call(turn.start, payload, max_new_tokens, sampling)
+            await self.step(turn.start, payload, max_new_tokens, sampling)
         except BaseException:
-            await turn.close()
+            await turn.close(release_row=False)
             raise
         return turn
 
@@ -235,6 +269,10 @@ class SessionManager:
                 "tokens_seen": record.meta.get("tokens_seen"), "messages": record.messages}
 
     def shutdown(self) -> None:
+        if self.turn_pool is not None:
+            self.turn_pool.shutdown(wait=True, cancel_futures=True)
+        if self.scheduler is not None:
+            self.scheduler.stop()
         self.worker.shutdown()
         self.io.shutdown()
         self.store.close()
@@ -257,6 +295,7 @@ class Turn:
         self.snapshot_bytes = 0
         self.persist_ms = 0.0
         self.loaded_from = live.source  # new | memory | snapshot | replay
+        self._stepping = threading.Lock()  # one step of this turn at a time, on whichever thread
 
     def start(self, payload, max_new_tokens: int, sampling: SamplingParams) -> None:
         """(model thread) Reuse or rebuild the conversation, prefill and sample the first token, so
@@ -267,7 +306,23 @@ class Turn:
         conv, self.rebuilt, self.gen = self.live.conv.reply(payload, max_new_tokens, sampling, fresh)
         self.live.conv = conv
         self.reused_tokens = 0 if self.rebuilt else before
-        self._next = next(self.gen, None)
+        if self.m.scheduler is not None:  # the stream moves into a batch row for this turn
+            self.m.scheduler.attach(conv.engine)
+        self._next = self.next_token()
+
+    def next_token(self) -> Token | None:
+        """(turn thread) The reply's next token, None when it is done."""
+        with self._stepping:
+            return next(self.gen, None)
+
+    def settle(self, aborted: bool) -> None:
+        """(turn thread) Close the reply (an aborted one feeds its end of turn) and move the stream
+        out of its batch row."""
+        with self._stepping:
+            if aborted and self.gen is not None:
+                self.gen.close()
+            if self.m.scheduler is not None:
+                self.m.scheduler.detach(self.live.conv.engine)
 
     async def tokens(self) -> AsyncIterator[Token]:
         """The reply's tokens, one model-thread job per token after the first (call once)."""
@@ -277,8 +332,9 @@ class Turn:
             if tok.finish_reason:
                 self.finish_reason = tok.finish_reason
             yield tok
-            tok = await self.m.worker.call(next, self.gen, None)
+            tok = await self.m.step(self.next_token)
         self.prompt_tokens = self.live.conv.last_prompt_tokens
+        await self.m.step(self.settle, False)
 
     def info(self) -> dict:
         conv = self.live.conv
@@ -311,17 +367,28 @@ class Turn:
         self.live.source = "memory"
         return self.info()
 
-    async def close(self) -> None:
+    async def close(self, release_row: bool = True) -> None:
         """Release the session; a turn that did not commit is rolled back (see module doc)."""
         if self.closed:
             return
         self.closed = True
+        rows = self.m._rows if release_row else None
         if not self.committed:
             self.m.counters["aborted"] += 1
-            if self.gen is not None:
-                self.m.worker.submit(self.gen.close)  # after any step still running; no forward
+            loop = asyncio.get_running_loop()
+
+            def settle_then_release():
+                try:
+                    self.settle(True)
+                finally:
+                    if rows is not None:  # the row is free only once the stream left it
+                        loop.call_soon_threadsafe(rows.release)
+
+            self.m.step_later(settle_then_release)  # after any step still running
             if not self.stateless:
                 self.m.drop(self.live.sid)
+        elif rows is not None:
+            rows.release()
         if not self.stateless:
             self.m._release(self.live.sid)
             self.m.evict_idle()

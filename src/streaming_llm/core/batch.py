@@ -1,0 +1,114 @@
+"""StreamBatch: many independent streams of one model in one forward, each exact as if alone.
+
+A batch owns one `StreamingCache` of `slots` rows (fixed buffers, allocated once: memory is
+`slots` times one stream's bounded cache). A stream takes a free row (`add`, optionally from a
+`StreamingLLM.state_dict()`), is fed through `feed(rows, ids)` together with any other rows (each
+row its own counters: tokens seen, ring slot, sink offset, rebase shift), and leaves (`remove`),
+handing its row to the next stream without touching the other rows. Rows given to one `feed` are
+read in place when they are contiguous (a view of the buffers); any other set of rows works too,
+at the cost of a copy of their cache per layer, so a scheduler keeps its decoding rows together.
+
+What it does NOT do: sample, decode text, schedule (the server's worker does), or batch the
+`dense` and `recompute` baselines (their caches are not bounded: use one `StreamingLLM` each).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import UserError
+from .cache import KWARG
+from .engine import StreamingLLM
+
+
+class StreamBatch:
+    """Up to `slots` streams sharing `engine`'s model and streaming config."""
+
+    def __init__(self, engine: StreamingLLM, slots: int):
+        if engine.config.method not in ("streaming", "window"):
+            raise UserError(f"batched streams need --method streaming or window (got {engine.config.method})")
+        if slots < 1:
+            raise UserError(f"a batch needs at least one slot (got {slots})")
+        self.engine = engine
+        self.slots = slots
+        self.cache = engine.new_cache(batch_size=slots)
+        self._free = list(range(slots))
+
+    # ---- rows ------------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[int]:
+        return sorted(set(range(self.slots)) - set(self._free))
+
+    def add(self, state: dict | None = None) -> int:
+        """Give a new stream (or the saved one `state`, a `StreamingLLM.state_dict()`) the lowest free row."""
+        if not self._free:
+            raise UserError(f"all {self.slots} batch slots are in use")
+        row = min(self._free)
+        self.cache.reset_row(row)
+        if state is not None:
+            self.load(row, state)
+        self._free.remove(row)
+        return row
+
+    def remove(self, row: int) -> None:
+        """End row's stream and free its row (its buffers stay allocated for the next stream)."""
+        self._check([row])
+        self.cache.reset_row(row)
+        self._free.append(row)
+
+    def state(self, row: int) -> dict:
+        """Row's stream as a `StreamingLLM.state_dict()` (copies): load it into an engine or a batch."""
+        self._check([row])
+        return {"config": self.engine.config.to_dict(), "tokens_seen": self.cache.seen(row), "history": [],
+                "cache": self.cache.row_state(row)}
+
+    def load(self, row: int, state: dict) -> None:
+        if state["config"] != self.engine.config.to_dict():
+            raise UserError(f"saved stream used {state['config']}, this batch uses {self.engine.config.to_dict()}")
+        self.cache.load_row_state(row, state["cache"])
+
+    def tokens_seen(self, row: int) -> int:
+        return self.cache.seen(row)
+
+    def cache_tokens(self, row: int) -> int:
+        return self.cache.held(row)
+
+    def _check(self, rows: Sequence[int]) -> None:
+        bad = [r for r in rows if not 0 <= r < self.slots or r in self._free]
+        if bad:
+            raise UserError(f"rows {bad} hold no stream (active: {self.active})")
+        if len(set(rows)) != len(rows):
+            raise UserError(f"a row appears twice in one feed: {list(rows)}")
+
+    # ---- feeding ---------------------------------------------------------------------------------
+    def feed(self, rows: Sequence[int], ids, logits: str = "last") -> torch.Tensor | None:
+        """Append ids[i] (C tokens each) to the stream in rows[i], for all i in one forward per
+        chunk. Returns float32 logits (B, C, V) for logits="all", (B, V) for "last", None for "none"."""
+        rows = [int(r) for r in rows]
+        self._check(rows)
+        ids = torch.as_tensor(ids, dtype=torch.long).to(self.engine.device)
+        if ids.dim() == 1:
+            ids = ids[:, None]
+        if ids.shape[0] != len(rows) or ids.shape[1] == 0:
+            raise UserError(f"feed needs one row of ids per stream: got ids of shape {tuple(ids.shape)} for {len(rows)} rows")
+        outs, step, total = [], self.engine.config.chunk_size, ids.shape[1]
+        for lo in range(0, total, step):
+            last = lo + step >= total
+            keep_all = logits == "all"
+            out = self._forward(rows, ids[:, lo : lo + step], keep_all)
+            if keep_all or (logits == "last" and last):
+                outs.append(out)
+        if logits == "none":
+            return None
+        return torch.cat(outs, dim=1) if logits == "all" else outs[-1][:, -1]
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[int], chunk: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        engine = self.engine
+        pos = self.cache.prepare(chunk.shape[1], rows, device=chunk.device)
+        kwargs = {engine.cache_kw: self.cache, KWARG: self.cache, "use_cache": True, "position_ids": pos}
+        if engine.can_keep_logits and not keep_all:
+            kwargs["logits_to_keep"] = 1
+        return engine.model(input_ids=chunk, **kwargs).logits.float()

@@ -1,0 +1,235 @@
+"""Continuous batching: one model thread steps every active session's stream in one forward.
+
+While a session's turn runs, its engine is attached to a row of one `StreamBatch` (its stream
+state is copied in when the turn starts and back out when it ends, so idle sessions hold no batch
+row). The turn's own code (sampling, stop rules, text decoding) runs on the caller's thread as
+before; only its forwards come here, as requests (`Row.feed`). The model thread loops:
+
+1. Gather. After a forward, wait until every row that was decoding has asked for its next token,
+   or `gather_ms` passed (a reply whose client reads slowly is then served in the next round).
+2. Decode: ONE batched forward for every pending single-token request, rows in ascending order
+   (contiguous rows are read in place).
+3. Prefill: then at most ONE chunk (`prefill_chunk` tokens) of the oldest multi-token request
+   (a new prompt), so a long prompt delays each decode round by one chunk instead of stalling
+   every other reply until it is done: vLLM's chunked prefill with decodes first.
+Attach and detach run on the model thread too, between forwards, so nothing else ever touches
+the batch. Every row is exact (a row's logits equal the same stream alone; `core/batch.py`).
+
+What it does NOT do: sampling, HTTP, locks per session, persistence (see `sessions.py`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+import torch
+
+from ..core.batch import StreamBatch
+from ..core.engine import StreamingLLM
+
+DEFAULT_GATHER_MS = 5.0
+
+
+class _Request:
+    __slots__ = ("row", "ids", "logits", "future", "offset", "outs")
+
+    def __init__(self, row: int, ids: torch.Tensor, logits: str):
+        self.row, self.ids, self.logits = row, ids, logits
+        self.future: Future = Future()
+        self.offset = 0
+        self.outs: list[torch.Tensor] = []
+
+
+class Row:
+    """One attached stream's handle: what `StreamingLLM.attach` needs (a feeder)."""
+
+    def __init__(self, scheduler: "Scheduler", row: int):
+        self.scheduler, self.row = scheduler, row
+
+    def feed(self, ids: torch.Tensor, logits: str):
+        return self.scheduler.submit(self.row, ids, logits).result()
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.scheduler.batch.tokens_seen(self.row)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.scheduler.batch.cache_tokens(self.row)
+
+    def state(self) -> dict:
+        return self.scheduler.call(self.scheduler.batch.state, self.row)
+
+
+class Scheduler:
+    """The model thread and its batch of `slots` rows (see the module docstring)."""
+
+    def __init__(self, engine: StreamingLLM, slots: int, prefill_chunk: int | None = None,
+                 gather_ms: float = DEFAULT_GATHER_MS):
+        self.batch = StreamBatch(engine, slots)
+        self.prefill_chunk = prefill_chunk or engine.config.chunk_size
+        self.gather_s = gather_ms / 1000
+        self._cv = threading.Condition()
+        self._pending: deque[_Request] = deque()
+        self._calls: deque[tuple] = deque()
+        self._decoding: set[int] = set()  # rows whose last request was a decode step
+        self._last_forward = 0.0
+        self._running = True
+        self.stats = {"forwards": 0, "decode_steps": 0, "decode_tokens": 0, "prefill_chunks": 0,
+                      "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0}
+        self._thread = threading.Thread(target=self._loop, name="batch-model", daemon=True)
+        self._thread.start()
+
+    # ---- API (any thread) --------------------------------------------------------------------
+    @property
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_rows(self) -> int:
+        return self.batch.slots - len(self.batch._free)
+
+    def attach(self, engine: StreamingLLM) -> Row:
+        """Move `engine`'s stream into a free row; its feeds come here until `detach`."""
+        row = Row(self, self.call(self.batch.add, engine.state_dict()))
+        engine.attach(row)
+        return row
+
+    def detach(self, engine: StreamingLLM) -> None:
+        """Copy the stream back into `engine` and free its row (no-op if not attached here)."""
+        row = engine.feeder
+        if not isinstance(row, Row) or row.scheduler is not self:
+            return
+        engine.detach()  # reads the row's state through the model thread
+        self.call(self._free, row.row)
+
+    def submit(self, row: int, ids: torch.Tensor, logits: str) -> Future:
+        req = _Request(row, ids.reshape(-1), logits)
+        with self._cv:
+            if not self._running:
+                req.future.set_exception(RuntimeError("the model thread has stopped"))
+                return req.future
+            self._pending.append(req)
+            self._cv.notify()
+        return req.future
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the model thread between forwards; return its result."""
+        fut: Future = Future()
+        with self._cv:
+            if not self._running:
+                raise RuntimeError("the model thread has stopped")
+            self._calls.append((fn, args, fut))
+            self._cv.notify()
+        return fut.result()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the model thread --------------------------------------------------------------------
+    def _free(self, row: int) -> None:
+        self._decoding.discard(row)
+        self.batch.remove(row)
+
+    def _take(self):
+        """(calls, decode requests, one prefill request or None), waiting as the policy says."""
+        with self._cv:
+            while self._running and not self._pending and not self._calls:
+                self._cv.wait()
+            deadline = self._last_forward + self.gather_s
+            while self._running and not self._calls:
+                waiting = {r.row for r in self._pending}
+                missing = self._decoding - waiting
+                left = deadline - time.perf_counter()
+                if not missing or left <= 0:
+                    break
+                self._cv.wait(left)
+            calls = list(self._calls)
+            self._calls.clear()
+            if calls:  # attach/detach first; requests wait for the next round
+                return calls, [], None
+            decodes = [r for r in self._pending if r.ids.numel() == 1]
+            prefill = next((r for r in self._pending if r.ids.numel() > 1), None)
+            for r in decodes:
+                self._pending.remove(r)
+            return calls, decodes, prefill
+
+    def _loop(self) -> None:
+        while True:
+            calls, decodes, prefill = self._take()
+            if not self._running and not calls and not decodes and prefill is None:
+                break
+            for fn, args, fut in calls:
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+            try:
+                if decodes:
+                    self._decode(decodes)
+                if prefill is not None:
+                    self._prefill_chunk(prefill)
+            finally:
+                self._last_forward = time.perf_counter()
+        with self._cv:
+            for r in self._pending:
+                r.future.set_exception(RuntimeError("the model thread has stopped"))
+            self._pending.clear()
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        reqs.sort(key=lambda r: r.row)
+        rows = [r.row for r in reqs]
+        try:
+            logits = self.batch.feed(rows, torch.stack([r.ids for r in reqs]), logits="last")  # (B, V)
+        except BaseException as e:  # noqa: BLE001
+            for r in reqs:
+                r.future.set_exception(e)
+            return
+        self._decoding = set(rows)
+        s = self.stats
+        s["forwards"] += 1
+        s["decode_steps"] += 1
+        s["decode_tokens"] += len(rows)
+        s["last_batch_size"] = len(rows)
+        s["max_batch_size"] = max(s["max_batch_size"], len(rows))
+        for i, r in enumerate(reqs):
+            r.future.set_result(self._shape(logits[i : i + 1], r.logits))
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        lo, hi = req.offset, min(req.offset + self.prefill_chunk, req.ids.numel())
+        self._decoding.discard(req.row)
+        last = hi == req.ids.numel()
+        mode = "all" if req.logits == "all" else ("last" if last and req.logits == "last" else "none")
+        try:
+            out = self.batch.feed([req.row], req.ids[lo:hi][None], logits=mode)
+        except BaseException as e:  # noqa: BLE001
+            with self._cv:
+                self._pending.remove(req)
+            req.future.set_exception(e)
+            return
+        self.stats["forwards"] += 1
+        self.stats["prefill_chunks"] += 1
+        self.stats["prefill_tokens"] += hi - lo
+        if out is not None:
+            req.outs.append(out[0])
+        req.offset = hi
+        if last:
+            with self._cv:
+                self._pending.remove(req)
+            if req.logits == "all":
+                req.future.set_result(torch.cat(req.outs))
+            else:
+                req.future.set_result(None if req.logits == "none" else req.outs[-1])
+
+    @staticmethod
+    def _shape(logits: torch.Tensor, mode: str):
+        """(1, V) logits of a single-token request, as `StreamingLLM.feed(..., logits=mode)` returns them."""
+        if mode == "none":
+            return None
+        return logits if mode == "all" else logits[0]

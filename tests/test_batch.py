@@ -1,0 +1,200 @@
+"""Many streams in one forward: every row equals the same stream run alone (and the paper's
+literal reference), at every stage of a stream, with rows joining and leaving; no hidden state."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from reference import PaperReference
+from streaming_llm.core.batch import StreamBatch
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
+from streaming_llm.core.rope import find_rotary_module
+from streaming_llm.errors import UserError
+from tiny_models import ARCHS, tiny_model
+
+ATOL = 1e-4
+S, W = 3, 8
+
+
+def ids_for(n, seed, vocab=96):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def close(a, b, atol=ATOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    assert err <= atol, f"max abs diff {err}"
+
+
+def engine(model, **kw):
+    return StreamingLLM(model, None, StreamingConfig(**{"sinks": S, "window": W, **kw}))
+
+
+def run_schedule(batch, streams, schedule):
+    """Feed `streams[row]` through `batch` by `schedule`: a list of (rows, n_tokens) steps. Returns
+    each row's logits for every token it was fed, in order."""
+    pos = {r: 0 for r in streams}
+    got = {r: [] for r in streams}
+    for rows, n in schedule:
+        ids = torch.stack([streams[r][pos[r] : pos[r] + n] for r in rows])
+        out = batch.feed(rows, ids, logits="all")
+        for i, r in enumerate(rows):
+            got[r].append(out[i])
+            pos[r] += n
+    return {r: torch.cat(v) for r, v in got.items()}
+
+
+# Rows at different stages in the same forwards: row 0 deep in eviction, row 1 just past the first
+# eviction, row 2 still filling its sinks when decoding starts; chunks and single tokens mixed.
+SCHEDULE = [((0,), 20), ((0, 1), 4), ((1, 2), 2), ((0, 1, 2), 5), *[((0, 1, 2), 1)] * 6, ((2, 0), 3),
+            ((1,), 1), ((0, 1, 2), 1), ((0, 2), 7), *[((0, 1, 2), 1)] * 3]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_row_equals_the_literal_reference_of_its_stream(arch):
+    model = tiny_model(arch)
+    lengths = {r: sum(n for rows, n in SCHEDULE if r in rows) for r in range(3)}
+    streams = {r: ids_for(lengths[r], seed=10 + r) for r in range(3)}
+    batch = StreamBatch(engine(model, chunk_size=4), slots=3)
+    for _ in range(3):
+        batch.add()
+    got = run_schedule(batch, streams, SCHEDULE)
+    for r, ids in streams.items():
+        ref = PaperReference(model, sinks=S, window=W, rotary_module=find_rotary_module(model)).feed(ids)
+        close(got[r], ref)
+        assert batch.tokens_seen(r) == len(ids) and batch.cache_tokens(r) == min(len(ids), S + W)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rows_rebase_independently_and_match_the_stream_alone(arch):
+    model = tiny_model(arch)
+    sched = [((0,), 17), *[((0, 1), 5)] * 10, *[((0, 1), 1)] * 20, ((1,), 24), ((0, 1), 3)]
+    streams = {r: ids_for(sum(n for rows, n in sched if r in rows), seed=r) for r in range(2)}
+    batch = StreamBatch(engine(model, chunk_size=5), slots=2)
+    batch.add(), batch.add()
+    batch.cache.position_limit = 30  # force rebases, at different moments per row
+    got = run_schedule(batch, streams, sched)
+    for r, ids in streams.items():
+        alone = engine(model, chunk_size=5).feed(ids)
+        close(got[r], alone)
+    assert max(batch.cache.pos_shift) < 0  # both rows were rebased
+
+
+def test_full_cache_decode_of_many_rows_equals_each_alone():
+    """The decode fast path (every row full, one fused kernel, per-row sink rotations)."""
+    model = tiny_model("qwen2")
+    batch = StreamBatch(engine(model), slots=4)
+    rows = [batch.add() for _ in range(4)]
+    prompts = [ids_for(12 + 7 * r, seed=r) for r in rows]
+    alone = [engine(model) for _ in rows]
+    for r in rows:
+        batch.feed([r], prompts[r][None])
+        alone[r].feed(prompts[r])
+    toks = ids_for(4 * 10, seed=99).reshape(10, 4)
+    for step in toks:
+        out = batch.feed(rows, step[:, None])
+        for r in rows:
+            close(out[r], alone[r].feed([int(step[r])], logits="last"))
+
+
+def test_non_contiguous_rows_and_slot_reuse_leave_other_rows_untouched():
+    model = tiny_model("llama")
+    batch = StreamBatch(engine(model, chunk_size=3), slots=4)
+    rows = [batch.add() for _ in range(4)]
+    streams = {r: ids_for(40, seed=r) for r in rows}
+    ref = {r: engine(model, chunk_size=3).feed(streams[r]) for r in rows}
+    got = {r: [] for r in rows}
+    for lo in range(0, 20, 4):  # rows 0 and 2 together (not contiguous), then 3 and 1 (reversed)
+        for pair in ((0, 2), (3, 1)):
+            out = batch.feed(pair, torch.stack([streams[r][lo : lo + 4] for r in pair]), logits="all")
+            for i, r in enumerate(pair):
+                got[r].append(out[i])
+    ptrs = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in batch.cache.layers]
+    batch.remove(2)  # row 2 leaves; a new stream takes its row
+    new = batch.add()
+    assert new == 2 and batch.tokens_seen(2) == 0
+    fresh = ids_for(25, seed=7)
+    close(batch.feed([2], fresh[None], logits="all")[0], engine(model, chunk_size=3).feed(fresh))
+    for lo in range(20, 40, 5):
+        out = batch.feed([0, 1, 3], torch.stack([streams[r][lo : lo + 5] for r in (0, 1, 3)]), logits="all")
+        for i, r in enumerate((0, 1, 3)):
+            got[r].append(out[i])
+    for r in (0, 1, 3):
+        close(torch.cat(got[r]), ref[r])
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in batch.cache.layers] == ptrs
+
+
+def test_a_stream_moves_between_an_engine_and_a_batch_row_exactly():
+    model = tiny_model("llama")
+    ids = ids_for(60, seed=3)
+    ref = engine(model).feed(ids)
+    e = engine(model)
+    e.feed(ids[:25])
+    batch = StreamBatch(engine(model), slots=3)
+    batch.add()
+    row = batch.add(e.state_dict())  # into a batch slot mid-stream
+    part = batch.feed([row], ids[25:45][None], logits="all")[0]
+    back = engine(model)
+    back.load_state_dict(batch.state(row))  # and out again
+    close(part, ref[25:45])
+    close(back.feed(ids[45:]), ref[45:])
+
+
+def test_batch_refuses_unbounded_methods_and_bad_rows():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="streaming or window"):
+        StreamBatch(engine(model, method="dense"), slots=2)
+    batch = StreamBatch(engine(model), slots=2)
+    row = batch.add()
+    with pytest.raises(UserError, match="hold no stream"):
+        batch.feed([row, 1], torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(UserError, match="one row of ids per stream"):
+        batch.feed([row], torch.zeros(2, 1, dtype=torch.long))
+    batch.add()
+    with pytest.raises(UserError, match="slots are in use"):
+        batch.add()
+
+
+def test_decode_step_for_a_batch_allocates_nothing_proportional_to_the_history():
+    """The buffers are B x (sinks + window) per layer and stay the same tensors, however long."""
+    model = tiny_model("llama")
+    batch = StreamBatch(engine(model), slots=2)
+    rows = [batch.add(), batch.add()]
+    batch.feed(rows, ids_for(40, seed=1).reshape(2, 20))
+    ptrs = [layer.keys.data_ptr() for layer in batch.cache.layers]
+    for k in range(50):
+        batch.feed(rows, ids_for(2, seed=k)[:, None])
+    for layer, p in zip(batch.cache.layers, ptrs):
+        assert layer.keys.data_ptr() == p and tuple(layer.keys.shape[:3]) == (2, 2, S + W)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_two_engines_run_forwards_on_two_threads_at_once(arch):
+    """No hidden state: two engines over the same model, fed concurrently from two threads (their
+    forwards interleave layer by layer), give exactly what each gives alone."""
+    model = tiny_model(arch)
+    streams = [ids_for(120, seed=s) for s in (1, 2)]
+    alone = [engine(model, chunk_size=1).feed(ids) for ids in streams]
+    results, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        try:
+            e = engine(model, chunk_size=1)
+            barrier.wait()
+            results[i] = torch.cat([e.feed(streams[i][k : k + 1]) for k in range(len(streams[i]))])
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, ref in zip(results, alone):
+        close(got, ref, atol=1e-6)
