@@ -225,9 +225,12 @@ def test_llamacpp_smoke_on_the_default_gguf(tmp_path, capsys):
 def test_busy_machine_runs_beside_and_is_recorded(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("STREAMING_LLM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset-by-this-test")  # recorded, so that what bench sets is undone
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     out = tmp_path / "busy.json"
     argv = ["bench", "--model", tiny, "--cache-sizes", "12", "--methods", "streaming", "--steps", "2", "--warmup", "1",
             "--busy", "1", "--in-process", "--json", str(out)]
     assert main(argv) == 0
     machine = json.loads(out.read_text())["machine"]
     assert machine["busy_threads"] == 1 and machine["thread_policy"] == "auto" and machine["threads"] >= 1
+    assert machine["busy_cores_at_start"] is not None

@@ -13,10 +13,12 @@ from streaming_llm.models import threads
 def clean_env(monkeypatch):
     monkeypatch.delenv(threads.ENV, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(threads.BUSY_ENV, raising=False)
     return monkeypatch
 
 
-def test_free_cores_decide_the_count():
+def test_free_cores_decide_the_count(clean_env):
+    clean_env.setenv(threads.BUSY_ENV, "fewer")
     n = os.cpu_count()
     assert threads.pick_threads(limit=n, busy=0.0).threads == n
     assert threads.pick_threads(limit=n, busy=float(n)).threads == 1  # never fewer than one
@@ -26,6 +28,12 @@ def test_free_cores_decide_the_count():
         assert threads.pick_threads(limit=n, busy=0.4).threads == n
     choice = threads.pick_threads(limit=n, busy=1.0)
     assert choice.policy == "auto" and "1.0 of" in choice.reason and choice.busy_cores == 1.0
+
+
+def test_default_busy_mode_is_the_measured_one(clean_env):
+    assert threads.busy_mode() == threads.BUSY_MODE == "passive"
+    quiet = threads.pick_threads(limit=2, busy=0.0)
+    assert quiet.threads == 2 and quiet.wait_policy is None  # quiet: spin, all cores
 
 
 def test_busy_cores_samples_the_machine():
