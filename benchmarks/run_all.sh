@@ -3,7 +3,7 @@
 # machine (check `uptime`: load average well under the core count; every result row records it).
 #
 #   benchmarks/run_all.sh            # sweep (with the floor), profile, long stream, in that order
-#   benchmarks/run_all.sh floor      # any of: sweep floor profile long (floor: quick re-check only)
+#   benchmarks/run_all.sh floor      # any of: sweep floor profile long peer peer-busy threads (floor: quick re-check only)
 #
 # Environment: MODEL, DTYPE (engine weights; the hf baseline is always float32), QUANT (auto | none | int8 |
 # int4: the engine's weight-only quantization; hf stays plain), THREADS, OUT,
@@ -44,7 +44,17 @@ run() {
         # Flat latency and memory over a long stream (~LONG x p50 ms/token: 100K x 30 ms = 50 min, x 60 ms = 100 min).
         long) bench long --methods streaming --cache-sizes "$LONG_CACHE" --long-stream "$LONG" --every 1000 \
                   --markdown --json "$OUT/long.json" --plot "$OUT/long.png" ;;
-        *) echo "unknown run '$1' (sweep | floor | profile | long)" >&2; exit 2 ;;
+        # Engine and llama.cpp side by side (issue 17, targets 1 and 5): same GGUF, threads, cached tokens (~4 min).
+        peer) bench peer --methods streaming,dense,llamacpp,hf --cache-sizes 256,1024,4096 --markdown \
+                  --json "$OUT/peer.json" --plot "$OUT/peer.png" ;;
+        # The same beside a 2-thread matmul loop that bench starts and stops itself (target 4; ~2 min).
+        peer-busy) bench peer_busy --methods streaming,llamacpp --cache-sizes 1024 --busy 2 --markdown \
+                       --json "$OUT/peer_busy.json" ;;
+        # Thread policies quiet and busy, engine and llama.cpp (~4 min a round; not through bench(): own flags).
+        threads) echo "== threads: benchmarks/thread_policy.py" >&2
+                 "$PYTHON" benchmarks/thread_policy.py --rounds 2 --json "$OUT/thread_policy.json" \
+                     2> "$OUT/thread_policy.log" | tee "$OUT/thread_policy.txt" ;;
+        *) echo "unknown run '$1' (sweep | floor | profile | long | peer | peer-busy | threads)" >&2; exit 2 ;;
     esac
 }
 

@@ -6,6 +6,7 @@ No timing is asserted anywhere: benchmarks are commands with recorded outputs (B
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -154,8 +155,10 @@ def test_ratios_per_size():
         {"method": "hf", "cache_size": 256, "ms_per_token_p50": 25.0},
         {"method": "streaming", "cache_size": 512, "ms_per_token_p50": 11.0},
     ]
+    rows.append({"method": "llamacpp", "cache_size": 256, "ms_per_token_p50": 12.5})
     r = bench.compute_ratios(rows)
-    assert r == {"256": {"streaming_vs_recompute_speedup": 150.0, "streaming_over_dense": 1.111, "hf_over_streaming": 2.5}}
+    assert r == {"256": {"streaming_vs_recompute_speedup": 150.0, "streaming_over_dense": 1.111, "hf_over_streaming": 2.5,
+                         "streaming_over_llamacpp": 0.8}}
     assert bench.parse_sizes("1024, 256,256", 4) == [256, 1024]
     with pytest.raises(UserError):
         bench.parse_methods("streaming,nope")
@@ -170,3 +173,64 @@ def test_quantized_engine_reads_fewer_weight_bytes(tiny, tmp_path):
     assert rows["streaming"]["quant"] == "int8" and "int8" in rows["streaming"]["weight_dtypes"]
     assert rows["hf"]["quant"] == "none" and rows["hf"]["dtype"] == "float32"  # the baseline stays plain
     assert rows["streaming"]["weight_mb"] < rows["hf"]["weight_mb"]
+
+
+# ---- llama.cpp as a peer (bench/llamacpp.py) ---------------------------------------------------
+def test_llamacpp_is_skipped_with_one_line_when_missing(tiny, tmp_path, capsys, monkeypatch):
+    from streaming_llm.bench import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    out = tmp_path / "skip.json"
+    argv = ["bench", "--model", tiny, "--cache-sizes", "12", "--methods", "streaming,llamacpp", "--steps", "2",
+            "--warmup", "1", "--in-process", "--json", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "skipping llamacpp" in ln]
+    assert len(lines) == 1 and "llama-cpp-python is not installed" in lines[0] and "pip install" in lines[0]
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["streaming"]
+    assert main(["bench", "--model", tiny, "--methods", "llamacpp", "--cache-sizes", "12"]) == 2
+    assert "nothing to measure: llamacpp skipped" in capsys.readouterr().err
+
+
+def test_llamacpp_needs_a_gguf(tiny, monkeypatch):
+    from streaming_llm.bench import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    assert "needs a GGUF model" in llamacpp.skip_reason(tiny)
+    assert llamacpp._quant_name(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "Q4_1"
+    assert llamacpp._quant_name(Path("gemma-3-270m-q4_k_m.gguf")) == "Q4_K_M"
+    meta = {"general.architecture": "llama", "llama.block_count": "30", "llama.attention.head_count": "9",
+            "llama.attention.head_count_kv": "3", "llama.embedding_length": "576"}
+    assert llamacpp._kv_bytes(meta, 1024) == 30 * 1024 * 3 * 128 * 2
+
+
+def test_llamacpp_smoke_on_the_default_gguf(tmp_path, capsys):
+    """Only where llama-cpp-python and the default model's package are installed (not in CI)."""
+    pytest.importorskip("llama_cpp")
+    from streaming_llm.bench import llamacpp
+
+    if llamacpp.skip_reason("smollm2-135m-instruct"):
+        pytest.skip(llamacpp.skip_reason("smollm2-135m-instruct"))
+    out = tmp_path / "llama.json"
+    argv = ["bench", "--methods", "llamacpp", "--cache-sizes", "16,32", "--steps", "3", "--warmup", "1",
+            "--threads", "1", "--json", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    _check_rows(data, ["llamacpp"], [16, 32])
+    r = data["results"][0]
+    assert r["quant"] == "Q4_1" and r["threads"] == 1 and r["n_ctx"] >= 16 and r["prefill_tokens"] == 15
+    assert "llamacpp@16" in _summary(capsys)["p50_ms"]
+
+
+def test_busy_machine_runs_beside_and_is_recorded(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("STREAMING_LLM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset-by-this-test")  # recorded, so that what bench sets is undone
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    out = tmp_path / "busy.json"
+    argv = ["bench", "--model", tiny, "--cache-sizes", "12", "--methods", "streaming", "--steps", "2", "--warmup", "1",
+            "--busy", "1", "--in-process", "--json", str(out)]
+    assert main(argv) == 0
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["busy_threads"] == 1 and machine["thread_policy"] == "auto" and machine["threads"] >= 1
+    assert machine["busy_cores_at_start"] is not None

@@ -60,3 +60,86 @@ def test_auto_quantizes_only_models_whose_weights_are_already_4bit():
             if isinstance(m, nn.Linear) and m is not model.get_output_embeddings():
                 m.weight.copy_(grid_linear(*m.weight.shape).weight)
     assert resolve_mode(model, "auto") == "int4"
+
+
+# ---- --quant auto by measurement (models/calibrate.py) ---------------------------------------
+def _grid_model():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m is not model.get_output_embeddings():
+                m.weight.copy_(grid_linear(*m.weight.shape).weight)
+    return model
+
+
+def test_auto_calibration_is_measured_once_cached_and_forced_again(tmp_path, monkeypatch, capsys):
+    from streaming_llm.models import calibrate
+
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(calibrate.RECALIBRATE_ENV, raising=False)
+    monkeypatch.setattr(calibrate, "_quiet", lambda threads: (True, 0.0))
+    model = _grid_model()
+    first = calibrate.calibrate(model)
+    assert first["source"] == "measured" and set(first["timings_ms"]) == {"int4", "int8", "none"}
+    assert first["choice"] in ("int4", "none") and first["allowed"] == ["int4", "none"]  # int8 is never chosen
+    files = list((tmp_path / "calibration").glob("quant-*.json"))
+    assert [str(f) for f in files] == [first["path"]]
+    assert "timing int4, int8 and float32" in capsys.readouterr().err
+    again = calibrate.calibrate(model)
+    assert again["source"] == "cache" and again["timings_ms"] == first["timings_ms"]
+    assert capsys.readouterr().err == ""  # nothing timed, nothing said
+    monkeypatch.setenv(calibrate.RECALIBRATE_ENV, "1")
+    assert calibrate.calibrate(model)["source"] == "measured"
+    monkeypatch.delenv(calibrate.RECALIBRATE_ENV)
+    # quantize_linears(auto) goes through the cache and records what it did
+    q = quantize_linears(_grid_model(), "auto")
+    info = q.config.streaming_llm_quant_calibration
+    assert info["source"] == "cache" and getattr(q.config, "streaming_llm_quant", "none") == info["choice"]
+
+
+def test_calibration_taken_while_busy_is_redone_when_quiet(tmp_path, monkeypatch):
+    from streaming_llm.models import calibrate
+
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(calibrate.RECALIBRATE_ENV, raising=False)
+    model = _grid_model()
+    monkeypatch.setattr(calibrate, "_quiet", lambda threads: (False, 2.0))
+    assert calibrate.calibrate(model)["source"] == "measured"
+    assert calibrate.calibrate(model)["source"] == "cache"  # still busy: the busy result is reused
+    monkeypatch.setattr(calibrate, "_quiet", lambda threads: (True, 0.0))
+    entry = calibrate.calibrate(model)
+    assert entry["source"] == "measured" and entry["quiet"] is True
+    assert calibrate.calibrate(model)["source"] == "cache"
+
+
+def test_auto_without_calibration_keeps_the_rule(tmp_path, monkeypatch):
+    from streaming_llm.models import calibrate
+
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    assert calibrate.choose_auto(tiny_model("llama")) == "none"  # float weights: nothing but none is allowed
+    assert not (tmp_path / "calibration").exists()
+    monkeypatch.setenv(calibrate.CALIBRATE_ENV, "0")
+    assert calibrate.choose_auto(_grid_model()) == "int4"  # turned off: the rule
+    monkeypatch.delenv(calibrate.CALIBRATE_ENV)
+
+    def broken(*a, **k):
+        raise RuntimeError("no int4 kernel here")
+
+    monkeypatch.setattr(calibrate, "time_modes", broken)
+    assert calibrate.choose_auto(_grid_model()) == "int4"  # a failed measurement: the rule
+    assert not list(tmp_path.glob("calibration/*.json"))
+
+
+def test_calibration_key_depends_on_threads_and_shapes(tmp_path, monkeypatch):
+    from streaming_llm.models import calibrate
+
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    n = torch.get_num_threads()
+    a = calibrate.cache_path(calibrate.machine_key(tiny_model("llama")))
+    b = calibrate.cache_path(calibrate.machine_key(tiny_model("llama", num_hidden_layers=3)))
+    try:
+        torch.set_num_threads(1 if n > 1 else 2)
+        c = calibrate.cache_path(calibrate.machine_key(tiny_model("llama")))
+    finally:
+        torch.set_num_threads(n)
+    assert len({a, b, c}) == 3 and a.parent == tmp_path / "calibration"

@@ -41,7 +41,11 @@ def add_model_arguments(p, quant_default: str = "none") -> None:
 
 
 def load_model_from_args(args):
-    """(model, tokenizer) as the shared model flags say, quantized if asked."""
+    """(model, tokenizer) as the shared model flags say, quantized if asked. The thread policy
+    (`models.threads`: `args.threads` if the verb has it, else auto) is applied first."""
+    from .models.threads import apply as apply_threads
+
+    apply_threads(getattr(args, "threads", None))  # before torch loads, where it has not yet
     from .models.loading import load_model
     from .models.quantize import quantize_linears
 

@@ -6,7 +6,8 @@ RSS is per configuration) and returns its result; `worker_main` is the subproces
 reading the spec from argv and printing the result JSON as its last stdout line. Decoders:
 - `_EngineDecoder`: the engine's `feed([tok], logits="last")` for streaming, window, dense, recompute;
   dense is cropped back (untimed) before each step so every step attends over exactly `size` tokens;
-- `_HFDecoder`: plain transformers, eager attention, default DynamicCache (same cropping).
+- `_HFDecoder`: plain transformers, eager attention, default DynamicCache (same cropping);
+- method `llamacpp` is measured by `llamacpp.measure_llamacpp`, in a worker without torch.
 This module measures and returns dicts; it prints only progress lines to stderr.
 """
 
@@ -134,7 +135,8 @@ def _load(spec: dict):
     hf = spec["method"] == "hf"
     dtype, quant = (HF_DTYPE, "none") if hf else (spec["dtype"], spec.get("quant", "none"))
     t0 = time.perf_counter()
-    model, tokenizer = load_model_from_args(SimpleNamespace(model=spec["model"], dtype=dtype, device=spec["device"], quant=quant))
+    model, tokenizer = load_model_from_args(SimpleNamespace(model=spec["model"], dtype=dtype, device=spec["device"], quant=quant,
+                                                            threads=spec.get("threads")))
     model.streaming_llm_stream_start = stream_prefix(tokenizer)  # the BOS rule, for `_prompt`
     with torch.no_grad():  # page in memory-mapped weights now, so RSS increases measure the cache
         for t in list(model.parameters()) + list(model.buffers()):
@@ -322,16 +324,26 @@ def worker_main() -> None:
 
     hf_logging.disable_progress_bar()  # this process only: one bar per configuration is noise
     try:
-        result = measure_long(spec) if spec.get("long_stream") else measure(spec)
+        result = _measure_any(spec)
     except UserError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(2)
     print(json.dumps(result))
 
 
+def _measure_any(spec: dict) -> dict:
+    if spec["method"] == "llamacpp":  # no torch in this process: llama.cpp brings its own OpenMP runtime
+        if spec.get("long_stream") or spec.get("profile"):
+            raise UserError("--long-stream and --profile measure the engine only; drop llamacpp from --methods")
+        from .llamacpp import measure_llamacpp
+
+        return measure_llamacpp(spec)
+    return measure_long(spec) if spec.get("long_stream") else measure(spec)
+
+
 def run_worker(spec: dict, in_process: bool = False) -> dict:
     if in_process:
-        return measure_long(spec) if spec.get("long_stream") else measure(spec)
+        return _measure_any(spec)
     src = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     code = "from streaming_llm.bench.measure import worker_main; worker_main()"

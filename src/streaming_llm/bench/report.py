@@ -21,6 +21,7 @@ STYLE = {  # method -> (colour, marker)
     "dense": ("tab:green", "s"),
     "hf": ("tab:gray", "D"),
     "recompute": ("tab:red", "^"),
+    "llamacpp": ("tab:orange", "P"),
 }
 
 
@@ -140,6 +141,8 @@ def markdown(data: dict) -> str:
     lines = [f"Machine: {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} CPUs, torch {m.get('torch', '?')}, "
              f"transformers {m.get('transformers', '?')}, {m.get('torch_threads', '?')} threads, "
              f"dtype {_precision(m)}, load average {m.get('load_avg_1m', '?')} at start"
+             + (f", threads chosen by {m['thread_policy']} ({m.get('thread_reason', '')})" if m.get("thread_policy") else "")
+             + (f", beside a {m['busy_threads']}-thread matmul loop" if m.get("busy_threads") else "")
              + (f"; memory bandwidth read {bw['read_gb_s']} GB/s, copy {bw['copy_gb_s']} GB/s" if bw else ""), ""]
     if "long_stream" in data:
         ls = data["long_stream"]
@@ -172,8 +175,9 @@ def markdown(data: dict) -> str:
     ratios = data.get("ratios", {})
     if ratios:
         lines += ["", "| cache | streaming vs recompute speed-up (>= 100x at 4096) | streaming / dense (<= 1.15) "
-                  "| hf / streaming (>= 2) |", "|---:|---:|---:|---:|"]
+                  "| hf / streaming (>= 2) | streaming / llama.cpp (<= 0.85) |", "|---:|---:|---:|---:|---:|"]
         for size, e in ratios.items():
             lines.append(f"| {size} | {_cell(e.get('streaming_vs_recompute_speedup'), '.1f')} | "
-                         f"{_cell(e.get('streaming_over_dense'), '.3f')} | {_cell(e.get('hf_over_streaming'), '.2f')} |")
+                         f"{_cell(e.get('streaming_over_dense'), '.3f')} | {_cell(e.get('hf_over_streaming'), '.2f')} | "
+                         f"{_cell(e.get('streaming_over_llamacpp'), '.3f')} |")
     return "\n".join(lines)

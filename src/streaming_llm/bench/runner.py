@@ -9,7 +9,12 @@ For each (method, cache size) a fresh subprocess loads the model, prefills the c
   every measured step attends over exactly `size` tokens, as streaming does;
 - recompute: every token recomputed over the last `size` tokens (slow: `--recompute-steps`);
 - hf: plain transformers, float32, `attn_implementation="eager"`, its default DynamicCache,
-  forward loop with `logits_to_keep=1` (what `generate` runs, minus its per-step overhead).
+  forward loop with `logits_to_keep=1` (what `generate` runs, minus its per-step overhead);
+- llamacpp: llama.cpp on the same GGUF through llama-cpp-python, `size` tokens attended per step
+  (`llamacpp.py`); skipped with a one-line message when it is not installed or the model is no GGUF.
+Threads: `--threads N`, else the loading layer's policy (`models/threads.py`), decided once here and
+passed to every worker, llama.cpp included. `--busy N` runs an N-thread matmul loop beside the
+measurements (started before the thread choice, stopped at the end): the busy-machine rows.
 Memory: peak RSS of the measurement (high-water mark reset after loading), its increase over
 the loaded-model RSS, and CUDA peak memory on GPUs. `--floor` adds the hardware floor (bytes of
 weights + KV read per token / measured bandwidth); `--profile` prints a torch.profiler table of
@@ -20,16 +25,20 @@ Prints a table, the ratios, writes `--json` and `--plot` (plots read the JSON on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .measure import HF_DTYPE, run_worker
 from ..cliargs import add_load_arguments
 from ..errors import UserError
 
-METHODS = ("streaming", "window", "dense", "recompute", "hf")
-DEFAULT_METHODS = "streaming,dense,recompute,hf"
+METHODS = ("streaming", "window", "dense", "recompute", "hf", "llamacpp")
+DEFAULT_METHODS = "streaming,dense,recompute,hf,llamacpp"
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
 DEFAULT_SINKS = 4
 DEFAULT_STEPS = 200
@@ -38,11 +47,16 @@ DEFAULT_RECOMPUTE_STEPS = 5
 DEFAULT_CHUNK = 256
 DEFAULT_LONG_EVERY = 1000
 DEFAULT_LONG_WINDOW = 10_000
+BUSY_WARMUP_S = 2.0  # the matmul loop reaches full speed before anything is measured or chosen
+BUSY_LOOP = "import sys, torch\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
 
 
 def add_arguments(p) -> None:
     add_load_arguments(p, quant_default="auto")  # the hf baseline always runs float32 without --quant
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of every method (default: one per free core at start, models/threads.py)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run an N-thread matmul loop beside the measurements (a busy machine)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of cached tokens")
     p.add_argument("--batch-sizes", default="1", help="comma list of streams decoded in one forward (streaming and "
@@ -123,7 +137,7 @@ def compute_ratios(results: list[dict]) -> dict:
     tps = {(r["method"], r["cache_size"], r.get("batch_size", 1)): r["tokens_per_s"] for r in results if "tokens_per_s" in r}
     out = {}
     for size in sorted({r["cache_size"] for r in results}):
-        s, d, rc, hf = (by.get((m, size)) for m in ("streaming", "dense", "recompute", "hf"))
+        s, d, rc, hf, lc = (by.get((m, size)) for m in ("streaming", "dense", "recompute", "hf", "llamacpp"))
         entry = {}
         for (m, sz, b), v in sorted(tps.items()):
             if sz == size and b > 1 and (m, sz, 1) in tps:
@@ -134,6 +148,8 @@ def compute_ratios(results: list[dict]) -> dict:
             entry["streaming_over_dense"] = round(s / d, 3)
         if s and hf:
             entry["hf_over_streaming"] = round(hf / s, 3)
+        if s and lc:
+            entry["streaming_over_llamacpp"] = round(s / lc, 3)
         if entry:
             out[str(size)] = entry
     return out
@@ -161,6 +177,8 @@ def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
             parts.append(f"streaming/dense cost {e['streaming_over_dense']:.3f} (target <= 1.15)")
         if "hf_over_streaming" in e:
             parts.append(f"hf/streaming {e['hf_over_streaming']:.2f}x (target >= 2)")
+        if "streaming_over_llamacpp" in e:
+            parts.append(f"streaming/llama.cpp {e['streaming_over_llamacpp']:.3f} (target <= 0.85)")
         parts += [f"{k.replace('_over_batch1_tokens_per_s', '')} {v:.2f}x batch-1 tokens/s" for k, v in e.items()
                   if k.endswith("_over_batch1_tokens_per_s")]
         print(f"cache {size}: " + "; ".join(parts))
@@ -172,19 +190,57 @@ def _spec(args, method: str, size: int, batch: int = 1) -> dict:
         "method": method, "cache_size": size, "sinks": args.sinks, "steps": args.steps, "warmup": args.warmup,
         "recompute_steps": args.recompute_steps, "chunk_size": args.chunk_size, "profile": args.profile,
         "profile_steps": args.profile_steps, "long_stream": args.long_stream, "every": args.every,
-        "long_window": args.long_window,
+        "long_window": args.long_window, **({"gguf": args._gguf} if method == "llamacpp" else {}),
     }
 
 
 def _machine(args) -> dict:
+    """Machine facts; decides the thread count of every worker (args.threads) on the way."""
     import torch
 
+    from ..models import threads
     from . import hardware
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choice = threads.resolve(args.threads, for_children=True)  # the workers are fresh processes
+    os.environ.update(choice.child_env())  # a PASSIVE wait policy reaches the workers (not this process)
+    args.threads = choice.threads or torch.get_num_threads()
     return {**hardware.machine_info(args.device), "dtype": args.dtype, "quant": args.quant, "hf_dtype": HF_DTYPE,
-            "model": args.model}
+            "model": args.model, **choice.as_dict(), "threads": args.threads, "torch_threads": args.threads,
+            "busy_threads": args.busy}
+
+
+def _available(args, methods: list[str]) -> list[str]:
+    """The methods that can run here: llamacpp is dropped, with a one-line message, when it cannot."""
+    args._gguf = None
+    if "llamacpp" not in methods:
+        return methods
+    from . import llamacpp
+
+    reason = llamacpp.skip_reason(args.model)
+    if reason is None:
+        args._gguf = str(llamacpp.gguf_for(args.model))
+        return methods
+    print(f"bench: skipping llamacpp: {reason}", file=sys.stderr, flush=True)
+    left = [m for m in methods if m != "llamacpp"]
+    if not left:
+        raise UserError(f"nothing to measure: llamacpp skipped ({reason})")
+    return left
+
+
+@contextlib.contextmanager
+def busy_machine(threads: int):
+    """An N-thread float32 matmul loop in a child process for the duration (nothing if N is 0)."""
+    if not threads:
+        yield None
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(threads)], env=env)
+    try:
+        time.sleep(BUSY_WARMUP_S)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _write(path: str | None, data: dict) -> None:
@@ -206,9 +262,17 @@ def run(args) -> int:
     sizes = parse_sizes(args.cache_sizes, args.sinks)
     batches = parse_batch_sizes(args.batch_sizes, methods)
     _check_positive(args, ["steps", "recompute_steps", "chunk_size", "threads", "profile_steps", "every", "long_window"])
-    _check_positive(args, ["warmup", "sinks"], minimum=0)
-    if args.long_stream is not None:
-        return run_long(args, methods, sizes)
+    _check_positive(args, ["warmup", "sinks", "busy"], minimum=0)
+    methods = _available(args, methods)
+    with busy_machine(args.busy):
+        if args.long_stream is not None:
+            return run_long(args, methods, sizes)
+        return _sweep(args, methods, sizes, batches)
+
+
+def _sweep(args, methods: list[str], sizes: list[int], batches: list[int]) -> int:
+    from . import report as bench_report
+
     machine = _machine(args)
     if args.floor:
         from .hardware import memory_bandwidth

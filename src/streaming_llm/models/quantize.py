@@ -7,6 +7,7 @@ float32 paths are 20-90x slower on this CPU) and returns float32 (`_weight_int8p
 asymmetric groups of 32 with a scale and a zero point, the same layout as GGUF Q4_1, so the
 default model's 4-bit weights map onto it almost exactly). Embedding lookups stay as they are.
 
+`--quant auto` is chosen by timing the formats on the machine at hand (`calibrate.py`).
 This changes the model's numbers slightly; `streaming-llm ppl` measures by how much. It does not
 touch attention or the cache.
 """
@@ -85,7 +86,7 @@ def on_4bit_grid(weight: torch.Tensor) -> bool:
 
 
 def resolve_mode(model: nn.Module, mode: str) -> str:
-    """"auto" -> "int4" when the decoder's linears already hold 4-bit weights (a model converted
+    """The rule for "auto" where nothing is measured: "int4" when the decoder's linears already hold 4-bit weights (a model converted
     from a Q4 GGUF, so int4 loses nothing but bf16 rounding), else "none"."""
     if mode != "auto":
         return mode
@@ -100,8 +101,12 @@ def quantize_linears(model: nn.Module, mode: str) -> nn.Module:
 
     "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
     head int8: the head is shared with the embedding, which GGUF files keep at higher precision.
-    "auto": see `resolve_mode`."""
-    mode = resolve_mode(model, mode)
+    "auto": the fastest allowed format measured on this machine (`calibrate.choose_auto`; without
+    a measurement, `resolve_mode`)."""
+    if mode == "auto":
+        from .calibrate import choose_auto
+
+        mode = choose_auto(model)
     if mode == "none":
         return model
     if mode not in QUANT_MODES:

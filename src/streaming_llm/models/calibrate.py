@@ -1,0 +1,202 @@
+"""`--quant auto` chosen by measurement on the machine at hand, once, and remembered.
+
+Which weight format decodes fastest depends on the CPU: on one host the int4 kernels were 2x
+faster than float32, on another barely faster. So the first load of a model with `--quant auto`
+times a few decode steps of each format (int4, int8, none) on the actual model, interleaved
+step by step so that machine drift hits all three alike, and picks the fastest of the formats
+allowed for the model. The result is written to `<cache>/calibration/quant-<key>.json`, keyed by
+CPU model, CPU flags, torch thread count, torch version and the model's shapes; later loads read
+it (milliseconds). A result taken while other processes kept the CPUs busy is replaced by a new
+measurement at the first load on a quiet machine. `STREAMING_LLM_RECALIBRATE=1` forces a new
+measurement; `STREAMING_LLM_CALIBRATE=0` turns calibration off.
+
+Allowed formats (quality, not speed): int4 only for models whose decoder weights already sit on a
+4-bit grid (a Q4 GGUF: int4 reproduces them to bf16 rounding, +0.28% perplexity on the default
+model), and `none` always. int8 is timed and recorded but never chosen by auto: it re-rounds those
+weights (+1.10% perplexity, over the 1% budget). A model with no allowed format but `none`, a
+device other than the CPU, or a failed measurement gets the rule auto had before calibration
+existed (`quantize.resolve_mode`): int4 for 4-bit-grid weights, else none.
+
+This module measures and caches; it does not quantize the model it is given (it times copies).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CACHE_VERSION = 1
+RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
+CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
+TIMED = ("int4", "int8", "none")
+PREFILL = 64  # cached tokens during the timed steps: enough to be a decode step, small enough to be quick
+WARMUP = 2
+STEPS = 8
+_SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def _cache_root() -> Path:
+    from .loading import cache_dir
+
+    return cache_dir()
+
+
+def cpu_identity() -> dict:
+    """CPU model name and every flag /proc/cpuinfo lists (the kernels a build may use)."""
+    import platform
+    import re
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+    return {"cpu": name.group(1).strip() if name else platform.processor() or platform.machine(),
+            "cpu_flags": sorted(set(flags.group(1).split())) if flags else []}
+
+
+def allowed_modes(model) -> list[str]:
+    """Formats auto may choose for this model, judged on its weights (see the module docstring)."""
+    from .quantize import resolve_mode
+
+    return ["int4", "none"] if resolve_mode(model, "auto") == "int4" else ["none"]
+
+
+def machine_key(model) -> dict:
+    """What a calibration depends on: the CPU, the thread count, torch, the model's shapes."""
+    import torch
+
+    text = model.config.get_text_config(decoder=True)
+    shapes = {k: getattr(text, k, None) for k in _SHAPE_KEYS}
+    return {**cpu_identity(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "model": shapes, "version": CACHE_VERSION}
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_root() / "calibration" / f"quant-{digest}.json"
+
+
+def _quantized_copy(model, mode: str):
+    from .quantize import quantize_linears
+
+    if mode == "none":
+        return model  # timed as it is; nothing is changed
+    return quantize_linears(copy.deepcopy(model), mode)
+
+
+def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, warmup: int = WARMUP) -> dict:
+    """Median ms of one decode step per format, over `steps` steps after `warmup`, interleaved."""
+    import inspect
+
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, prefill + 1), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    with torch.no_grad():
+        for mode in modes:
+            m = _quantized_copy(model, mode)
+            cache = DynamicCache(config=m.config)
+            m(input_ids=ids[:, :prefill], use_cache=True, logits_to_keep=1, **{kw: cache})
+            runs[mode] = (m, cache, [])
+        for i in range(warmup + steps):
+            for mode, (m, cache, samples) in runs.items():
+                extra = cache.get_seq_length() - prefill
+                if extra > 0:
+                    cache.crop(-extra)  # every step attends over the same cached tokens
+                t0 = time.perf_counter()
+                m(input_ids=ids[:, prefill:], use_cache=True, logits_to_keep=1, **{kw: cache}).logits.argmax()
+                if i >= warmup:
+                    samples.append((time.perf_counter() - t0) * 1000)
+    return {mode: round(statistics.median(s), 3) for mode, (_, _, s) in runs.items()}
+
+
+def _quiet(threads: int) -> tuple[bool, float | None]:
+    """Whether the machine has `threads` free cores now (other processes' load, sampled)."""
+    from .threads import busy_cores
+
+    busy = busy_cores()
+    return (busy is None or (os.cpu_count() or 1) - busy >= threads - 0.5), busy
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("version") == CACHE_VERSION and "timings_ms" in entry else None
+
+
+def _write(path: Path, entry: dict) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".quant-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f, indent=1)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+        return True
+    except OSError:
+        return False
+
+
+def calibrate(model, recalibrate: bool | None = None) -> dict:
+    """The calibration entry for this model on this machine: read from the cache, or measured
+    and written there. Keys: choice, timings_ms, allowed, source ("cache" | "measured"), path."""
+    if recalibrate is None:
+        recalibrate = os.environ.get(RECALIBRATE_ENV, "").strip() not in ("", "0")
+    allowed = allowed_modes(model)
+    key = machine_key(model)
+    path = cache_path(key)
+    entry = None if recalibrate else _read(path)
+    if entry is not None and not entry.get("quiet", True):
+        quiet, _ = _quiet(key["threads"])
+        if quiet:  # measured on a busy machine, and this one is quiet: measure again
+            entry = None
+    if entry is not None:
+        timings = entry["timings_ms"]
+        choice = min((m for m in allowed if m in timings), key=timings.get, default="none")
+        return {**entry, "choice": choice, "allowed": allowed, "source": "cache", "path": str(path)}
+    quiet, busy = _quiet(key["threads"])
+    print(f"streaming-llm: timing int4, int8 and float32 decode steps for --quant auto (once per machine, "
+          f"~{STEPS + WARMUP} steps each)...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    timings = time_modes(model)
+    choice = min(allowed, key=timings.get)
+    entry = {"version": CACHE_VERSION, "key": key, "timings_ms": timings, "choice": choice, "allowed": allowed,
+             "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": quiet, "busy_cores": busy,
+             "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    written = _write(path, entry)
+    return {**entry, "source": "measured", "path": str(path) if written else None}
+
+
+def choose_auto(model) -> str:
+    """What `--quant auto` means for this model here: the calibrated choice, or the rule without
+    calibration (`resolve_mode`) where calibration is off, impossible or fails."""
+    from .quantize import resolve_mode
+
+    fallback = resolve_mode(model, "auto")
+    if os.environ.get(CALIBRATE_ENV, "").strip() == "0" or fallback == "none":
+        model.config.streaming_llm_quant_calibration = {"source": "rule", "choice": fallback}
+        return fallback  # nothing but none is allowed: nothing to time
+    try:
+        entry = calibrate(model)
+    except Exception as e:  # a kernel missing on this CPU/torch build: the rule still holds
+        print(f"streaming-llm: --quant auto calibration failed ({type(e).__name__}: {e}); using {fallback}",
+              file=sys.stderr)
+        model.config.streaming_llm_quant_calibration = {"source": "rule", "choice": fallback, "error": str(e)}
+        return fallback
+    model.config.streaming_llm_quant_calibration = {k: entry[k] for k in ("source", "choice", "timings_ms", "path")}
+    return entry["choice"]
