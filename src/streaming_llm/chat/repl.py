@@ -161,14 +161,15 @@ def run(args) -> int:
 
 
 def _load_session(args, config):
-    from ..core.engine import StreamingLLM
     from ..cliargs import load_model_from_args
-    from .session import ChatSession
 
     interactive = args.script is None and sys.stdout.isatty()
     if interactive:
         print(f"loading {args.model}...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model_from_args(args)  # honours --quant
+    model, tokenizer = load_model_from_args(args)  # honours --quant; picks the thread policy before torch loads
+    from ..core.engine import StreamingLLM
+    from .session import ChatSession
+
     return ChatSession(StreamingLLM(model, tokenizer, config), system=args.system)
 
 
