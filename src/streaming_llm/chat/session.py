@@ -187,33 +187,36 @@ class ChatSession:
         self.extend([{"role": "user", "content": user_text}])
         return self.generate(max_new_tokens, sampling)
 
-    def generate(self, max_new_tokens: int = 256, sampling=None) -> Iterator:
+    def generate(self, max_new_tokens: int = 256, sampling=None, logprobs: int | None = None) -> Iterator:
         """Stream an assistant reply to the conversation so far.
 
         Nothing runs until the first token is requested. Stopping early is safe: stop iterating
         (and, to settle it at once, call `.close()` on the iterator, or just make the next call on
         the session, which settles it). The partial reply becomes the assistant message and the
         end-of-turn token is fed. With `sampling.seed` set, turn n samples with seed + n, so a
-        whole conversation is reproducible and a reloaded session continues it identically."""
+        whole conversation is reproducible and a reloaded session continues it identically.
+        `logprobs`: see `StreamingLLM.generate`."""
         self._close_active()
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
         if sampling is not None and sampling.seed is not None:
             sampling = replace(sampling, seed=sampling.seed + len(self.turns))
-        it = self._generate(max_new_tokens, sampling)
+        it = self._generate(max_new_tokens, sampling, logprobs)
         self._active = it
         return it
 
-    def _generate(self, max_new_tokens: int, sampling) -> Iterator:
+    def _generate(self, max_new_tokens: int, sampling, logprobs=None) -> Iterator:
         text = self._pending_text()
         ids = self.encode(text)
         if not self._fed_text:  # the stream's start: BOS exactly once if the model's rule wants one
             ids = special_tokens.chat_stream_start(self.tokenizer, ids)
+        self._turn_start = (self._fed_text, text, list(ids))  # for cut_last_reply
         turn = TurnStats(prompt_tokens=len(ids))
         produced: list[int] = []
         t0 = time.perf_counter()
         t_prefilled = None
-        inner = self.engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids)
+        inner = self.engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids,
+                                     logprobs=logprobs)
         try:
             for tok in inner:
                 if t_prefilled is None:  # the first token's forward and sampling belong to generation
@@ -246,6 +249,20 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": content})
         self._fed_messages = len(self.messages)
         self.turns.append(turn)
+
+    def cut_last_reply(self, content: str) -> None:
+        """Make the last (settled) reply `content`, e.g. the reply cut before a stop sequence.
+        The caller has first put the engine's stream back where that turn started (a snapshot
+        taken before the turn's first token, or a batch row dropped without copying it back);
+        this feeds the turn's prompt, `content`'s tokens and the end-of-turn token, so the stream
+        again holds exactly the conversation: what a reply of `content` ending in end-of-turn
+        would have left."""
+        self._close_active()
+        fed_before, prompt_text, prompt_ids = self._turn_start
+        self.engine.feed(prompt_ids + self.encode(content) + [self.eot_id], logits="none")
+        self._fed_text = fed_before + prompt_text + content + self.eot_text
+        self.messages[-1] = {"role": "assistant", "content": content}
+        self._fed_messages = len(self.messages)
 
     def _close_active(self) -> None:
         """Settle a reply the caller stopped iterating: keeps the partial reply, feeds end-of-turn."""

@@ -27,7 +27,7 @@ from .cache import StreamingCache
 from .config import StreamingConfig
 from ..errors import UnsupportedModelError, UserError
 from .rope import find_rotary_module, layer_ropes
-from .sampling import SamplingParams, Sampler, TextDecoder
+from .sampling import SamplingParams, Sampler, TextDecoder, token_logprobs
 from .streams import DenseStream, RecomputeStream, SinkStream
 
 
@@ -42,6 +42,11 @@ class Token:
     tokens_seen: int
     cache_tokens: int
     finish_reason: str | None = None  # "stop" | "length" on the last token
+    # with generate(..., logprobs=k): log-probability of this token and the k most likely ones,
+    # under the model's own distribution (log_softmax of the raw logits: before repetition
+    # penalty, temperature, top-k/top-p)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def layer_shapes(model, config: StreamingConfig) -> list[tuple[int, int]]:
@@ -218,13 +223,16 @@ class StreamingLLM:
         max_new_tokens: int = 256,
         sampling: SamplingParams | None = None,
         stop_ids: Sequence[int] = (),
+        logprobs: int | None = None,
     ) -> Iterator[Token]:
         """Feed the prompt (chunked), then yield generated tokens one by one.
 
         Each token is fed to the stream before it is yielded, so stopping the iteration at any
         point leaves the stream a faithful transcript of what was yielded. A stop token is fed
         and yielded too, with finish_reason="stop" and no text. `Token.ms` is the time of the
-        forward pass that consumed the token."""
+        forward pass that consumed the token. With `logprobs=k` (k >= 0) every token carries its
+        log-probability under the model's distribution and the k most likely alternatives
+        (`Token.logprob`, `Token.top_logprobs`), whatever the sampling settings."""
         sampling = sampling or SamplingParams()
         sampler = Sampler(sampling, device=self.device)
         decoder = TextDecoder(self.tokenizer) if self.tokenizer is not None else None
@@ -233,6 +241,9 @@ class StreamingLLM:
         produced: list[int] = []
         for index in range(max_new_tokens):
             tok = sampler.sample(logits, produced)
+            lp = top = None
+            if logprobs is not None:
+                lp, top = token_logprobs(logits, tok, logprobs)
             produced.append(tok)
             t0 = time.perf_counter()
             logits = self.feed([tok], logits="last")
@@ -241,6 +252,6 @@ class StreamingLLM:
             text = decoder.add(tok) if decoder is not None and finish != "stop" else ""
             if decoder is not None and finish is not None:
                 text += decoder.flush()
-            yield Token(tok, text, index, ms, self.tokens_seen, self.cache_tokens, finish)
+            yield Token(tok, text, index, ms, self.tokens_seen, self.cache_tokens, finish, lp, top)
             if finish is not None:
                 return

@@ -2,7 +2,8 @@
 
 `SamplingParams` holds the user's knobs (temperature 0 means greedy); `Sampler` turns one logits
 vector into a token id, deterministically for a given seed; `TextDecoder` turns a growing list of
-token ids into text pieces without splitting UTF-8 characters. No model code here.
+token ids into text pieces without splitting UTF-8 characters; `token_logprobs` reads a token's
+log-probability off a logits vector. No model code here.
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ class Sampler:
             logits[order[drop]] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def token_logprobs(logits: "torch.Tensor", token: int, k: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the `k` most likely (id, log-probability) pairs, best first)
+    under the distribution `logits` (V,) define: log_softmax in float32, no sampling settings."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, min(k, lp.numel())) if k > 0 else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(lp[token]), pairs
 
 
 class TextDecoder:

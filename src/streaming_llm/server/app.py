@@ -30,6 +30,7 @@ from . import schemas as S
 from .metrics import CONTENT_TYPE, Metrics, RequestCounter
 from .replicas import SessionBusy
 from .sessions import SessionConflict, SessionManager
+from .stops import LogprobReport
 from .redis_store import LeaseLost
 from .store import CorruptRecord
 
@@ -241,9 +242,9 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, str(e), code="invalid_value")
         return n, sampling
 
-    async def open_turn(sid, kind, payload, n, sampling):
+    async def open_turn(sid, kind, payload, n, sampling, req):
         try:
-            return await manager.open_turn(sid, kind, payload, n, sampling)
+            return await manager.open_turn(sid, kind, payload, n, sampling, req.stop_list(), req.logprob_count())
         except SessionBusy:
             raise
         except SessionConflict as e:
@@ -302,7 +303,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         if req.session_append and sid is None:
             raise ApiError(400, "session_append needs a named session (X-Session-ID, session_id or user)", param="session_append")
         n, sampling = generation_args(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
-        turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling)
+        turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling, req)
         return await _respond(request, turn, req, "chatcmpl", _chat_events, S.chat_completion)
 
     async def _respond(request, turn, req, id_prefix, events, build):
@@ -311,20 +312,29 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         rid, created = S.new_id(id_prefix), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return SSEResponse(events(turn, metrics, rid, req.model, created, include_usage), turn, metrics.closed)
-        text, info, use = await _collect(turn)
-        return build(rid, req.model, text, turn.finish_reason or "length", use, info)
+            report = _report(turn, req)
+            return SSEResponse(events(turn, metrics, rid, req.model, created, include_usage, report), turn, metrics.closed)
+        text, info, use, logprobs = await _collect(turn, _report(turn, req), id_prefix == "chatcmpl")
+        return build(rid, req.model, text, turn.finish_reason or "length", use, info, logprobs)
 
-    async def _collect(turn):
-        """Run a non-streaming turn to its end: (text, commit info, usage)."""
+    def _report(turn, req):
+        return LogprobReport(manager.tokenizer, turn.starts) if req.logprob_count() is not None else None
+
+    async def _collect(turn, report, is_chat):
+        """Run a non-streaming turn to its end: (text, commit info, usage, logprobs or None)."""
         try:
-            text = "".join([tok.text async for tok in metrics.tokens(turn)])
+            toks = [tok async for tok in metrics.tokens(turn)]
+            text = "".join(tok.text for tok in toks)
+            logprobs = None
+            if report is not None:
+                chosen = [t for tok in toks for t in report.add(tok)]
+                logprobs = report.chat(chosen) if is_chat else report.legacy(chosen)
             info = await turn.commit()
             metrics.committed(info)
         finally:
             await turn.close()
             metrics.closed(turn)
-        return text, info, S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)
+        return text, info, S.usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens), logprobs
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -338,7 +348,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, "prompt must not be empty", param="prompt")
         sid = session_id(request, req)
         n, sampling = generation_args(req, req.max_tokens)
-        turn = await open_turn(sid, "text", prompt, n, sampling)
+        turn = await open_turn(sid, "text", prompt, n, sampling, req)
         return await _respond(request, turn, req, "cmpl", _text_events, S.text_completion)
 
     app.openapi = lambda: _openapi(app, settings)
@@ -438,12 +448,14 @@ def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "streaming-llm"}
 
 
-async def _chat_events(turn, metrics, rid, model, created, include_usage):
+async def _chat_events(turn, metrics, rid, model, created, include_usage, report=None):
     try:
         yield sse(S.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
         async for tok in metrics.tokens(turn):
+            ready = report.add(tok) if report is not None else None
             if tok.text:
-                yield sse(S.chat_chunk(rid, model, created, {"content": tok.text}))
+                lp = report.chat(ready) if report is not None else None
+                yield sse(S.chat_chunk(rid, model, created, {"content": tok.text}, logprobs=lp))
         info = await turn.commit()  # durable before the client sees the end of the reply
         metrics.committed(info)
         yield sse(S.chat_chunk(rid, model, created, {}, turn.finish_reason or "length", session=info))
@@ -456,11 +468,13 @@ async def _chat_events(turn, metrics, rid, model, created, include_usage):
         yield sse(S.error_body(f"internal error while generating ({type(e).__name__})", "server_error"))
 
 
-async def _text_events(turn, metrics, rid, model, created, include_usage):
+async def _text_events(turn, metrics, rid, model, created, include_usage, report=None):
     try:
         async for tok in metrics.tokens(turn):
+            ready = report.add(tok) if report is not None else None
             if tok.text:
-                yield sse(S.text_chunk(rid, model, created, tok.text))
+                lp = report.legacy(ready) if report is not None else None
+                yield sse(S.text_chunk(rid, model, created, tok.text, logprobs=lp))
         info = await turn.commit()
         metrics.committed(info)
         yield sse(S.text_chunk(rid, model, created, "", turn.finish_reason or "length", session=info))

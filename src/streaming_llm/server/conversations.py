@@ -6,9 +6,11 @@
   incremental prefill of only the new messages).
 
 Both expose the same small surface to the session manager: `reply(payload, max_new_tokens,
-sampling, fresh) -> (conversation, rebuilt, Iterator[Token])` (runs on the model thread; `fresh()`
-makes an empty conversation for a rebuild; the transcript is updated only when the iterator is
-exhausted), `transcript()`, `state()` / `restore(state, transcript)`, `replay(transcript)`,
+sampling, fresh, logprobs) -> (conversation, rebuilt, Iterator[Token])` (runs on the model thread;
+`fresh()` makes an empty conversation for a rebuild; the transcript is updated when the iterator
+is exhausted or closed), `cut_last_reply(text)` (after a stop sequence: the caller has put the
+stream back where the turn started; the turn's prompt and `text` are fed again and the transcript
+holds `text`), `transcript()`, `state()` / `restore(state, transcript)`, `replay(transcript)`,
 `tokens_seen` and `engine`. `pack_state` / `unpack_state` turn a state into bytes for the store
 and back. Nothing here knows about HTTP, locks or threads.
 """
@@ -104,21 +106,28 @@ class TextConversation:
     def transcript(self) -> list[dict]:
         return list(self.turns)
 
-    def reply(self, prompt: str, max_new_tokens: int, sampling: SamplingParams, fresh=None):
+    def reply(self, prompt: str, max_new_tokens: int, sampling: SamplingParams, fresh=None, logprobs=None):
         """-> (self, rebuilt=False, token iterator): the prompt is appended to the stream."""
         if not prompt:
             raise UserError("prompt must not be empty")
         # a new stream starts as the model's BOS rule says; later prompts continue it
         ids = stream_ids(self.tokenizer, prompt, start=self.engine.tokens_seen == 0)
         self.last_prompt_tokens = len(ids)
-        return self, False, self._run(prompt, ids, max_new_tokens, sampling)
+        self._turn_start = (prompt, ids, len(self.turns))
+        return self, False, self._run(prompt, ids, max_new_tokens, sampling, logprobs)
 
-    def _run(self, prompt, ids, max_new_tokens, sampling) -> Iterator[Token]:
+    def _run(self, prompt, ids, max_new_tokens, sampling, logprobs) -> Iterator[Token]:
         pieces = []
-        for tok in self.engine.generate(ids, max_new_tokens, sampling, stop_ids=self.stop):
+        for tok in self.engine.generate(ids, max_new_tokens, sampling, stop_ids=self.stop, logprobs=logprobs):
             pieces.append(tok.text)
             yield tok
         self.turns.append({"prompt": prompt, "completion": "".join(pieces)})
+
+    def cut_last_reply(self, completion: str) -> None:
+        """The last turn's completion becomes `completion` (see the module docstring)."""
+        prompt, ids, before = self._turn_start
+        self.engine.feed(ids + stream_ids(self.tokenizer, completion, start=False), logits="none")
+        self.turns[before:] = [{"prompt": prompt, "completion": completion}]  # recorded or not (closed early)
 
     def state(self) -> dict:
         return {"engine": self.engine.state_dict()}
@@ -168,7 +177,7 @@ class ChatConversation:
     def transcript(self) -> list[dict]:
         return [dict(m) for m in self.session.messages]
 
-    def reply(self, payload: dict, max_new_tokens: int, sampling: SamplingParams, fresh=None):
+    def reply(self, payload: dict, max_new_tokens: int, sampling: SamplingParams, fresh=None, logprobs=None):
         s, messages, rebuilt = self.session, payload["messages"], False
         if payload.get("append"):
             s.extend(messages)
@@ -178,7 +187,10 @@ class ChatConversation:
             s.reset()
             s.extend(messages)
             rebuilt = True
-        return self, rebuilt, s.generate(max_new_tokens, sampling)
+        return self, rebuilt, s.generate(max_new_tokens, sampling, logprobs)
+
+    def cut_last_reply(self, content: str) -> None:
+        self.session.cut_last_reply(content)
 
     # The store wants bytes: the session's own state_dict, packed by `pack_state`.
     def state(self) -> dict:

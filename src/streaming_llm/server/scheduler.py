@@ -112,6 +112,16 @@ class Scheduler:
         engine.detach()  # reads the row's state through the model thread
         self.call(lambda: self._free(row.row))
 
+    def release(self, engine: StreamingLLM) -> None:
+        """Free `engine`'s row WITHOUT copying it back: the engine keeps the state it had when
+        attached (its own cache is untouched while attached). For a turn that must be redone
+        from its start (a stop sequence fired). No-op if not attached here."""
+        row = engine.feeder
+        if not isinstance(row, Row) or row.scheduler is not self:
+            return
+        engine.feeder = None  # what engine.detach() does, minus loading the row's state
+        self.call(lambda: self._free(row.row))
+
     def submit(self, handle: Row, ids: torch.Tensor, logits: str) -> Future:
         req = _Request(handle, ids.reshape(-1), logits)
         with self._cv:

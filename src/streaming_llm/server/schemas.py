@@ -2,8 +2,9 @@
 
 Requests are validated strictly (a string where a number belongs is a 400, not a coercion);
 unknown fields are accepted and ignored, as OpenAI-compatible servers usually do, except for the
-OpenAI features this server does not implement (`n` > 1, `stop`, tools, logprobs), which get a
-clear 400 from `unsupported_features`. Server-dependent bounds (max_tokens, the model name) are
+OpenAI features this server does not implement (`n` > 1, tools, JSON mode), which get a
+clear 400 from `unsupported_features`. `stop` (a string or up to 4) and logprobs (chat:
+`logprobs` + `top_logprobs` 0..20; completions: `logprobs` 0..5) are validated here. Server-dependent bounds (max_tokens, the model name) are
 checked by the routes, not here. Responses are plain dicts built by the helpers at the bottom.
 """
 
@@ -15,6 +16,8 @@ import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from .stops import MAX_LEGACY_LOGPROBS, MAX_STOPS, MAX_TOP_LOGPROBS
 
 ROLES = ("system", "developer", "user", "assistant")
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -63,12 +66,23 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    logprobs: Any = None
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     # Session naming (see docs/server.md): X-Session-ID header > session_id > user.
     user: StrictStr | None = None
     session_id: StrictStr | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed (got {len(v)})")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        """The stop sequences, empty ones dropped."""
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)
 
     @field_validator("session_id")
     @classmethod
@@ -86,6 +100,12 @@ class ChatCompletionRequest(_Generation):
     functions: Any = None
     response_format: Any = None
     session_append: StrictBool = False  # extension: messages are appended to the named session
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token to report (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -100,6 +120,10 @@ class CompletionRequest(_Generation):
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -113,13 +137,11 @@ def unsupported_features(req: _Generation) -> tuple[str, str] | None:
     """(param, message) for the first OpenAI feature this server does not implement, if any."""
     if req.n not in (None, 1):
         return "n", "only n=1 is supported"
-    if req.stop not in (None, [], ""):
-        return "stop", "stop sequences are not supported; generation ends at the model's end-of-turn token"
-    if req.logprobs not in (None, False, 0):
-        return "logprobs", "logprobs are not supported"
     if req.frequency_penalty not in (None, 0, 0.0) or req.presence_penalty not in (None, 0, 0.0):
         return "frequency_penalty", "frequency/presence penalties are not supported; use repetition_penalty"
     if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         if req.tools or req.functions or req.tool_choice not in (None, "none"):
             return "tools", "tools and function calling are not supported"
         if req.response_format not in (None, {"type": "text"}):
@@ -161,50 +183,50 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
-def chat_completion(rid: str, model: str, text: str, finish: str, use: dict, session: dict | None) -> dict:
+def chat_completion(rid: str, model: str, text: str, finish: str, use: dict, session: dict | None, logprobs=None) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
         ],
         "usage": use,
         "session": session,
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None, **extra) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None, logprobs=None, **extra) -> dict:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
         **extra,
     }
 
 
-def text_completion(rid: str, model: str, text: str, finish: str, use: dict, session: dict | None) -> dict:
+def text_completion(rid: str, model: str, text: str, finish: str, use: dict, session: dict | None, logprobs=None) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
         "usage": use,
         "session": session,
     }
 
 
-def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None, **extra) -> dict:
+def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None, logprobs=None, **extra) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
         **extra,
     }
 

@@ -18,6 +18,13 @@ After each completed turn the store is pruned in the background (`session_ttl`,
 `max_stored`: least recently updated first, never a session with a request in progress).
 A turn that does not complete (client gone, error) is rolled back by dropping the in-memory
 session: the next request reloads the last completed turn from the store.
+
+Stop sequences (`stops.py`). The turn's tokens pass through `cut_at_stops`; when a stop sequence
+fires, the stream must hold only what the client received. The stream is put back where the turn
+started and the turn's prompt plus the visible reply (plus end-of-turn, chat) are fed again
+(`Turn._cut`): batched, the row is freed WITHOUT copying it back (the engine's own cache was left
+untouched at attach, so it is the turn-start state); unbatched, from a copy of the stream taken
+at the turn's start (only for requests that have `stop`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from ..errors import UserError
 from ..core.sampling import SamplingParams
 from .conversations import TextConversation, pack_state, unpack_state
 from .scheduler import Scheduler
+from .stops import cut_at_stops
 from .store import SessionRecord, SessionStore
 
 log = logging.getLogger("streaming_llm.server")
@@ -188,19 +196,21 @@ class SessionManager:
         return sid in self._locks
 
     # ---- turns -------------------------------------------------------------------------------
-    async def open_turn(self, sid: str | None, kind: str, payload, max_new_tokens: int, sampling: SamplingParams) -> "Turn":
+    async def open_turn(self, sid: str | None, kind: str, payload, max_new_tokens: int, sampling: SamplingParams,
+                        stop: tuple[str, ...] = (), logprobs: int | None = None) -> "Turn":
         """Lock the session, bring it into memory, prefill and sample the first token. The caller
-        must `await turn.close()` whatever happens."""
+        must `await turn.close()` whatever happens. `stop`: stop sequences; `logprobs`: report
+        that many top alternatives per token (None: no logprobs)."""
         if self._rows is not None:
             await self._rows.acquire()  # a batch row for this turn; released by Turn.close
         try:
-            return await self._open_turn(sid, kind, payload, max_new_tokens, sampling)
+            return await self._open_turn(sid, kind, payload, max_new_tokens, sampling, tuple(stop), logprobs)
         except BaseException:
             if self._rows is not None:
                 self._rows.release()
             raise
 
-    async def _open_turn(self, sid, kind, payload, max_new_tokens, sampling) -> "Turn":
+    async def _open_turn(self, sid, kind, payload, max_new_tokens, sampling, stop, logprobs) -> "Turn":
         if sid is None:
             turn = Turn(self, Live("", await self.worker.call(self.new_conversation, kind)), stateless=True)
         else:
@@ -213,7 +223,7 @@ class SessionManager:
                 if turn is None:
                     self._release(sid)
         try:
-            await self.step(turn.start, payload, max_new_tokens, sampling)
+            await self.step(turn.start, payload, max_new_tokens, sampling, stop, logprobs)
         except BaseException:
             await turn.close(release_row=False)
             raise
@@ -308,6 +318,17 @@ class SessionManager:
         self.store.close()
 
 
+def _clone(x):
+    """A copy of a state dict whose tensors share nothing with the live stream."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
 class Turn:
     """One request's reply on one session. Iterate it for tokens, then `commit`, then `close`."""
 
@@ -326,19 +347,38 @@ class Turn:
         self.persist_ms = 0.0
         self.loaded_from = live.source  # new | memory | snapshot | replay
         self._stepping = threading.Lock()  # one step of this turn at a time, on whichever thread
+        self.starts: list[int] = []  # where each token's text began in the reply (stops.py)
+        self.cut = False  # a stop sequence ended the reply
+        self._start_state: dict | None = None  # unbatched turns with stop sequences: the turn-start stream
 
-    def start(self, payload, max_new_tokens: int, sampling: SamplingParams) -> None:
+    def start(self, payload, max_new_tokens: int, sampling: SamplingParams, stop: tuple[str, ...] = (),
+              logprobs: int | None = None) -> None:
         """(model thread) Reuse or rebuild the conversation, prefill and sample the first token, so
         that a failure here is still an HTTP error rather than an event in a started stream."""
         before = self.live.conv.tokens_seen
         kind = self.live.conv.kind
         fresh = lambda: self.m.new_conversation(kind)  # noqa: E731
-        conv, self.rebuilt, self.gen = self.live.conv.reply(payload, max_new_tokens, sampling, fresh)
+        conv, self.rebuilt, gen = self.live.conv.reply(payload, max_new_tokens, sampling, fresh, logprobs=logprobs)
         self.live.conv = conv
         self.reused_tokens = 0 if self.rebuilt else before
         if self.m.scheduler is not None:  # the stream moves into a batch row for this turn
             self.m.scheduler.attach(conv.engine)
+        elif stop:  # nothing of this turn is in the stream yet (the generator has not run)
+            self._start_state = _clone(conv.engine.state_dict())
+        self.gen = cut_at_stops(gen, stop, self._cut, self.starts)
         self._next = self.next_token()
+
+    def _cut(self, visible: str) -> None:
+        """(turn thread, inside a step) A stop sequence fired and the reply has settled: put the
+        stream back where the turn started, then feed the turn's prompt and `visible` again."""
+        engine = self.live.conv.engine
+        if self.m.scheduler is not None:
+            self.m.scheduler.release(engine)  # the row is dropped; the engine's own cache is the turn start
+        else:
+            engine.load_state_dict(self._start_state)
+            self._start_state = None
+        self.live.conv.cut_last_reply(visible)
+        self.cut = True
 
     def next_token(self) -> Token | None:
         """(turn thread) The reply's next token, None when it is done."""
@@ -352,7 +392,8 @@ class Turn:
             if aborted and self.gen is not None:
                 self.gen.close()
             if self.m.scheduler is not None:
-                self.m.scheduler.detach(self.live.conv.engine)
+                self.m.scheduler.detach(self.live.conv.engine)  # no-op after a cut (released)
+            self._start_state = None
 
     async def tokens(self) -> AsyncIterator[Token]:
         """The reply's tokens (call once). Unbatched: one model-thread job per token. Batched: a
