@@ -10,6 +10,8 @@ history the client saw.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import torch
@@ -30,7 +32,7 @@ def server(request, tiny, tmp_path_factory):  # noqa: F811
         yield s
 
 
-def pick_stop(text: str, length: int = 3, after: int = 3) -> str:
+def pick_stop(text: str, length: int = 3, after: int = 3, quiet: bool = False) -> str | None:
     """A substring of `text` of `length` characters (several tokens: the tokenizer is byte-level)
     whose first occurrence is at `after` or later, without U+FFFD (the random model's output is
     mostly bytes that are not UTF-8)."""
@@ -38,7 +40,8 @@ def pick_stop(text: str, length: int = 3, after: int = 3) -> str:
         s = text[i : i + length]
         if "\ufffd" not in s and text.find(s) >= after:
             return s
-    raise AssertionError(f"no usable stop string in {text!r}: pick another prompt")
+    if not quiet:
+        raise AssertionError(f"no usable stop string in {text!r}: pick another prompt")
 
 
 # ---- the matcher alone --------------------------------------------------------------------------
@@ -240,3 +243,63 @@ def test_langchain_invoke_and_stream_with_stop(server):
     msg = llm.invoke("abc", stop=[stop])
     assert msg.content == expected and msg.response_metadata["finish_reason"] == "stop"
     assert "".join(c.content for c in llm.stream("abc", stop=[stop])) == expected
+
+
+# ---- edges: a stop at the very start, a reload from the store, concurrent stops ----------------------
+def test_stop_at_the_start_and_after_a_reload_from_the_store(server):
+    client = server.client()
+    full, _ = chat(client, USER, n=24)
+    text, r = chat(client, USER, "edge0", n=24, stop=full[:3])
+    assert (text, r.choices[0].finish_reason) == ("", "stop")
+    history = USER + [{"role": "assistant", "content": ""}, {"role": "user", "content": "More"}]
+    again, r = chat(client, history, "edge0", n=12)
+    assert not r.model_extra["session"]["rebuilt"] and again == chat(client, history, n=12)[0]
+    # a cut turn's stored snapshot continues like the live session and like a fresh one
+    cut, _ = chat(client, USER, "edge", n=24, stop=[pick_stop(full)])
+    server.manager.drop("edge")  # the next request reloads the stored snapshot of the cut turn
+    history = USER + [{"role": "assistant", "content": cut}, {"role": "user", "content": "Again"}]
+    again, r = chat(client, history, "edge", n=12)
+    assert r.model_extra["session"]["loaded_from"] == "snapshot" and not r.model_extra["session"]["rebuilt"]
+    assert again == chat(client, history, n=12)[0]
+
+
+def test_concurrent_stops_match_sequential(server):
+    import concurrent.futures as cf
+
+    client = server.client()
+    users = [[{"role": "user", "content": u}] for u in ("abc", "hi", "abc", "hi")]  # with stop-able replies
+    fulls = [chat(client, u, n=32)[0] for u in users]
+    stops = [[pick_stop(f, after=2 + i)] for i, f in enumerate(fulls)]
+    expected = [f[: f.find(s[0])] for f, s in zip(fulls, stops)]
+
+    def run(i):
+        first, _ = chat(client, users[i], f"conc-{server.manager.max_batch}-{i}", n=32, stop=stops[i])
+        history = users[i] + [{"role": "assistant", "content": first}, {"role": "user", "content": "ok"}]
+        return first, chat(client, history, f"conc-{server.manager.max_batch}-{i}", n=12)[0], history
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    assert [r[0] for r in results] == expected
+    assert [r[1] for r in results] == [chat(client, r[2], n=12)[0] for r in results]
+
+
+def test_disconnect_during_a_stop_request_still_rolls_back(server):
+    client = server.client()
+    sid = f"dc-stop-{server.manager.max_batch}"
+    full, _ = chat(client, USER, n=24)
+    first, _ = chat(client, USER, sid, n=24, stop=[pick_stop(full)])
+    history = USER + [{"role": "assistant", "content": first}, {"role": "user", "content": "Go on"}]
+    before = httpx.get(server.url + "/health").json()["aborted"]
+    body = {"model": MODEL, "messages": history, "max_tokens": 2000, "stream": True, "temperature": 0,
+            "session_id": sid, "stop": ["\x00\x01", "\x02"]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        events = (line for line in r.iter_lines() if line)
+        for _ in range(3):
+            assert next(events).startswith("data: ")
+    deadline = time.time() + 10
+    while httpx.get(server.url + "/health").json()["aborted"] == before:
+        assert time.time() < deadline, "generation did not stop after the client left"
+        time.sleep(0.05)
+    assert httpx.get(server.url + f"/v1/sessions/{sid}").json()["turns"] == 1
+    again, r = chat(client, history, sid, n=12)
+    assert r.model_extra["session"]["turns"] == 2 and again == chat(client, history, n=12)[0]
