@@ -112,15 +112,17 @@ class Scheduler:
         engine.detach()  # reads the row's state through the model thread
         self.call(lambda: self._free(row.row))
 
-    def release(self, engine: StreamingLLM) -> None:
-        """Free `engine`'s row WITHOUT copying it back: the engine keeps the state it had when
-        attached (its own cache is untouched while attached). For a turn that must be redone
-        from its start (a stop sequence fired). No-op if not attached here."""
+    def rewind(self, engine: StreamingLLM) -> None:
+        """Put `engine`'s row back to the state the stream had when attached, which is the
+        engine's own cache (untouched while attached): the row is freed WITHOUT copying it back
+        and the engine is attached again. For a turn that must be redone from its start (a stop
+        sequence fired); its feeds keep coming here."""
         row = engine.feeder
         if not isinstance(row, Row) or row.scheduler is not self:
-            return
+            raise RuntimeError("rewind: this stream is not attached to this scheduler")
         engine.feeder = None  # what engine.detach() does, minus loading the row's state
         self.call(lambda: self._free(row.row))
+        self.attach(engine)  # the turn still holds its batch-row permit, so a row is free
 
     def submit(self, handle: Row, ids: torch.Tensor, logits: str) -> Future:
         req = _Request(handle, ids.reshape(-1), logits)

@@ -22,9 +22,10 @@ session: the next request reloads the last completed turn from the store.
 Stop sequences (`stops.py`). The turn's tokens pass through `cut_at_stops`; when a stop sequence
 fires, the stream must hold only what the client received. The stream is put back where the turn
 started and the turn's prompt plus the visible reply (plus end-of-turn, chat) are fed again
-(`Turn._cut`): batched, the row is freed WITHOUT copying it back (the engine's own cache was left
-untouched at attach, so it is the turn-start state); unbatched, from a copy of the stream taken
-at the turn's start (only for requests that have `stop`).
+(`Turn._cut`): batched, the row is refilled from the engine's own cache without copying the row
+back (the engine's cache is left untouched while attached, so it is the turn-start state) and the
+re-feed is a prefill request to the scheduler like any other; unbatched, the stream is restored
+from a copy taken at the turn's start (only for requests that have `stop`).
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ class Turn:
         stream back where the turn started, then feed the turn's prompt and `visible` again."""
         engine = self.live.conv.engine
         if self.m.scheduler is not None:
-            self.m.scheduler.release(engine)  # the row is dropped; the engine's own cache is the turn start
+            self.m.scheduler.rewind(engine)  # the row is refilled from the engine's own cache: the turn start
         else:
             engine.load_state_dict(self._start_state)
             self._start_state = None
@@ -392,7 +393,7 @@ class Turn:
             if aborted and self.gen is not None:
                 self.gen.close()
             if self.m.scheduler is not None:
-                self.m.scheduler.detach(self.live.conv.engine)  # no-op after a cut (released)
+                self.m.scheduler.detach(self.live.conv.engine)
             self._start_state = None
 
     async def tokens(self) -> AsyncIterator[Token]:
