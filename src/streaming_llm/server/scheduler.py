@@ -16,6 +16,9 @@ Attach and detach run on the model thread too, between forwards, so nothing else
 the batch. When streams leave from the middle, the highest rows move down into the holes before
 the next decode (one row copy each), so the decoding rows stay contiguous and are read in place. Every row is exact (a row's logits equal the same stream alone; `core/batch.py`).
 
+`rewind` puts a row back to the stream's state at attach (a turn cut by a stop sequence is then
+fed again from its start, `sessions.Turn._cut`).
+
 What it does NOT do: sampling, HTTP, locks per session, persistence (see `sessions.py`).
 """
 
