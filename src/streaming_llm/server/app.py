@@ -353,7 +353,9 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
 
     app.openapi = lambda: _openapi(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, api_key=settings.api_key)
+    from .web import mount_web  # the chat page at / (its files need no key; the API it calls does)
+
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key, open_paths=("/health", *mount_web(app, settings.model_name, manager.config)))
     app.add_middleware(RequestCounter, metrics=metrics, routes=app.routes)  # added last = runs first
     return app
 
