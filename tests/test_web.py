@@ -135,7 +135,9 @@ def text(driver, element_id) -> str:
 
 
 def bubbles(driver) -> list[tuple[str, str]]:
-    return [(e.get_attribute("data-role"), e.text) for e in driver.find_elements("css selector", "#messages .msg")]
+    """(role, text) of the shown messages, read in one script call (the page re-renders them)."""
+    js = "return Array.from(document.querySelectorAll('#messages .msg'), e => [e.dataset.role, e.textContent])"
+    return [tuple(b) for b in driver.execute_script(js)]
 
 
 def send(driver, message):
@@ -202,6 +204,9 @@ def test_chat_streams_shows_the_cache_and_survives_a_reload(server, browser):
 
     reply1 = send_and_wait(browser, "Hello there, tell me a story")
     assert reply1.strip()
+    # the reply arrived as SSE chunks, one per token, each appended to the bubble as it came
+    chunks = browser.execute_script("return document.querySelector('#messages .msg.assistant:last-child').dataset.chunks")
+    assert int(chunks) >= 2
     seen1 = seen(browser)
     assert seen1 > 0
     # the server's own numbers for that session
@@ -244,6 +249,19 @@ def test_chat_streams_shows_the_cache_and_survives_a_reload(server, browser):
     browser.find_element("css selector", f'#sessions li[data-id="{sid}"]').click()
     wait(browser, lambda d: len(bubbles(d)) == 4, what="the first conversation again")
     assert seen(browser) == seen2
+
+    # a session the server no longer has (deleted, expired) opens empty; the page's delete button
+    # deletes it on the server too
+    assert httpx.delete(f"{server.url}/v1/sessions/{sid2}").status_code == 200
+    browser.find_element("css selector", f'#sessions li[data-id="{sid2}"]').click()
+    wait(browser, lambda d: bubbles(d) == [] and seen(d) == 0, what="the deleted session, empty")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    row = browser.find_element("css selector", f'#sessions li[data-id="{sid}"]')
+    ActionChains(browser).move_to_element(row).click(row.find_element("css selector", ".del")).perform()  # shown on hover
+    wait(browser, lambda d: sid not in [li.get_attribute("data-id") for li in d.find_elements("css selector", "#sessions li")],
+         what="the deleted conversation to leave the list")
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404
 
 
 @needs_browser

@@ -80,7 +80,7 @@ async function loadSession(id) {
   try { resp = await fetch(`/v1/sessions/${encodeURIComponent(id)}`, { headers: headers() }); }
   catch (e) { showError(e); return; }
   if (id !== state.current) return;
-  if (resp.status === 404) { state.messages = []; renderMessages(); return; }  // not used yet (or expired)
+  if (resp.status === 404) { state.messages = []; state.stats = null; localStorage.removeItem(LS.stats + id); renderMessages(); renderStats(); return; }  // not used yet (or expired)
   if (!resp.ok) { showError(await apiError(resp)); return; }
   const info = await resp.json();
   state.messages = (info.messages || []).map((m) => ({ role: m.role, content: m.content }));
@@ -109,14 +109,15 @@ async function deleteSession(id) {
 const titleOf = (text) => (text.length > 40 ? text.slice(0, 40) + "\u2026" : text);
 
 // ---- messages --------------------------------------------------------------------------------
-function bubble(role, text) {
+function bubble(role, text, chunks) {
   const div = document.createElement("div");
   div.className = "msg " + role; div.dataset.role = role; div.textContent = text;
+  if (chunks != null) div.dataset.chunks = String(chunks);  // SSE chunks it streamed in (this page's replies)
   return div;
 }
 function renderMessages() {
   const box = $("messages");
-  box.replaceChildren(...state.messages.map((m) => bubble(m.role, m.content)));
+  box.replaceChildren(...state.messages.map((m) => bubble(m.role, m.content, m.chunks)));
   box.scrollTop = box.scrollHeight;
 }
 
@@ -182,7 +183,7 @@ async function send(text) {
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         const now = performance.now(); if (first === null) first = now; last = now;
-        tokens += 1; reply += delta.content; out.textContent = reply;
+        tokens += 1; reply += delta.content; out.textContent = reply; out.dataset.chunks = String(tokens);
         $("messages").scrollTop = $("messages").scrollHeight;
         // live estimate: what the stream had seen plus the tokens generated so far
         const seen = (base.tokens_seen || 0) + tokens, capacity = base.capacity || CONFIG.sinks + CONFIG.window;
@@ -191,7 +192,7 @@ async function send(text) {
         renderStats({ tokens });
       }
     }
-    state.messages.push({ role: "assistant", content: reply });
+    state.messages.push({ role: "assistant", content: reply, chunks: tokens });
     if (session) {
       const n = usage ? usage.completion_tokens : tokens;
       state.stats = { tokens_seen: session.tokens_seen, cache_tokens: session.cache_tokens, capacity: session.capacity,
