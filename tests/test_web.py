@@ -115,6 +115,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,760",
                 "--no-first-run", "--disable-extensions"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_page_load_timeout(30)
     try:
@@ -262,6 +263,10 @@ def test_chat_streams_shows_the_cache_and_survives_a_reload(server, browser):
     wait(browser, lambda d: sid not in [li.get_attribute("data-id") for li in d.find_elements("css selector", "#sessions li")],
          what="the deleted conversation to leave the list")
     assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404
+    # no script errors (the 404s of sessions not on the server yet are the browser's network log)
+    errors = [e["message"] for e in browser.get_log("browser")
+              if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+    assert errors == []
 
 
 @needs_browser
