@@ -70,7 +70,7 @@ def add_arguments(p) -> None:
                    help="dtype of stored streaming state: model (exact) or bfloat16 (half the size of float32)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the model (default: torch's choice; 1 is best on a busy machine)")
+                   help="torch CPU threads for the model (default: the thread policy at load, models/threads.py)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
