@@ -31,7 +31,7 @@ def test_free_cores_decide_the_count(clean_env):
 
 
 def test_default_busy_mode_is_the_measured_one(clean_env):
-    assert threads.busy_mode() == threads.BUSY_MODE == "passive"
+    assert threads.busy_mode() == threads.BUSY_MODE == "fewer"
     quiet = threads.pick_threads(limit=2, busy=0.0)
     assert quiet.threads == 2 and quiet.wait_policy is None  # quiet: spin, all cores
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 ENV = "STREAMING_LLM_THREADS"
 BUSY_ENV = "STREAMING_LLM_BUSY_THREADS"
 BUSY_MODES = ("fewer", "passive")
-BUSY_MODE = "passive"  # what auto does on a busy machine; chosen by benchmarks/thread_policy.py (BENCHMARKS.md)
+BUSY_MODE = "fewer"  # what auto does on a busy machine; chosen by benchmarks/thread_policy.py (BENCHMARKS.md)
 SAMPLE_S = 0.2  # long enough to see a busy core, short enough not to delay a chat's start
 _IDLE_FIELDS = (3, 4)  # idle, iowait in a /proc/stat cpu line (after the label)
 
