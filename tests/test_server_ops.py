@@ -20,26 +20,7 @@ import httpx
 import pytest
 
 from streaming_llm.server.store import SQLiteStore
-from test_server import MODEL, SRC, Server, chat, free_port
-from tiny_models import save_tiny_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    return path, AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+from test_server import MODEL, SRC, Server, chat, free_port, one_thread, tiny  # noqa: F401 - fixtures used by name
 
 
 def serve_cmd(model_path, port, *extra):

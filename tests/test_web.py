@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
-from streaming_llm.core.config import StreamingConfig
-from streaming_llm.server.serve import build
-from tiny_models import save_tiny_model
+from test_server import Server, one_thread, tiny  # noqa: F401 - fixtures used by name
 
-MODEL = "tiny"
-CONFIG = StreamingConfig(sinks=4, window=48)  # capacity 52: two turns fill it and evict
+WEB = dict(default_max_tokens=12, temperature=0.0)  # greedy, short replies
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
@@ -44,64 +37,15 @@ def _why_no_browser() -> str | None:
 needs_browser = pytest.mark.skipif(_why_no_browser() is not None, reason=_why_no_browser() or "")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The real app under uvicorn, in a thread, on a free loopback port."""
-
-    def __init__(self, model, tokenizer, data_dir, **kw):
-        self.app, self.manager = build(model, tokenizer, CONFIG, model_name=MODEL, data_dir=data_dir,
-                                       default_max_tokens=12, temperature=0.0, **kw)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.manager.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    with Server(*tiny, tmp_path_factory.mktemp("data")) as s:
+    with Server(*tiny[1:], tmp_path_factory.mktemp("data"), **WEB) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny, tmp_path_factory):
-    with Server(*tiny, tmp_path_factory.mktemp("data-key"), api_key="sekret-123") as s:
+    with Server(*tiny[1:], tmp_path_factory.mktemp("data-key"), api_key="sekret-123", **WEB) as s:
         yield s
 
 
@@ -126,9 +70,12 @@ def browser():
 
 # ---- helpers -----------------------------------------------------------------------------------
 def wait(driver, predicate, timeout=60, what="condition"):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: predicate(d), message=f"timed out waiting for {what}")
+    # the page re-renders lists as it updates: an element read mid-render is retried, not a failure
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: predicate(d), message=f"timed out waiting for {what}")
 
 
 def text(driver, element_id) -> str:
