@@ -358,13 +358,17 @@ def test_refuses_non_loopback_without_key(tmp_path):
 
 
 # ---- the CLI verb, killed mid-reply --------------------------------------------------------------
-def _start_cli(model_path, data_dir, port):
-    env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-m", "streaming_llm.cli", "serve", "--model", model_path, "--served-model-name", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--sinks", "4", "--window", "48", "--threads", "1",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
+def serve_cmd(model_path, port, *extra):
+    return [sys.executable, "-m", "streaming_llm.cli", "serve", "--model", str(model_path), "--served-model-name", MODEL,
+            "--host", "127.0.0.1", "--port", str(port), "--sinks", "4", "--window", "48", "--threads", "1",
+            "--log-level", "warning", *extra]
+
+
+def start_serve(model_path, port, *extra, wait=60):
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(serve_cmd(model_path, port, *extra), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + wait
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -377,10 +381,11 @@ def _start_cli(model_path, data_dir, port):
         time.sleep(0.1)
 
 
+
 def test_cli_serve_killed_mid_reply_loses_only_that_reply(tiny, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start_cli(tiny[0], tmp_path, port)
+    proc = start_serve(tiny[0], port, "--data-dir", str(tmp_path))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         reply, _ = chat(client, [{"role": "user", "content": "hello"}], "k")

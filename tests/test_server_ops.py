@@ -20,30 +20,7 @@ import httpx
 import pytest
 
 from streaming_llm.server.store import SQLiteStore
-from test_server import MODEL, SRC, Server, chat, free_port, one_thread, tiny  # noqa: F401 - fixtures used by name
-
-
-def serve_cmd(model_path, port, *extra):
-    return [sys.executable, "-m", "streaming_llm.cli", "serve", "--model", str(model_path), "--served-model-name", MODEL,
-            "--host", "127.0.0.1", "--port", str(port), "--sinks", "4", "--window", "48", "--threads", "1",
-            "--log-level", "warning", *extra]
-
-
-def start_serve(model_path, port, *extra, wait=60):
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen(serve_cmd(model_path, port, *extra), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + wait
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"serve did not start: {proc.stdout.read()}")
-        time.sleep(0.1)
+from test_server import MODEL, SRC, Server, chat, free_port, one_thread, serve_cmd, start_serve, tiny  # noqa: F401 - fixtures
 
 
 def stream_some(url, body, n_events=3):
