@@ -4,11 +4,17 @@
 vector into a token id, deterministically for a given seed; `TextDecoder` turns a growing list of
 token ids into text pieces without splitting UTF-8 characters; `token_logprobs` reads a token's
 log-probability off a logits vector. No model code here.
+
+Constrained decoding hooks in here, so every path that samples (the engine's `generate`, batched
+or not) gets it: `SamplingParams.constraint`, when set, is a factory whose `start()` gives one
+generation's state; before each sample the `Sampler` calls `state.mask(logits)` (disallowed
+tokens set to -inf, in place), and after it `state.accept(token)`. The grammar itself lives
+elsewhere (`server/structured.py`); this module knows only that protocol.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
@@ -31,6 +37,8 @@ class SamplingParams:
     top_k: int = DEFAULT_TOP_K  # 0: no top-k filter
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # 1.0: off (CTRL-style: divides positive logits of seen tokens)
     seed: int | None = None
+    # a token constraint (grammar), see the module docstring; None: every token allowed
+    constraint: object | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -53,12 +61,21 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self.constraint = params.constraint.start() if params.constraint is not None else None
 
     def sample(self, logits: torch.Tensor, previous: list[int] | None = None) -> int:
+        logits = logits.float().clone()
+        if self.constraint is not None:
+            self.constraint.mask(logits)  # before penalties and temperature: -inf stays -inf
+        tok = self._pick(logits, previous)
+        if self.constraint is not None:
+            self.constraint.accept(tok)
+        return tok
+
+    def _pick(self, logits: torch.Tensor, previous: list[int] | None) -> int:
         import torch
 
         p = self.params
-        logits = logits.float().clone()
         if p.repetition_penalty != 1.0 and previous:
             idx = torch.tensor(sorted(set(previous)), device=logits.device)
             seen = logits[idx]

@@ -1,6 +1,7 @@
 """The FastAPI application: OpenAI-style routes over a `SessionManager`.
 
-Routes: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE or not),
+Routes: POST /v1/chat/completions, POST /v1/completions (both streaming over SSE or not;
+`response_format` JSON mode / JSON schema through `structured.py`),
 GET /v1/models[/{id}], GET /health, GET /metrics (Prometheus, see metrics.py), and
 GET/DELETE /v1/sessions[/{id}] to inspect and remove stored sessions. Every error is an
 OpenAI-style object `{"error": {message, type, param, code}}` with a 4xx status for bad input. Two pure-ASGI middlewares guard every route: the API key
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -31,6 +33,7 @@ from .metrics import CONTENT_TYPE, Metrics, RequestCounter
 from .replicas import SessionBusy
 from .sessions import SessionConflict, SessionManager
 from .stops import LogprobReport
+from .structured import BadResponseFormat, LazyStructuredOutputs
 from .redis_store import LeaseLost
 from .store import CorruptRecord
 
@@ -141,6 +144,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     metrics = Metrics(manager)
     app.state.manager, app.state.settings, app.state.metrics = manager, settings, metrics
     started = int(time.time())
+    structured = LazyStructuredOutputs(manager.model, manager.tokenizer)
 
     @app.exception_handler(SessionBusy)
     async def _busy(request, e: SessionBusy):
@@ -242,6 +246,16 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, str(e), code="invalid_value")
         return n, sampling
 
+    async def constrained(req, sampling: SamplingParams) -> SamplingParams:
+        """`sampling` with the grammar of `req.response_format` (structured.py), if any."""
+        if req.response_format is None:
+            return sampling
+        try:
+            constraint = await asyncio.to_thread(structured.constraint, req.response_format)
+        except BadResponseFormat as e:
+            raise ApiError(400, str(e), param=e.param, code="invalid_response_format")
+        return sampling if constraint is None else dataclasses.replace(sampling, constraint=constraint)
+
     async def open_turn(sid, kind, payload, n, sampling, req):
         try:
             return await manager.open_turn(sid, kind, payload, n, sampling, req.stop_list(), req.logprob_count())
@@ -303,6 +317,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         if req.session_append and sid is None:
             raise ApiError(400, "session_append needs a named session (X-Session-ID, session_id or user)", param="session_append")
         n, sampling = generation_args(req, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
+        sampling = await constrained(req, sampling)
         turn = await open_turn(sid, "chat", {"messages": messages, "append": req.session_append}, n, sampling, req)
         return await _respond(request, turn, req, "chatcmpl", _chat_events, S.chat_completion)
 
@@ -348,6 +363,7 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
             raise ApiError(400, "prompt must not be empty", param="prompt")
         sid = session_id(request, req)
         n, sampling = generation_args(req, req.max_tokens)
+        sampling = await constrained(req, sampling)
         turn = await open_turn(sid, "text", prompt, n, sampling, req)
         return await _respond(request, turn, req, "cmpl", _text_events, S.text_completion)
 

@@ -2,8 +2,9 @@
 
 Requests are validated strictly (a string where a number belongs is a 400, not a coercion);
 unknown fields are accepted and ignored, as OpenAI-compatible servers usually do, except for the
-OpenAI features this server does not implement (`n` > 1, tools, JSON mode), which get a
-clear 400 from `unsupported_features`. `stop` (a string or up to 4) and logprobs (chat:
+OpenAI features this server does not implement (`n` > 1, tools), which get a
+clear 400 from `unsupported_features`. `response_format` (both routes; an extension on
+completions, as in vLLM) is checked and compiled by `structured.py`. `stop` (a string or up to 4) and logprobs (chat:
 `logprobs` + `top_logprobs` 0..20; completions: `logprobs` 0..5) are validated here. Server-dependent bounds (max_tokens, the model name) are
 checked by the routes, not here. Responses are plain dicts built by the helpers at the bottom.
 """
@@ -120,6 +121,7 @@ class CompletionRequest(_Generation):
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
+    response_format: Any = None  # extension (vLLM-style): JSON mode on completions too
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
 
     def logprob_count(self) -> int | None:
@@ -144,8 +146,6 @@ def unsupported_features(req: _Generation) -> tuple[str, str] | None:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         if req.tools or req.functions or req.tool_choice not in (None, "none"):
             return "tools", "tools and function calling are not supported"
-        if req.response_format not in (None, {"type": "text"}):
-            return "response_format", "only the text response format is supported"
     if isinstance(req, CompletionRequest):
         if req.echo:
             return "echo", "echo is not supported"
