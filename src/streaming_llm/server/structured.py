@@ -83,7 +83,7 @@ class JsonMatcher:
         if not self.matcher.is_terminated() and not self.matcher.accept_token(token):
             raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
         if token < self.owner.vocab_size and token not in self.owner.special:
-            self.utf8 = utf8_scan(self.owner.info.decoded_vocab[token], self.utf8) or UTF8_START
+            self.utf8 = utf8_scan(self.owner.vocab_bytes[token], self.utf8) or UTF8_START
 
 
 UTF8_START = (0, 0x80, 0xBF)  # (continuation bytes due, lowest and highest allowed next one)
@@ -133,6 +133,7 @@ class StructuredOutputs:
         stops = stop_ids(model, tokenizer)  # the same ids the engine stops on
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=stops)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self.vocab_bytes = list(self.info.decoded_vocab[: self.vocab_size])  # read once: the property rebuilds the list
         never = torch.zeros(self.vocab_size, dtype=torch.bool)
         special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         self.special = frozenset(special)
@@ -140,7 +141,7 @@ class StructuredOutputs:
         for i in special - set(stops):
             if i < self.vocab_size:
                 never[i] = True
-        for i, piece in enumerate(self.info.decoded_vocab[: self.vocab_size]):
+        for i, piece in enumerate(self.vocab_bytes):
             if i not in special and any(b < 0x20 for b in piece):
                 never[i] = True
         self.never = never
@@ -149,7 +150,7 @@ class StructuredOutputs:
         """(V,) True for the ordinary tokens that would make the text ill-formed UTF-8 from `state`."""
         bad = self._bad_utf8.get(state)
         if bad is None:
-            vocab = self.info.decoded_vocab[: self.vocab_size]
+            vocab = self.vocab_bytes
             bad = torch.tensor([i not in self.special and utf8_scan(piece, state) is None for i, piece in enumerate(vocab)]
                                + [False] * (self.vocab_size - len(vocab)), dtype=torch.bool)
             self._bad_utf8[state] = bad  # a few states only; a race computes one twice, harmlessly
