@@ -240,6 +240,10 @@ def test_restart_on_a_delta_chain_continues_like_a_server_that_never_stopped(kin
     messages, store = [], open_store(kind, tmp_path, request, prefix="r:")
     with Server(model, tokenizer, None, store=store) as srv:
         first, infos = chat_turns(srv.url, "s", TEXTS[:9], messages)
+        health = httpx.get(srv.url + "/health").json()
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert health["snapshots_delta"] >= 1 and health["snapshots_full"] >= 2 and health["snapshot_bytes_written"] > 0
+    assert 'streaming_llm_snapshots_total{kind="delta"}' in metrics
     kinds = [i["snapshot_kind"] for i in infos]
     assert "delta" in kinds and "full" in kinds[1:] and infos[-1]["tokens_seen"] > LIMIT  # compacted, rebased
     if kind != "memory":  # a new process: a new connection to the same store (memory: the same object)
@@ -279,3 +283,30 @@ def test_a_database_written_before_deltas_still_loads(tiny, tmp_path):
             list(conv.reply(text, 3, GREEDY)[2])
     assert kinds == [("snapshot", "full"), ("memory", "delta"), ("memory", "delta")]
     assert_same(restored(SQLiteStore(tmp_path / "sessions.sqlite3"), "old")[1], conv.state())
+
+
+def test_deltas_off_stores_every_turn_whole(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    with Server(model, tokenizer, None, store=MemoryStore(), max_snapshot_deltas=0) as srv:
+        _, infos = chat_turns(srv.url, "s", TEXTS[:3], [])
+    assert [i["snapshot_kind"] for i in infos] == ["full"] * 3
+
+
+def test_other_methods_and_unknown_fields_are_stored_whole(tiny):
+    """dense/recompute states, and a state with a field the delta code does not know (recall
+    memory, say), are never diffed."""
+    from streaming_llm.core.config import StreamingConfig
+
+    _, model, tokenizer = tiny
+    for conv in (TextConversation(model, tokenizer, StreamingConfig(sinks=4, window=48, method="dense")),
+                 TextConversation(model, tokenizer, CONFIG)):
+        store, chain, kinds = MemoryStore(), None, []
+        for i in range(3):
+            list(conv.reply("abc", 2, GREEDY)[2])
+            state = conv.state()
+            if conv.engine.config.method == "streaming":
+                state["engine"]["cache"]["recall"] = {"blocks": torch.zeros(2)}
+            record = SessionRecord("s", "text", MODEL, {}, conv.transcript(), None, i + 1)
+            chain, _, what = store_turn(store, record, state, chain, layer_shapes(conv), DeltaPolicy())
+            kinds.append(what)
+        assert kinds == ["full"] * 3 and chain is None

@@ -17,7 +17,9 @@ reloaded (snapshot, or replay of the transcript if the snapshot is unusable) on 
 After each completed turn the store is pruned in the background (`session_ttl`,
 `max_stored`: least recently updated first, never a session with a request in progress).
 A turn that does not complete (client gone, error) is rolled back by dropping the in-memory
-session: the next request reloads the last completed turn from the store.
+session: the next request reloads the last completed turn from the store. A completed turn is
+stored as a delta on the session's stored chain or as a full snapshot (`snapshots.store_turn`
+decides, `DeltaPolicy` bounds the chain); a reload applies the chain (`snapshots.apply_delta`).
 
 Stop sequences (`stops.py`). The turn's tokens pass through `cut_at_stops`; when a stop sequence
 fires, the stream must hold only what the client received. The stream is put back where the turn
@@ -130,7 +132,8 @@ class SessionManager:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.session_ttl, self.max_stored = session_ttl, max_stored
         self._background: set[asyncio.Task] = set()  # referenced until done (asyncio keeps weak refs)
-        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0}
+        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0,
+                         "snapshots_full": 0, "snapshots_delta": 0, "snapshot_bytes_written": 0}
 
     # ---- running turns ------------------------------------------------------------------------
     async def step(self, fn: Callable, *args):
@@ -278,6 +281,8 @@ class SessionManager:
         chain, size, kind = await self.io.call(store_turn, self.store, record, state, live.chain, shapes, self.deltas,
                                                self.snapshot_dtype, whole)
         live.chain = chain  # only once stored: a failed write rolls the turn back (the session is dropped)
+        self.counters["snapshots_" + kind] += 1
+        self.counters["snapshot_bytes_written"] += size
         return size, kind
 
     async def prune(self) -> list[str]:

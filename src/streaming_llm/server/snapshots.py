@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from .conversations import pack_state
-from .store import StaleChain, transcript_delta
+from .store import DEFAULT_MAX_DELTAS, StaleChain, transcript_delta
 
 DELTA_FORMAT, DELTA_VERSION = "sllm-delta", 1
-DEFAULT_MAX_DELTAS = 64
 DEFAULT_MAX_RATIO = 1.0
 _ENGINE_KEYS = {"config", "tokens_seen", "history", "cache"}
 _CACHE_KEYS = {"pos_shift", "layers"}

@@ -43,6 +43,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import UserError
 
 SCHEMA_VERSION = 2  # 2: the chain and deltas tables
+DEFAULT_MAX_DELTAS = 64  # deltas a chain may hold before compaction (snapshots.DeltaPolicy; here: no torch import)
 WAL_SIZE_LIMIT = 8 << 20  # bytes a truncated WAL may keep between checkpoints (journal_size_limit)
 
 
