@@ -10,6 +10,14 @@ a one-line JSON summary. Checks: the cache never holds more than sinks+window to
 lost to the kill, and after the restart only the new turn is prefilled.
 
     python benchmarks/long_session.py --model smollm2-135m-instruct --target-tokens 9000
+
+Persistence per turn (snapshots proportional to the turn): each row has the turn's stored bytes
+(`snapshot_bytes`, `snapshot_kind` delta | full), `persist_ms` and the tokens it added; the
+summary compares a delta to the full snapshot and persist_ms early vs late in the session. A
+long session of short turns, its first turn filling the cache:
+
+    python benchmarks/long_session.py --first-sentences 70 --sentences 2 --max-tokens 12 \
+        --max-turns 200 --target-tokens 1000000 --kill-after-turn 100 --serve-arg=--threads=1
 """
 
 from __future__ import annotations
@@ -68,12 +76,44 @@ def start(model, port, data_dir, extra) -> subprocess.Popen:
     sys.exit("long_session: the server did not start")
 
 
+def _p(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def persistence(rows) -> dict:
+    """Stored bytes and persist time: deltas against full snapshots, early against late turns."""
+    full = [r for r in rows if r["snapshot_kind"] == "full"]
+    deltas = [r for r in rows if r["snapshot_kind"] == "delta" and r["cache"] == r["capacity"]]
+    largest_full = max((r["snapshot_bytes"] for r in full), default=0)
+    out = {"full_turns": len(full), "delta_turns": len(deltas), "full_bytes_max": largest_full}
+    if deltas and largest_full:
+        # a delta's size as a fraction of a full snapshot, against the fraction of the cache its turn wrote
+        over = [r["snapshot_bytes"] / largest_full - r["added"] / r["capacity"] for r in deltas]
+        out.update(delta_bytes_p50=_p([r["snapshot_bytes"] for r in deltas], 0.5),
+                   delta_bytes_max=max(r["snapshot_bytes"] for r in deltas),
+                   added_tokens_p50=_p([r["added"] for r in deltas], 0.5),
+                   delta_fraction_p50=round(_p([r["snapshot_bytes"] / largest_full for r in deltas], 0.5), 4),
+                   delta_excess_over_added_fraction_max=round(max(over), 4),
+                   delta_excess_bytes_max=round(max(over) * largest_full))
+    ms = [r["persist_ms"] for r in rows[1:]]
+    q = max(1, len(ms) // 4)
+    out.update(persist_ms_p50=_p(ms, 0.5), persist_ms_p95=_p(ms, 0.95), persist_ms_max=max(ms, default=None),
+               persist_ms_delta_p50=_p([r["persist_ms"] for r in deltas], 0.5),
+               persist_ms_full_p50=_p([r["persist_ms"] for r in full[1:]], 0.5),
+               persist_ms_first_quarter_p50=_p(ms[:q], 0.5), persist_ms_last_quarter_p50=_p(ms[-q:], 0.5))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--target-tokens", type=int, default=9000, help="stop once the stream has seen this many tokens")
     p.add_argument("--sentences", type=int, default=40, help="sentences per user turn (~16 tokens each)")
+    p.add_argument("--first-sentences", type=int, default=None, help="sentences of the first turn (default: --sentences)")
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--kill-after-turn", type=int, default=None,
+                   help="the SIGKILL and restart after this turn (default: when half of --target-tokens is seen)")
     p.add_argument("--max-turns", type=int, default=200, help="a hard bound on requests")
     p.add_argument("--serve-arg", action="append", default=[], help="extra flag for serve, e.g. --serve-arg=--threads=1")
     args = p.parse_args(argv)
@@ -84,7 +124,8 @@ def main(argv=None) -> int:
     messages, rows, restarted_at, t_start = [], [], None, time.perf_counter()
     try:
         for turn in range(args.max_turns):
-            messages.append({"role": "user", "content": paragraph(turn, args.sentences)})
+            n_sent = args.sentences if turn or args.first_sentences is None else args.first_sentences
+            messages.append({"role": "user", "content": paragraph(turn, n_sent)})
             t0, ttft, text, info = time.perf_counter(), None, [], None
             stream = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens, temperature=0,
                                                     stream=True, extra_body={"session_id": "long"})
@@ -97,13 +138,17 @@ def main(argv=None) -> int:
             row = {"turn": info["turns"], "tokens_seen": info["tokens_seen"], "cache": info["cache_tokens"],
                    "capacity": info["capacity"], "prefilled": info["prefilled_tokens"], "loaded_from": info["loaded_from"],
                    "rebuilt": info["rebuilt"], "ttft_s": round(ttft or 0, 2), "total_s": round(time.perf_counter() - t0, 2),
-                   "snapshot_mb": round(info["snapshot_bytes"] / 1e6, 2), "reply": messages[-1]["content"][:60]}
+                   "snapshot_mb": round(info["snapshot_bytes"] / 1e6, 2), "snapshot_bytes": info["snapshot_bytes"],
+                   "snapshot_kind": info.get("snapshot_kind"), "persist_ms": info["persist_ms"],
+                   "added": info["tokens_seen"] - (rows[-1]["tokens_seen"] if rows else 0),
+                   "reply": messages[-1]["content"][:60]}
             rows.append(row)
             print(json.dumps(row), flush=True)
             assert row["turn"] == turn + 1 and not row["rebuilt"] and row["cache"] <= row["capacity"], row
             if row["tokens_seen"] >= args.target_tokens:
                 break
-            if restarted_at is None and row["tokens_seen"] >= args.target_tokens // 2:
+            half = row["tokens_seen"] >= args.target_tokens // 2 if args.kill_after_turn is None else row["turn"] == args.kill_after_turn
+            if restarted_at is None and half:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(30)
                 print(f"-- killed the server (SIGKILL) after turn {row['turn']}; restarting on {data_dir}", flush=True)
@@ -118,6 +163,7 @@ def main(argv=None) -> int:
         "max_cache": max(r["cache"] for r in rows), "restarted_after_turn": restarted_at,
         "first_turn_after_restart": after, "wall_s": round(time.perf_counter() - t_start, 1),
         "mean_prefilled_per_turn": round(sum(r["prefilled"] for r in rows) / len(rows), 1),
+        **persistence(rows),
     }
     print(json.dumps(summary))
     return 0

@@ -4,7 +4,7 @@ Each app has its own `CollectorRegistry`, so several apps in one process (the te
 their numbers. What is measured: HTTP requests by route template, method and status (a pure-ASGI
 middleware, so 401s, 413s and unknown routes count too); generated and prefilled tokens and
 turns by outcome; time to first token (request received -> first token sampled) and the time
-between tokens as the reply is consumed; snapshot size and persist time per stored turn; and,
+between tokens as the reply is consumed; snapshot size, persist time and kind (delta | full) per stored turn; and,
 read at scrape time, active sessions (a request in progress), sessions in memory, stored
 sessions, store bytes, the model queue and the batch size of the last batched decode forward
 (1 without continuous batching). Names are prefixed `streaming_llm_`. This module only counts; it
@@ -41,6 +41,8 @@ class Metrics:
                              buckets=TOKEN_BUCKETS, registry=r)
         self.snapshot_bytes = Histogram(p + "snapshot_bytes", "size of a stored turn's snapshot",
                                         buckets=BYTES_BUCKETS, registry=r)
+        self.snapshots = Counter(p + "snapshots", "stored turns by kind (delta: the turn's changes; full: compaction)",
+                                 ["kind"], registry=r)
         self.persist = Histogram(p + "persist_seconds", "state capture + serialization + durable write of a turn",
                                  buckets=LATENCY_BUCKETS, registry=r)
         Gauge(p + "active_sessions", "sessions with a request in progress", registry=r).set_function(
@@ -76,6 +78,7 @@ class Metrics:
         if info.get("id"):
             self.snapshot_bytes.observe(info["snapshot_bytes"])
             self.persist.observe(info["persist_ms"] / 1000)
+            self.snapshots.labels(info.get("snapshot_kind") or "full").inc()
 
     def closed(self, turn) -> None:
         self.generated.inc(turn.completion_tokens)

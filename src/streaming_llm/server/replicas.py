@@ -89,8 +89,8 @@ class SharedSessionManager(SessionManager):
                 self.live.pop(sid, None)  # stale: describe the stored record instead
         return await super().describe(sid)
 
-    async def persist(self, live: Live) -> int:
-        size = await super().persist(live)
+    async def persist(self, live: Live, whole: bool = False) -> tuple[int, str]:
+        size = await super().persist(live, whole)
         live.store_version = await self.io.call(self.store.version, live.sid)  # ours: we hold the lease
         return size
 

@@ -19,6 +19,7 @@ import signal
 
 from ..core.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from ..errors import UserError
+from .store import DEFAULT_MAX_DELTAS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -68,6 +69,9 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="when a request gives none")
     p.add_argument("--snapshot-dtype", default="model", choices=SNAPSHOT_DTYPES,
                    help="dtype of stored streaming state: model (exact) or bfloat16 (half the size of float32)")
+    p.add_argument("--max-snapshot-deltas", type=int, default=DEFAULT_MAX_DELTAS,
+                   help="per-turn snapshot deltas stored before a full snapshot (0: every turn stored whole; "
+                        "see docs/server.md, Persistence)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the model (default: the thread policy at load, models/threads.py)")
@@ -100,6 +104,8 @@ def check_args(args) -> None:
     for flag in ("max_sessions", "max_batch", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.max_snapshot_deltas < 0:
+        raise UserError(f"--max-snapshot-deltas must be >= 0 (got {args.max_snapshot_deltas})")
     for flag in ("session_ttl", "max_stored_sessions"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
@@ -114,7 +120,8 @@ def check_args(args) -> None:
 def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, max_sessions=DEFAULT_MAX_SESSIONS,
           max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT, default_max_tokens=DEFAULT_MAX_TOKENS,
           max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P, snapshot_dtype="model",
-          store=None, session_ttl=None, max_stored_sessions=None, lease_ms=DEFAULT_LEASE_MS, max_batch=DEFAULT_MAX_BATCH):
+          store=None, session_ttl=None, max_stored_sessions=None, lease_ms=DEFAULT_LEASE_MS, max_batch=DEFAULT_MAX_BATCH,
+          max_snapshot_deltas=DEFAULT_MAX_DELTAS):
     """The app and its session manager for a loaded model (used by `run` and by the tests).
     `store`: an open SessionStore (default: the SQLite store in `data_dir`)."""
     import torch
@@ -122,6 +129,7 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
     from .app import Settings, create_app
     from .conversations import chat_factory
     from .sessions import SessionManager
+    from .snapshots import DeltaPolicy
     from .store import open_store
 
     dtype = None if snapshot_dtype == "model" else getattr(torch, snapshot_dtype)
@@ -131,7 +139,8 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
         from .replicas import SharedSessionManager as cls
     manager = cls(model, tokenizer, config, model_name, store, max_sessions, dtype,
                   chat_factory(model, tokenizer, config), session_ttl, max_stored_sessions,
-                  max_batch=max_batch)
+                  max_batch=max_batch,
+                  deltas=DeltaPolicy(enabled=max_snapshot_deltas > 0, max_deltas=max_snapshot_deltas))
     if getattr(store, "shared", False):
         manager.lease_ms = lease_ms
     settings = Settings(model_name, api_key, max_tokens_limit, min(default_max_tokens, max_tokens_limit),
@@ -207,7 +216,7 @@ def _serve(args, api_key, store, store_kind, store_target) -> int:
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
         temperature=args.temperature, top_p=args.top_p, snapshot_dtype=args.snapshot_dtype, store=store,
         session_ttl=args.session_ttl, max_stored_sessions=args.max_stored_sessions, lease_ms=args.lease_ms,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch, max_snapshot_deltas=args.max_snapshot_deltas,
     )
     where = {"memory": "memory only", "sqlite": store_target, "redis": store_target}[store_kind]
     print(f"serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "

@@ -17,7 +17,9 @@ reloaded (snapshot, or replay of the transcript if the snapshot is unusable) on 
 After each completed turn the store is pruned in the background (`session_ttl`,
 `max_stored`: least recently updated first, never a session with a request in progress).
 A turn that does not complete (client gone, error) is rolled back by dropping the in-memory
-session: the next request reloads the last completed turn from the store.
+session: the next request reloads the last completed turn from the store. A completed turn is
+stored as a delta on the session's stored chain or as a full snapshot (`snapshots.store_turn`
+decides, `DeltaPolicy` bounds the chain); a reload applies the chain (`snapshots.apply_delta`).
 
 Stop sequences (`stops.py`). The turn's tokens pass through `cut_at_stops`; when a stop sequence
 fires, the stream must hold only what the client received. The stream is put back where the turn
@@ -45,8 +47,9 @@ from ..core.config import StreamingConfig
 from ..core.engine import StreamingLLM, Token
 from ..errors import UserError
 from ..core.sampling import SamplingParams
-from .conversations import TextConversation, pack_state, unpack_state
+from .conversations import TextConversation, unpack_state
 from .scheduler import Scheduler
+from .snapshots import Chain, DeltaPolicy, apply_delta, chain_of, layer_shapes, store_turn
 from .stops import cut_at_stops
 from .store import SessionRecord, SessionStore
 
@@ -88,6 +91,7 @@ class Live:
     turns: int = 0
     source: str = "new"  # how it got into memory: new | snapshot | replay
     meta: dict = field(default_factory=dict)
+    chain: Chain | None = None  # the stored delta chain the next turn extends (snapshots.py)
 
 
 class SessionManager:
@@ -105,12 +109,14 @@ class SessionManager:
         max_stored: int | None = None,
         *,
         max_batch: int,
+        deltas: DeltaPolicy | None = None,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_name = model_name
         self.store = store
         self.max_sessions = max_sessions
         self.snapshot_dtype = snapshot_dtype
+        self.deltas = deltas or DeltaPolicy()  # per-turn snapshot deltas and their compaction
         self.chat_factory = chat_factory  # () -> ChatConversation
         self.model_dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # the KV cache's dtype
         self.device = next(model.parameters()).device
@@ -126,7 +132,8 @@ class SessionManager:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.session_ttl, self.max_stored = session_ttl, max_stored
         self._background: set[asyncio.Task] = set()  # referenced until done (asyncio keeps weak refs)
-        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0}
+        self.counters = {"turns": 0, "aborted": 0, "evicted": 0, "reloaded": 0, "rebuilt": 0, "expired": 0,
+                         "snapshots_full": 0, "snapshots_delta": 0, "snapshot_bytes_written": 0}
 
     # ---- running turns ------------------------------------------------------------------------
     async def step(self, fn: Callable, *args):
@@ -159,16 +166,20 @@ class SessionManager:
     def _restore(self, record: SessionRecord) -> Live:
         """(model thread) A record back into a live conversation: snapshot, else replay."""
         conv = self.new_conversation(record.kind)
-        source = "replay"
+        source, chain = "replay", None
         if record.snapshot is not None and record.model == self.model_name and record.config == self.config.to_dict():
             try:
-                conv.restore(unpack_state(record.snapshot, self.model_dtype, self.device), record.messages)
+                state = unpack_state(record.snapshot, self.model_dtype, self.device)
+                for delta in record.deltas:  # the chain of turns stored since the full snapshot
+                    state = apply_delta(state, unpack_state(delta, self.model_dtype, self.device))
+                conv.restore(state, record.messages)
+                chain = chain_of(record, state)
                 source = "snapshot"
             except Exception as e:  # a corrupt or incompatible snapshot: the transcript still has it all
                 log.warning("session %s: snapshot unusable (%s); replaying its transcript", record.session_id, e)
         if source == "replay":
             conv.replay(record.messages)
-        return Live(record.session_id, conv, record.turns, source, dict(record.meta))
+        return Live(record.session_id, conv, record.turns, source, dict(record.meta), chain)
 
     # ---- locking -----------------------------------------------------------------------------
     async def _acquire(self, sid: str) -> None:
@@ -259,19 +270,20 @@ class SessionManager:
                 del self.live[sid]
                 self.counters["evicted"] += 1
 
-    async def persist(self, live: Live) -> int:
-        """Store the session's completed turn durably; returns the snapshot size in bytes."""
-        state, transcript = await self.worker.call(lambda: (live.conv.state(), live.conv.transcript()))
+    async def persist(self, live: Live, whole: bool = False) -> tuple[int, str]:
+        """Store the session's completed turn durably: a delta on its stored chain, or a full
+        snapshot (`whole`, or as `snapshots.store_turn` decides). Returns (bytes, "delta" | "full")."""
+        state, transcript, shapes = await self.worker.call(
+            lambda: (live.conv.state(), live.conv.transcript(), layer_shapes(live.conv)))
         meta = dict(live.meta, tokens_seen=live.conv.tokens_seen)
-
-        def write():
-            blob = pack_state(state, self.snapshot_dtype)
-            self.store.put(
-                SessionRecord(live.sid, live.conv.kind, self.model_name, self.config.to_dict(), transcript, blob, live.turns, meta)
-            )
-            return len(blob)
-
-        return await self.io.call(write)
+        record = SessionRecord(live.sid, live.conv.kind, self.model_name, self.config.to_dict(), transcript, None,
+                               live.turns, meta)
+        chain, size, kind = await self.io.call(store_turn, self.store, record, state, live.chain, shapes, self.deltas,
+                                               self.snapshot_dtype, whole)
+        live.chain = chain  # only once stored: a failed write rolls the turn back (the session is dropped)
+        self.counters["snapshots_" + kind] += 1
+        self.counters["snapshot_bytes_written"] += size
+        return size, kind
 
     async def prune(self) -> list[str]:
         """Apply the TTL and the stored-session cap; pruned idle sessions leave memory too."""
@@ -345,6 +357,7 @@ class Turn:
         self.committed = False
         self.closed = False
         self.snapshot_bytes = 0
+        self.snapshot_kind = None  # "delta" | "full" once stored
         self.persist_ms = 0.0
         self.loaded_from = live.source  # new | memory | snapshot | replay
         self._stepping = threading.Lock()  # one step of this turn at a time, on whichever thread
@@ -454,6 +467,7 @@ class Turn:
             "cache_tokens": conv.engine.cache_tokens,
             "capacity": conv.engine.capacity,
             "snapshot_bytes": self.snapshot_bytes,
+            "snapshot_kind": self.snapshot_kind,
             "persist_ms": self.persist_ms,  # state capture + serialization + durable SQLite write
         }
 
@@ -465,7 +479,7 @@ class Turn:
         self.m.counters["turns"] += 1
         if not self.stateless:
             t0 = time.perf_counter()
-            self.snapshot_bytes = await self.m.persist(self.live)
+            self.snapshot_bytes, self.snapshot_kind = await self.m.persist(self.live, whole=self.rebuilt)
             self.persist_ms = round(1000 * (time.perf_counter() - t0), 1)
         self.committed = True
         self.live.source = "memory"

@@ -15,6 +15,17 @@ ones beyond a count. `check_sqlite` validates a database file (writable, a datab
 decoded raises `CorruptRecord` naming the session and the field; other rows are unaffected.
 This module does not decide when to prune (the session manager does) nor touch model state.
 
+Deltas (`snapshots.py` decides and computes them). A stored session is a chain: the record with
+its full snapshot and the transcript as of that snapshot, then zero or more deltas in order, each
+one turn's state delta (bytes) and transcript delta (`transcript_delta`). `put` stores a full
+snapshot and drops the chain; `put_delta(record, state, transcript, seq)` appends delta number
+`seq` (0-based) only if the stored chain is still the one the writer extends (the same `base`
+token, `seq` deltas so far), else raises `StaleChain`; both are one transaction (SQLite) or one
+MULTI/EXEC (Redis), so a reader sees every completed turn or the one before, never half a turn.
+`get` returns the record with the full transcript and the deltas to apply (`record.deltas`).
+Deleting or pruning a session removes its deltas too. A database written before deltas has no
+`chain`/`deltas` rows: its sessions load as full snapshots, and their next turn is stored whole.
+
 Calls block; the server runs them on its I/O thread, never on the event loop.
 """
 
@@ -25,14 +36,33 @@ import sqlite3
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the chain and deltas tables
+DEFAULT_MAX_DELTAS = 64  # deltas a chain may hold before compaction (snapshots.DeltaPolicy; here: no torch import)
 WAL_SIZE_LIMIT = 8 << 20  # bytes a truncated WAL may keep between checkpoints (journal_size_limit)
+
+
+class StaleChain(Exception):
+    """put_delta refused: the stored chain is not the one the delta extends (written elsewhere)."""
+
+
+def transcript_delta(old: list, new: list) -> dict:
+    """{"keep": k, "add": new[k:]}, k the length of the longest common prefix of old and new."""
+    k = 0
+    for a, b in zip(old, new):
+        if a != b:
+            break
+        k += 1
+    return {"keep": k, "add": list(new[k:])}
+
+
+def apply_transcript(old: list, delta: dict) -> list:
+    return list(old[: delta["keep"]]) + list(delta["add"])
 
 
 class CorruptRecord(Exception):
@@ -56,6 +86,8 @@ class SessionRecord:
     meta: dict = field(default_factory=dict)  # counters and anything else JSON-serializable
     updated: float = field(default_factory=time.time)
     version: int = 0  # a shared store's write counter for the session (0: not tracked)
+    base: str = ""  # token of the full snapshot a delta chain builds on ("" none: written before deltas)
+    deltas: list[bytes] = field(default_factory=list)  # state deltas after `snapshot`, in order (get)
 
 
 @runtime_checkable
@@ -66,6 +98,10 @@ class SessionStore(Protocol):
 
     def put(self, record: SessionRecord) -> None:
         """Store atomically and durably (replaces the previous record)."""
+
+    def put_delta(self, record: SessionRecord, state: bytes, transcript: dict, seq: int) -> None:
+        """Append delta `seq` to the chain `record.base` (atomically and durably), with the record's
+        turns, meta and updated; raise StaleChain if the stored chain is another one."""
 
     def delete(self, session_id: str) -> bool: ...
 
@@ -97,24 +133,46 @@ class MemoryStore:
 
     def __init__(self):
         self._records: dict[str, SessionRecord] = {}
+        self._chains: dict[str, list[tuple[bytes, dict]]] = {}  # deltas after the record's snapshot
         self._lock = threading.Lock()
 
     def get(self, session_id):
         with self._lock:
-            return self._records.get(session_id)
+            r = self._records.get(session_id)
+            chain = list(self._chains.get(session_id, ()))
+        if r is None:
+            return None
+        messages = r.messages
+        for _, t in chain:
+            messages = apply_transcript(messages, t)
+        return replace(r, messages=list(messages), deltas=[d for d, _ in chain])
 
     def put(self, record):
         with self._lock:
-            self._records[record.session_id] = record
+            self._records[record.session_id] = replace(record, deltas=[])
+            self._chains.pop(record.session_id, None)
+
+    def put_delta(self, record, state, transcript, seq):
+        with self._lock:
+            old, chain = self._records.get(record.session_id), self._chains.setdefault(record.session_id, [])
+            if old is None or not old.base or old.base != record.base or len(chain) != seq:
+                raise StaleChain(record.session_id)
+            chain.append((bytes(state), transcript))
+            self._records[record.session_id] = replace(old, turns=record.turns, meta=record.meta, updated=record.updated)
 
     def delete(self, session_id):
         with self._lock:
+            self._chains.pop(session_id, None)
             return self._records.pop(session_id, None) is not None
 
     def list(self, limit=1000):
         with self._lock:
             recs = sorted(self._records.values(), key=lambda r: r.updated, reverse=True)[:limit]
-        return [_summary(r.session_id, r.kind, r.model, r.turns, r.updated, len(r.snapshot or b"")) for r in recs]
+            return [_summary(r.session_id, r.kind, r.model, r.turns, r.updated, len(r.snapshot or b"") + self._dbytes(r.session_id))
+                    for r in recs]
+
+    def _dbytes(self, sid):
+        return sum(len(d) for d, _ in self._chains.get(sid, ()))
 
     def prune(self, ttl_s, max_sessions, keep=frozenset()):
         with self._lock:
@@ -122,12 +180,14 @@ class MemoryStore:
             gone = _victims(rows, ttl_s, max_sessions, keep, time.time())
             for sid in gone:
                 del self._records[sid]
+                self._chains.pop(sid, None)
         return gone
 
     def stats(self):
         with self._lock:
             return {"stored_sessions": len(self._records),
-                    "store_bytes": sum(len(r.snapshot or b"") + len(str(r.messages)) for r in self._records.values())}
+                    "store_bytes": sum(len(r.snapshot or b"") + len(str(r.messages)) + self._dbytes(r.session_id)
+                                       for r in self._records.values())}
 
     def close(self):
         pass
@@ -167,8 +227,12 @@ class SQLiteStore:
                 updated REAL NOT NULL
             )"""
         )
+        # the delta chain (snapshots.py): the base token of a session's full snapshot, its deltas in order
+        self._db.execute("CREATE TABLE IF NOT EXISTS chain (id TEXT PRIMARY KEY, base TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS deltas (id TEXT NOT NULL, seq INTEGER NOT NULL, state BLOB NOT NULL,"
+                         " transcript TEXT NOT NULL, PRIMARY KEY (id, seq))")
         self._db.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
-        self._db.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._db.execute("INSERT OR REPLACE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def get(self, session_id):
         with self._lock:
@@ -176,12 +240,19 @@ class SQLiteStore:
                 "SELECT id, kind, model, config, messages, snapshot, turns, meta, updated FROM sessions WHERE id = ?",
                 (session_id,),
             ).fetchone()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            base = self._db.execute("SELECT base FROM chain WHERE id = ?", (session_id,)).fetchone()
+            deltas = self._db.execute("SELECT state, transcript FROM deltas WHERE id = ? ORDER BY seq",
+                                      (session_id,)).fetchall() if base else []
         sid, kind, model, config, messages, snapshot, turns, meta, updated = row
+        messages = _json(sid, "transcript", messages)
+        for _, t in deltas:
+            messages = apply_transcript(messages, _json(sid, "transcript delta", t))
         return SessionRecord(
-            sid, kind, model, _json(sid, "config", config), _json(sid, "transcript", messages),
+            sid, kind, model, _json(sid, "config", config), messages,
             None if snapshot is None else bytes(snapshot), turns, _json(sid, "meta", meta), updated,
+            base=base[0] if base else "", deltas=[bytes(d) for d, _ in deltas],
         )
 
     def put(self, record):
@@ -194,6 +265,32 @@ class SQLiteStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+                self._drop_chain(record.session_id)
+                if record.base:
+                    self._db.execute("INSERT INTO chain VALUES (?, ?)", (record.session_id, record.base))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._checkpoint()
+
+    def _drop_chain(self, sid):
+        self._db.execute("DELETE FROM deltas WHERE id = ?", (sid,))
+        self._db.execute("DELETE FROM chain WHERE id = ?", (sid,))
+
+    def put_delta(self, record, state, transcript, seq):
+        sid = record.session_id
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                base = self._db.execute("SELECT base FROM chain WHERE id = ?", (sid,)).fetchone()
+                n = self._db.execute("SELECT count(*) FROM deltas WHERE id = ?", (sid,)).fetchone()[0]
+                if base is None or base[0] != record.base or n != seq:
+                    raise StaleChain(sid)
+                self._db.execute("INSERT INTO deltas VALUES (?, ?, ?, ?)",
+                                 (sid, seq, state, json.dumps(transcript, ensure_ascii=False)))
+                self._db.execute("UPDATE sessions SET turns = ?, meta = ?, updated = ? WHERE id = ?",
+                                 (record.turns, json.dumps(record.meta), record.updated, sid))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -207,6 +304,7 @@ class SQLiteStore:
     def delete(self, session_id):
         with self._lock:
             cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self._drop_chain(session_id)
             self._db.execute("PRAGMA incremental_vacuum")
             self._checkpoint()
         return cur.rowcount > 0
@@ -217,6 +315,8 @@ class SQLiteStore:
             gone = _victims(rows, ttl_s, max_sessions, keep, time.time())
             if gone:
                 self._db.executemany("DELETE FROM sessions WHERE id = ?", [(sid,) for sid in gone])
+                for sid in gone:
+                    self._drop_chain(sid)
                 self._db.execute("PRAGMA incremental_vacuum")
                 self._checkpoint()
         return gone
@@ -230,7 +330,8 @@ class SQLiteStore:
     def list(self, limit=1000):
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, kind, model, turns, updated, length(snapshot) FROM sessions ORDER BY updated DESC LIMIT ?",
+                "SELECT id, kind, model, turns, updated, length(snapshot) + coalesce((SELECT sum(length(state)) FROM"
+                " deltas WHERE deltas.id = sessions.id), 0) FROM sessions ORDER BY updated DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [_summary(*row[:5], row[5] or 0) for row in rows]
