@@ -248,3 +248,17 @@ def test_recall_flags_parse_into_the_config(verb):
     base = StreamingConfig()
     assert (default.recall_blocks, default.block_size, default.recall_memory_tokens, default.recall_dtype) == (
         0, base.block_size, base.recall_memory_tokens, base.recall_dtype)
+
+
+def test_server_snapshot_of_a_recall_session_continues_identically():
+    """The server's snapshot format (pack_state/unpack_state, trimmed zero slots) keeps the memory."""
+    from streaming_llm.server.conversations import pack_state, unpack_state
+
+    model = tiny_model("llama")
+    ids = ids_for(120)
+    kw = dict(sinks=S, window=W, chunk_size=9, recall_blocks=K, block_size=B, recall_memory_tokens=40 * B)
+    a = engine(model, **kw)
+    a.feed(ids[:80])
+    b = engine(model, **kw)
+    b.load_state_dict(unpack_state(pack_state(a.state_dict()), torch.float32, "cpu"))
+    assert torch.equal(b.feed(ids[80:]), a.feed(ids[80:]))

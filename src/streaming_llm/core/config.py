@@ -17,7 +17,7 @@ DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 1020
 DEFAULT_CHUNK = 256
 # Recall of evicted tokens (see recall.py, docs/recall.md). 32-token blocks: Quest uses 16-token
-# pages, InfLLM 128-token blocks; 32 keeps the RAM summaries at 1/16 of the stored KV (min + max
+# pages, InfLLM 128-token blocks; 32 keeps the RAM summaries at 1/32 of the stored KV (min + max
 # per block vs 32 keys + 32 values) while a block is still small enough to hold one fact.
 DEFAULT_BLOCK_SIZE = 32
 # 2^17 tokens in memory (covers the 100K-token cost measurement); on disk that is about
