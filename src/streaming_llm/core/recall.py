@@ -153,21 +153,27 @@ class RecallMemory:
 
     # ---- selection -------------------------------------------------------------------------------
     def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
-        """float64 selection scores of the eligible blocks (oldest first) for `query` (B=1, Hq, C, D),
-        rotated by the model at storage positions (stream index + pos_shift)."""
-        ids = self.eligible()
-        slots = torch.tensor([b % self.slots for b in ids], dtype=torch.long)
-        mins, maxs, frames = self.mins[slots].double(), self.maxs[slots].double(), self.frames[slots]
-        hkv, d = mins.shape[1], mins.shape[2]
-        q = query[0].float()  # (Hq, C, D)
-        out = torch.zeros(len(ids), dtype=torch.float64)
-        for frame in torch.unique(frames).tolist():
-            sel = frames == frame
-            qf = q if frame == pos_shift else self.rope.rotate(
-                q, torch.full((q.shape[-2],), frame - pos_shift, device=q.device))
-            qf = qf.reshape(hkv, -1, d).double().cpu()  # (Hkv, G*C, D)
-            pos, neg = qf.clamp(min=0).sum(1), qf.clamp(max=0).sum(1)  # (Hkv, D)
-            out[sel] = (maxs[sel] * pos).sum((1, 2)) + (mins[sel] * neg).sum((1, 2))
+        """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
+        the model at storage positions (stream index + pos_shift). Computed over the summaries in
+        place (float32 matrix-vector products, no per-block Python work); blocks stored in another
+        frame (before a rebase) get the query rotated into their frame."""
+        n = self.stored
+        mins, maxs, frames = self.mins[:n].flatten(1), self.maxs[:n].flatten(1), self.frames[:n]  # by slot
+        hkv, d = self.mins.shape[1], self.mins.shape[2]
+        q = query[0].float().cpu()  # (Hq, C, D)
+        uniq = torch.unique(frames).tolist()
+        out = torch.empty(n)
+        for frame in uniq:
+            qf = q if frame == pos_shift else self.rope.rotate(q, torch.full((q.shape[-2],), frame - pos_shift))
+            qf = qf.reshape(hkv, -1, d)  # (Hkv, G*C, D)
+            pos, neg = qf.clamp(min=0).sum(1).flatten(), qf.clamp(max=0).sum(1).flatten()  # (Hkv*D,)
+            if len(uniq) == 1:
+                out = maxs @ pos + mins @ neg
+            else:
+                sel = (frames == frame).nonzero().squeeze(1)
+                out[sel] = maxs[sel] @ pos + mins[sel] @ neg
+        if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
+            out = torch.roll(out, -(self.n_blocks % self.slots))
         return out
 
     def select(self, query: torch.Tensor, pos_shift: int) -> tuple[int, ...]:
