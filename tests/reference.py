@@ -53,6 +53,11 @@ class PaperReference:
             ks = torch.cat([ks[:, :, :s], ks[:, :, -w:]], 2)
             vs = torch.cat([vs[:, :, :s], vs[:, :, -w:]], 2)
         self.layers[module.layer_idx] = (ks, vs)
+        return self._attend(module, query, q_pre, ks, vs, inv, scaling, softcap)
+
+    def _attend(self, module, query, q_pre, ks, vs, inv, scaling, softcap):
+        """Attention of the pre-RoPE query over the pre-RoPE cache (ks, vs), positions 0..L-1 in
+        cache order, the query at L-1."""
         L = ks.shape[2]
         k_rot = _rotate(ks, torch.arange(L), inv)  # positions within the cache, every step
         q_rot = _rotate(q_pre, torch.tensor([L - 1]), inv)
@@ -85,3 +90,40 @@ class PaperReference:
             return torch.stack(out)
         finally:
             self.model.set_attn_implementation(old)
+
+
+class RecallReference(PaperReference):
+    """The recall rule, literally: each global layer's cache is [the S sinks, the chosen blocks in
+    stream order, the W most recent tokens], every token re-positioned 0..L-1 in that order at
+    every step, the query at L-1. It keeps the pre-RoPE keys of the whole stream and takes the
+    chosen block ids from the engine: `traces[layer]` is a list of (first stream index, tokens,
+    block ids) per engine forward (block b = stream tokens S + b*B .. S + (b+1)*B - 1); token t
+    uses the last record covering it. Sliding-window layers are plain sliding windows."""
+
+    def __init__(self, model, sinks: int, window: int, block_size: int, rotary_module, traces: dict):
+        super().__init__(model, sinks, window, rotary_module)
+        self.block, self.traces = block_size, traces
+        self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def chosen(self, layer: int, t: int) -> tuple:
+        hits = [ids for first, n, ids in self.traces[layer] if first <= t < first + n]
+        assert hits, f"no engine forward covers token {t} in layer {layer}"
+        return tuple(hits[-1])
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   sliding_window=None, softcap=None, **kwargs):
+        if sliding_window:
+            return super()._attention(module, query, key, value, attention_mask, scaling, dropout,
+                                      sliding_window, softcap, **kwargs)
+        inv = self._inv_freq(module)
+        s, w, b, t = self.sinks, self.window, self.block, self.n
+        pos_q = torch.tensor([self.query_pos])
+        k_pre, q_pre = _rotate(key.double(), -pos_q, inv), _rotate(query.double(), -pos_q, inv)
+        ks, vs = self.history.get(module.layer_idx, (k_pre[:, :, :0], value.double()[:, :, :0]))
+        ks, vs = torch.cat([ks, k_pre], 2), torch.cat([vs, value.double()], 2)
+        self.history[module.layer_idx] = (ks, vs)
+        window = list(range(max(s, t - w + 1), t + 1))
+        recalled = [s + i * b + m for i in sorted(self.chosen(module.layer_idx, t)) for m in range(b)]
+        assert not recalled or max(recalled) < window[0], "a recalled token is still in the window"
+        keep = torch.tensor(list(range(min(s, t + 1))) + recalled + window)
+        return self._attend(module, query, q_pre, ks[:, :, keep], vs[:, :, keep], inv, scaling, softcap)

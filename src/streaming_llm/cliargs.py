@@ -24,14 +24,26 @@ def add_load_arguments(p, quant_default: str = "none") -> None:
 
 
 def add_streaming_arguments(p) -> None:
-    """--method, --sinks, --window, --positions, --chunk-size."""
-    from .core.config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
+    """--method, --sinks, --window, --positions, --chunk-size, --recall-blocks, --block-size,
+    --recall-memory-tokens, --recall-dtype."""
+    from .core.config import (DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK, DEFAULT_RECALL_MEMORY_TOKENS, DEFAULT_SINKS,
+                              DEFAULT_WINDOW, METHODS, POSITIONS, RECALL_DTYPES)
 
     p.add_argument("--method", default="streaming", choices=METHODS)
     p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention sinks kept (0 for --method window)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most recent tokens kept")
     p.add_argument("--positions", default="cache", choices=POSITIONS, help="cache: the paper; absolute: ablation")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per forward when feeding")
+    p.add_argument("--recall-blocks", type=int, default=0,
+                   help="recall of evicted tokens: blocks of evicted tokens each layer brings back per forward, "
+                   "between the sinks and the window (0: off, plain streaming; needs --method streaming)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="evicted tokens per recall block (default: %(default)s)")
+    p.add_argument("--recall-memory-tokens", type=int, default=DEFAULT_RECALL_MEMORY_TOKENS,
+                   help="most evicted tokens the recall memory keeps (on disk; oldest blocks dropped beyond it; "
+                   "default: %(default)s)")
+    p.add_argument("--recall-dtype", default="float32", choices=RECALL_DTYPES,
+                   help="how the recall memory stores the blocks' keys and values (default: %(default)s)")
 
 
 def add_model_arguments(p, quant_default: str = "none") -> None:
@@ -62,8 +74,12 @@ def load_model_from_args(args):
 
 def config_from_args(args):
     """The `StreamingConfig` the streaming flags describe."""
-    from .core.config import StreamingConfig
+    from .core.config import DEFAULT_BLOCK_SIZE, DEFAULT_RECALL_MEMORY_TOKENS, StreamingConfig
 
     return StreamingConfig(
-        method=args.method, sinks=args.sinks, window=args.window, positions=args.positions, chunk_size=args.chunk_size
+        method=args.method, sinks=args.sinks, window=args.window, positions=args.positions, chunk_size=args.chunk_size,
+        recall_blocks=getattr(args, "recall_blocks", 0),
+        block_size=getattr(args, "block_size", DEFAULT_BLOCK_SIZE),
+        recall_memory_tokens=getattr(args, "recall_memory_tokens", DEFAULT_RECALL_MEMORY_TOKENS),
+        recall_dtype=getattr(args, "recall_dtype", "float32"),
     )

@@ -177,6 +177,9 @@ def _describe(session, model: str) -> str:
     c = session.engine.config
     if c.method == "dense":
         return f"{model} | dense (no eviction, cache grows)"
+    if c.recall_blocks:
+        return (f"{model} | {c.method}: {c.sinks} sinks + {c.recall_blocks}x{c.block_size} recalled + {c.window} window "
+                f"= {c.cache_size} attended tokens (memory of up to {c.recall_memory_tokens} evicted tokens)")
     return f"{model} | {c.method}: {c.sinks} sinks + {c.window} window = {c.cache_size} cached tokens"
 
 

@@ -53,7 +53,7 @@ def streaming_attention(
         out = causal_attention(query, key, value, attention_mask, scale, softcap, sliding_window, off_by_one)
     else:
         layer = cache.layers[module.layer_idx]
-        out = planned_attention(query, layer.plan(), scale, softcap)
+        out = planned_attention(query, layer.plan(query), scale, softcap)
         layer.commit()
     return out.transpose(1, 2).contiguous(), None
 

@@ -29,6 +29,9 @@ class StreamBatch:
     def __init__(self, engine: StreamingLLM, slots: int):
         if engine.config.method not in ("streaming", "window"):
             raise UserError(f"batched streams need --method streaming or window (got {engine.config.method})")
+        if engine.config.recall_blocks:
+            raise UserError("batched streams do not support recall of evicted tokens (--recall-blocks): "
+                            "use one StreamingLLM per stream")
         if slots < 1:
             raise UserError(f"a batch needs at least one slot (got {slots})")
         self.engine = engine

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import recall as _recall
 from .rope import LayerRope, apply_rotation
 
 KWARG = "streaming_cache"  # the forward keyword argument that carries the cache to the attention
@@ -86,6 +87,7 @@ class SinkWindowLayer(CacheLayerMixin):
         self.view_delta = [0] * b  # rotation currently applied to row r's sink slots of `keys`
         self.sink_keys: torch.Tensor | None = None  # originals, as the model rotated them
         self._pending: _Pending | None = None
+        self.memory: _recall.RecallMemory | None = None  # evicted-token recall (global layers, one row)
 
     # ---- transformers CacheLayerMixin -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -129,6 +131,8 @@ class SinkWindowLayer(CacheLayerMixin):
                 slot = s + (n - s) % w
                 # one stream in the whole cache: write through the batch dimension (no row views)
                 keys, values = (self.keys, self.values) if self.owner.n_rows == 1 else (self.keys[r : r + 1], self.values[r : r + 1])
+                if self.memory is not None:
+                    _recall.hold_decoded(self, n, slot)
                 keys[:, :, slot] = key_states[:, :, 0]
                 values[:, :, slot] = value_states[:, :, 0]
         elif written:
@@ -162,6 +166,8 @@ class SinkWindowLayer(CacheLayerMixin):
             self.keys[r].zero_()
             self.values[r].zero_()
             self.sink_keys[r].zero_()
+        if self.memory is not None:
+            self.memory.reset()
 
     # ---- streaming semantics ------------------------------------------------------------------
     def _shift(self, r: int) -> int:
@@ -173,10 +179,14 @@ class SinkWindowLayer(CacheLayerMixin):
             return self._shift(r)
         return min(n, self.sinks + self.window - 1) - n + self._shift(r)
 
-    def plan(self) -> AttentionPlan:
+    def plan(self, query: torch.Tensor | None = None) -> AttentionPlan:
+        """`query` (B, Hq, C, D), as rotated by the model, is needed only with recall (selection)."""
         p = self._pending
         c, s, w = p.keys.shape[-2], self.sinks, self.window
         sel = self.owner.selector()
+        recall = self.memory is not None and _recall.choose(self, query)
+        if recall and p.written:
+            return _recall.decode_plan(self, AttentionPlan)
         if p.written and min(p.seen) >= s + w - 1:  # decode with every row's cache full: every slot is visible
             self._set_sink_view(p.rows, p.seen)
             if isinstance(sel, slice) and sel == slice(0, self.owner.n_rows):  # every row: no view needed
@@ -223,7 +233,7 @@ class SinkWindowLayer(CacheLayerMixin):
             delta = shift.expand(-1, c)
         else:
             delta = torch.clamp(t, max=s + w - 1) - t + shift
-        return AttentionPlan(
+        plan = AttentionPlan(
             keys,
             values,
             mask,
@@ -235,6 +245,7 @@ class SinkWindowLayer(CacheLayerMixin):
             zero_slot=self.zero_slot,
             window_rows_nonempty=min(p.seen) >= s,  # a query past the sinks always sees itself
         )
+        return _recall.with_recall(self, plan) if recall else plan
 
     def _set_sink_view(self, rows: tuple[int, ...], seen: tuple[int, ...]) -> None:
         """Make each row's sink slots of `keys` hold its sink keys rotated by -delta, the decode
@@ -264,6 +275,11 @@ class SinkWindowLayer(CacheLayerMixin):
         """After attention: write each row's last non-sink chunk tokens into its ring, advance."""
         p = self._pending
         c, s, w = p.keys.shape[-2], self.sinks, self.window
+        if self.memory is not None:  # the tokens this forward evicts, before the ring forgets them
+            if p.written:
+                _recall.commit_decoded(self)
+            else:
+                _recall.capture_chunk(self, p.seen[0], c, p.keys, p.values)
         if p.written and len(p.rows) == 1:
             self.seen[p.rows[0]] = p.seen[0] + 1
             self._pending = None
@@ -288,6 +304,8 @@ class SinkWindowLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         s, w = self.sinks, self.window
+        if self.memory is not None:
+            self.memory.rebase(shift)
         d = torch.full((w,), -shift, device=self.keys.device)
         self.keys[r, :, s : s + w] = self.rope.rotate(self.keys[r, :, s : s + w], d)
         if self.seen[r] < s:
@@ -306,6 +324,7 @@ class SinkWindowLayer(CacheLayerMixin):
             "seen": self.seen[r],
             "sink_shift": self.sink_shift[r],
             "view_delta": self.view_delta[r],
+            **({} if self.memory is None else {"recall": self.memory.state()}),
         }
 
     @torch.inference_mode()
@@ -319,6 +338,8 @@ class SinkWindowLayer(CacheLayerMixin):
         self.values[r : r + 1] = st["values"]
         self.sink_keys[r : r + 1] = st["sink_keys"]
         self.seen[r], self.sink_shift[r], self.view_delta[r] = st["seen"], st["sink_shift"], st["view_delta"]
+        if self.memory is not None:
+            self.memory.load_state(st["recall"])
 
 
 class StreamingCache(Cache):
@@ -326,6 +347,8 @@ class StreamingCache(Cache):
 
     `layer_shapes` gives (sinks, window) per decoder layer: sinks+window for global layers, (0,
     trained window) for sliding-window layers. Keep your own reference: it is mutated in place.
+    `recall` (one row only): `recall.RecallMemory` keyword arguments plus `layers`, one bool per
+    layer saying which get a memory of their evicted tokens (see recall.py).
     """
 
     def __init__(
@@ -337,6 +360,7 @@ class StreamingCache(Cache):
         start_position: int = 0,
         position_limit: int | None = None,
         batch_size: int = 1,
+        recall: dict | None = None,
     ):
         self.positions = positions
         self.n_rows = batch_size  # streams (rows) this cache holds; transformers reserves `batch_size`
@@ -349,6 +373,13 @@ class StreamingCache(Cache):
         largest = max(s + w for s, w in layer_shapes)
         self.position_limit = position_limit or max(4 * largest, 4096)
         layers = [SinkWindowLayer(s, w, r, self, off_by_one) for (s, w), r in zip(layer_shapes, ropes)]
+        if recall:
+            if batch_size != 1:
+                raise ValueError("recall of evicted tokens needs a single-stream cache")
+            kw = {k: v for k, v in recall.items() if k != "layers"}
+            for layer, on in zip(layers, recall["layers"]):
+                if on:
+                    layer.memory = _recall.RecallMemory(sinks=layer.sinks, rope=layer.rope, **kw)
         super().__init__(layers=layers)
 
     # ---- rows ------------------------------------------------------------------------------------
@@ -392,6 +423,11 @@ class StreamingCache(Cache):
     @property
     def capacity(self) -> int:
         return max(layer.sinks + layer.window for layer in self.layers)
+
+    @property
+    def memories(self) -> list:
+        """The layers' recall memories (None for layers without one)."""
+        return [layer.memory for layer in self.layers]
 
     def rotation_matrix(self, rope: LayerRope, delta: int, like: torch.Tensor) -> torch.Tensor:
         """(D, D) matrix R with x @ R == x rotated by `delta` positions; memoised per step."""

@@ -16,6 +16,14 @@ POSITIONS = ("cache", "absolute")
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 1020
 DEFAULT_CHUNK = 256
+# Recall of evicted tokens (see recall.py, docs/recall.md). 32-token blocks: Quest uses 16-token
+# pages, InfLLM 128-token blocks; 32 keeps the RAM summaries at 1/32 of the stored KV (min + max
+# per block vs 32 keys + 32 values) while a block is still small enough to hold one fact.
+DEFAULT_BLOCK_SIZE = 32
+# 2^17 tokens in memory (covers the issue's 100K-token cost measurement); on disk that is about
+# 6 GB in float32 for smollm2-135m (30 layers x 3 KV heads x 64 channels), half in bfloat16.
+DEFAULT_RECALL_MEMORY_TOKENS = 131_072
+RECALL_DTYPES = ("float32", "bfloat16")
 # How model weights may be held: the one home of these choices (loading, quantize, the CLI, bench).
 
 
@@ -32,6 +40,10 @@ class StreamingConfig:
     - positions: `cache` (the paper, Sec. 3.2: positions are assigned within the cache) or
       `absolute` (original text positions kept; an ablation).
     - chunk_size: tokens per forward pass when feeding long inputs (exact semantics either way).
+    - recall_blocks: evicted-token blocks each global layer recalls per forward (0: off, exactly
+      plain streaming); `block_size` tokens per block; `recall_memory_tokens` caps the tokens kept
+      in the memory (oldest blocks dropped); `recall_dtype` is how the stored blocks are held.
+      With recall a query attends to at most sinks + recall_blocks*block_size + window tokens.
     """
 
     method: str = "streaming"
@@ -39,6 +51,10 @@ class StreamingConfig:
     window: int = DEFAULT_WINDOW
     positions: str = "cache"
     chunk_size: int = DEFAULT_CHUNK
+    recall_blocks: int = 0
+    block_size: int = DEFAULT_BLOCK_SIZE
+    recall_memory_tokens: int = DEFAULT_RECALL_MEMORY_TOKENS
+    recall_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,14 +67,27 @@ class StreamingConfig:
             raise UserError(f"--sinks must be an integer >= 0 (got {self.sinks!r})")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise UserError(f"--chunk-size must be an integer >= 1 (got {self.chunk_size!r})")
+        if not isinstance(self.recall_blocks, int) or self.recall_blocks < 0:
+            raise UserError(f"--recall-blocks must be an integer >= 0 (got {self.recall_blocks!r})")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise UserError(f"--block-size must be an integer >= 1 (got {self.block_size!r})")
+        if not isinstance(self.recall_memory_tokens, int) or self.recall_memory_tokens < self.block_size:
+            raise UserError(f"--recall-memory-tokens must be an integer >= --block-size ({self.block_size}) "
+                            f"(got {self.recall_memory_tokens!r})")
+        if self.recall_dtype not in RECALL_DTYPES:
+            raise UserError(f"unknown recall dtype {self.recall_dtype!r}; choose one of {', '.join(RECALL_DTYPES)}")
+        if self.recall_blocks and self.method != "streaming":
+            raise UserError(f"--recall-blocks needs --method streaming (got --method {self.method})")
+        if self.recall_blocks and self.positions != "cache":
+            raise UserError("--recall-blocks needs --positions cache (recalled blocks get positions within the cache)")
         if self.method == "window" and self.sinks != 0:
             # The window baseline is, by definition, streaming without sinks.
             object.__setattr__(self, "sinks", 0)
 
     @property
     def cache_size(self) -> int:
-        """Most tokens any query attends to (sinks + window); unbounded for dense."""
-        return self.sinks + self.window
+        """Most tokens any query attends to (sinks + recalled + window); unbounded for dense."""
+        return self.sinks + self.recall_blocks * self.block_size + self.window
 
     def with_(self, **changes) -> "StreamingConfig":
         return replace(self, **changes)

@@ -74,8 +74,10 @@ class StreamingLLM:
     engines, even over the same model, can run on two threads at once). Many streams in one
     forward: `batch.StreamBatch`."""
 
-    def __init__(self, model, tokenizer=None, config: StreamingConfig | None = None, start_position: int = 0):
+    def __init__(self, model, tokenizer=None, config: StreamingConfig | None = None, start_position: int = 0,
+                 recall_dir: str | None = None):
         self.model = attention.enable(model.eval())
+        self.recall_dir = recall_dir  # where the recall memory's (unlinked, memory-mapped) files go; None: tmp
         self.tokenizer = tokenizer
         self.config = config or StreamingConfig()
         self.start_position = start_position
@@ -105,6 +107,15 @@ class StreamingLLM:
             return DynamicCache(config=self.model.config)
         if method == "recompute":
             return None
+        recall = None
+        if self.config.recall_blocks:
+            if batch_size != 1:
+                raise UserError("recall of evicted tokens (--recall-blocks) runs one stream per engine: "
+                                "batched streams (StreamBatch, the server's batched scheduler) do not support it")
+            c = self.config
+            recall = dict(recall_blocks=c.recall_blocks, block_size=c.block_size, memory_tokens=c.recall_memory_tokens,
+                          dtype=c.recall_dtype, directory=self.recall_dir,
+                          layers=[kind == "full_attention" for kind in _layer_types(self.model)])
         return StreamingCache(
             self.shapes,
             self.ropes,
@@ -112,6 +123,7 @@ class StreamingLLM:
             off_by_one=bool(getattr(self.model.config, "softmax_off_by_one", False)),
             start_position=self.start_position,
             batch_size=batch_size,
+            recall=recall,
         )
 
     def reset(self) -> None:

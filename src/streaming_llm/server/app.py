@@ -271,7 +271,8 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
     async def health():
         stats = await manager.io.call(manager.store.stats)
         return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
-                "queued_model_jobs": manager.worker.pending, "batch": manager.batch_info(), **stats, **manager.counters}
+                "queued_model_jobs": manager.worker.pending, "batch": manager.batch_info(), **stats, **manager.counters,
+                "recall": _recall_info(manager.config)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics():
@@ -460,6 +461,15 @@ def _describe(errors: list[dict]) -> tuple[str | None, str]:
     tags = [str(e["loc"][cut]) for e in errors if [str(p) for p in e["loc"][:cut]] == base and len(e["loc"]) > cut]
     kinds = list(dict.fromkeys(_UNION_TAGS.get(t, t) for t in tags))
     return ".".join(base) or None, f"expected {' or '.join(kinds)}"
+
+
+def _recall_info(config) -> dict:
+    """Recall of evicted tokens at a glance: a session's snapshot holds its whole memory."""
+    if not config.recall_blocks:
+        return {"enabled": False}
+    return {"enabled": True, "recall_blocks": config.recall_blocks, "block_size": config.block_size,
+            "memory_tokens": config.recall_memory_tokens, "dtype": config.recall_dtype, "batched": False,
+            "persisted_with_session": True}
 
 
 def _model_card(name: str, created: int) -> dict:

@@ -5,7 +5,7 @@ in a row of one `StreamBatch`, and one model thread runs, each round, a single b
 forward for every reply waiting for its next token, then at most one prefill chunk of a new
 prompt. A reply is a generator stepped on a pool of turn threads (sampling and text decoding
 run there; its forwards go to the model thread). At most `max_batch` turns run at once; more
-wait for a row. Methods without a batched path (dense, recompute) and `max_batch` 1 use the
+wait for a row. Methods without a batched path (dense, recompute, recall) and `max_batch` 1 use the
 one-thread worker instead: replies interleave token by token, one forward each. Session loads,
 replays and state capture run on a second model-call thread (`ModelWorker`); store I/O
 (serializing snapshots, SQLite) on a third, so neither stalls decoding.
@@ -122,7 +122,8 @@ class SessionManager:
         self.device = next(model.parameters()).device
         self.worker = ModelWorker("model")
         self.io = ModelWorker("store-io")
-        batched = config.method in ("streaming", "window") and max_batch > 1
+        # recall sessions (one memory per stream) run unbatched, like dense and recompute
+        batched = config.method in ("streaming", "window") and not config.recall_blocks and max_batch > 1
         self.scheduler = Scheduler(StreamingLLM(model, tokenizer, config), max_batch) if batched else None
         # one producer per running reply, plus starts and clean-ups of others
         self.turn_pool = ThreadPoolExecutor(max_workers=2 * max_batch + 2, thread_name_prefix="turn") if batched else None

@@ -1,0 +1,315 @@
+"""Recall of evicted tokens: one global attention layer's memory of the tokens that left its ring.
+
+What it does. Evicted stream tokens (non-sink tokens that leave the window) are grouped, in stream
+order, into blocks of `block_size` consecutive tokens: block b holds stream tokens
+`sinks + b*block_size ..` and enters the memory once all of them are evicted. A block keeps in RAM a
+summary of its keys (per KV head, per channel min and max, as Quest does) and the storage position
+frame its keys were rotated in; its keys and values go to a bounded store, a memory-mapped file
+(`torch.from_file`, float32 or bfloat16) of `recall_memory_tokens // block_size` block slots: block
+b lives in slot `b % slots`, so beyond the cap the oldest blocks are overwritten (dropped). The file
+is unlinked right after it is mapped (it disappears with the engine; its pages are file-backed, so
+stored tokens do not grow the anonymous RAM); the summaries grow with the blocks up to the cap.
+
+Before each forward (`select`), the layer chooses the `recall_blocks` blocks with the highest
+Quest-style upper bound of the query-key scores: for one query q and a block with per-channel key
+minimum mn and maximum mx, bound = sum_c max(q_c*mn_c, q_c*mx_c); the selection score is this bound
+summed over every query head and every query of the forward (one selection per layer, shared by
+all its heads; a chunk's queries all see the same blocks). Since max(q*mn, q*mx) = q+ * mx + q- *
+mn, the sum over queries is (sum q+) . mx + (sum q-) . mn: one small product per block. Scores are
+taken at the true text distance: the query, as the model rotated it, is rotated into each block's
+storage frame (blocks stored before a rebase keep the frame they were stored in). Ties go to the
+older block. Only blocks complete before the forward are eligible.
+
+The chosen blocks, in stream order, join the sink segment of the layer's attention: block i's
+token m is rotated (one delta per block) to cache position `sinks + i*block_size + m` in the
+sinks' frame, and the query's sink delta grows by R (the recalled tokens), so sinks sit at cache
+positions 0..S-1, recalled tokens at S..S+R-1, the window after them and the query right after
+the window (never beyond S + recall_blocks*block_size + W). Chunks use the plan's
+sink_keys/sink_values/sink_mask path; a decoded token gets the same kind of plan over the ring
+buffer as is (no concatenation of the window).
+
+What it does NOT do: batch rows (one stream only: `StreamBatch` refuses recall), sliding-window
+layers (they never get a memory), re-scoring inside a chunk, or keep the store file after the
+engine is gone. `state_dict` includes the whole memory (summaries and the stored blocks' data),
+so a saved stream continues exactly, at the size of the memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from .rope import LayerRope
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class RecallMemory:
+    """The evicted-token memory of one global attention layer of a single-stream cache."""
+
+    def __init__(self, recall_blocks: int, block_size: int, memory_tokens: int, dtype: str, sinks: int,
+                 rope: LayerRope, directory: str | None = None):
+        self.k, self.block = recall_blocks, block_size
+        self.slots = max(1, memory_tokens // block_size)  # block slots in the store
+        self.store_dtype = DTYPES[dtype]
+        self.sinks, self.rope, self.directory = sinks, rope, directory
+        self.trace: list | None = None  # for tests: a list gets (first index, n queries, chosen ids) per forward
+        self.store: torch.Tensor | None = None  # (slots, 2, H, block, D) memory-mapped, allocated on first block
+        self.reset()
+
+    # ---- state -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.n_blocks = 0  # blocks ever completed; ids n_blocks - stored .. n_blocks - 1 are held
+        self.staged = 0  # evicted tokens waiting for their block to complete
+        self.stage_k = self.stage_v = None  # (H, block, D) in the current storage frame
+        self.mins = self.maxs = None  # (allocated slots, H, D) float32 key summaries, by slot
+        self.frames = torch.zeros(0, dtype=torch.long)  # pos_shift each slot's block was stored with
+        self.hold = None  # (stream index, key, value): a decoded token's evicted token, until commit
+        self.chosen: tuple[int, ...] = ()
+        self._recalled = None  # (ids, sink_shift, dtype, keys, values) of the last chosen blocks
+
+    @property
+    def stored(self) -> int:
+        """Blocks held now (the newest `slots` at most)."""
+        return min(self.n_blocks, self.slots)
+
+    @property
+    def stored_tokens(self) -> int:
+        return self.stored * self.block
+
+    def eligible(self) -> range:
+        return range(self.n_blocks - self.stored, self.n_blocks)
+
+    def _open_store(self, h: int, d: int) -> None:
+        numel = self.slots * 2 * h * self.block * d
+        fd, path = tempfile.mkstemp(prefix="streaming-llm-recall-", suffix=".bin", dir=self.directory)
+        try:
+            os.ftruncate(fd, numel * self.store_dtype.itemsize)  # sparse: disk use grows with what is written
+        finally:
+            os.close(fd)
+        try:
+            flat = torch.from_file(path, shared=True, size=numel, dtype=self.store_dtype)
+        finally:
+            os.unlink(path)  # the mapping keeps the data; nothing is left behind
+        self.store = flat.view(self.slots, 2, h, self.block, d)
+
+    # ---- filling -----------------------------------------------------------------------------------
+    def capture(self, keys: torch.Tensor, values: torch.Tensor, first: int, pos_shift: int) -> None:
+        """Evicted tokens `first ..` (keys/values (H, n, D), as stored in the ring at storage
+        positions index + pos_shift), in stream order, continuing the ones before."""
+        expected = self.sinks + self.n_blocks * self.block + self.staged
+        if first != expected:
+            raise RuntimeError(f"recall memory expected evicted token {expected}, got {first}")
+        h, n, d = keys.shape
+        if self.stage_k is None:
+            self.stage_k = keys.new_zeros(h, self.block, d)
+            self.stage_v = values.new_zeros(h, self.block, values.shape[-1])
+        done = 0
+        while done < n:
+            m = min(self.block - self.staged, n - done)
+            self.stage_k[:, self.staged : self.staged + m] = keys[:, done : done + m]
+            self.stage_v[:, self.staged : self.staged + m] = values[:, done : done + m]
+            self.staged += m
+            done += m
+            if self.staged == self.block:
+                self._finish_block(pos_shift)
+
+    def _finish_block(self, pos_shift: int) -> None:
+        h, _, d = self.stage_k.shape
+        if self.store is None:
+            self._open_store(h, d)
+        slot = self.n_blocks % self.slots
+        if self.mins is None or slot >= self.mins.shape[0]:  # grow the summaries, up to the cap
+            size = min(self.slots, max(16, 2 * (0 if self.mins is None else self.mins.shape[0])))
+            mins, maxs = torch.zeros(size, h, d), torch.zeros(size, h, d)
+            frames = torch.zeros(size, dtype=torch.long)
+            if self.mins is not None:
+                old = self.mins.shape[0]
+                mins[:old], maxs[:old], frames[:old] = self.mins, self.maxs, self.frames
+            self.mins, self.maxs, self.frames = mins, maxs, frames
+        k = self.stage_k.float()
+        self.mins[slot] = k.amin(dim=1).cpu()
+        self.maxs[slot] = k.amax(dim=1).cpu()
+        self.frames[slot] = pos_shift
+        self.store[slot, 0] = self.stage_k.to(device="cpu", dtype=self.store_dtype)
+        self.store[slot, 1] = self.stage_v.to(device="cpu", dtype=self.store_dtype)
+        self.n_blocks += 1
+        self.staged = 0
+
+    def rebase(self, shift: int) -> None:
+        """The ring moved `shift` positions back: so do the staged tokens (one frame per block)."""
+        if self.staged:
+            d = torch.full((self.staged,), -shift, device=self.stage_k.device)
+            self.stage_k[:, : self.staged] = self.rope.rotate(self.stage_k[:, : self.staged], d)
+
+    def block_keys(self, block_id: int) -> tuple[torch.Tensor, int]:
+        """(keys (H, block, D) float32 as stored, pos_shift of their frame) of a held block (for tests)."""
+        if block_id not in self.eligible():
+            raise KeyError(f"block {block_id} is not held (held: {self.eligible()})")
+        slot = block_id % self.slots
+        return self.store[slot, 0].float(), int(self.frames[slot])
+
+    # ---- selection -------------------------------------------------------------------------------
+    def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
+        """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
+        the model at storage positions (stream index + pos_shift). Computed over the summaries in
+        place (float32 matrix-vector products, no per-block Python work); blocks stored in another
+        frame (before a rebase) get the query rotated into their frame."""
+        n = self.stored
+        mins, maxs, frames = self.mins[:n].flatten(1), self.maxs[:n].flatten(1), self.frames[:n]  # by slot
+        hkv, d = self.mins.shape[1], self.mins.shape[2]
+        q = query[0].float().cpu()  # (Hq, C, D)
+        uniq = torch.unique(frames).tolist()
+        out = torch.empty(n)
+        for frame in uniq:
+            qf = q if frame == pos_shift else self.rope.rotate(q, torch.full((q.shape[-2],), frame - pos_shift))
+            qf = qf.reshape(hkv, -1, d)  # (Hkv, G*C, D)
+            pos, neg = qf.clamp(min=0).sum(1).flatten(), qf.clamp(max=0).sum(1).flatten()  # (Hkv*D,)
+            if len(uniq) == 1:
+                out = maxs @ pos + mins @ neg
+            else:
+                sel = (frames == frame).nonzero().squeeze(1)
+                out[sel] = maxs[sel] @ pos + mins[sel] @ neg
+        if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
+            out = torch.roll(out, -(self.n_blocks % self.slots))
+        return out
+
+    def select(self, query: torch.Tensor, pos_shift: int) -> tuple[int, ...]:
+        """The ids of the chosen blocks, in stream order: the top `recall_blocks` by `scores`
+        (all of them when fewer are held; ties to the older block)."""
+        if self.stored == 0 or self.k == 0:
+            return ()
+        s = self.scores(query, pos_shift)
+        top = torch.argsort(-s, stable=True)[: self.k]
+        first = self.n_blocks - self.stored
+        return tuple(sorted(first + int(i) for i in top))
+
+    def recalled(self, ids: tuple[int, ...], sink_shift: int, like: torch.Tensor):
+        """Keys/values (1, H, R, D) of blocks `ids`, block i's keys rotated to storage position
+        `sinks + i*block + m + sink_shift` (the sinks' frame: cache position + sink_shift)."""
+        c = self._recalled
+        if c is not None and c[0] == ids and c[1] == sink_shift and c[2] == like.dtype:
+            return c[3], c[4]
+        slots = torch.tensor([b % self.slots for b in ids], dtype=torch.long)
+        data = self.store[slots].to(device=like.device, dtype=like.dtype)  # (k, 2, H, block, D)
+        keys = data[:, 0].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
+        values = data[:, 1].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
+        stored_at = torch.tensor([self.sinks + b * self.block + int(self.frames[b % self.slots]) for b in ids])
+        target = torch.tensor([self.sinks + i * self.block + sink_shift for i in range(len(ids))])
+        delta = (target - stored_at).repeat_interleave(self.block).to(like.device)
+        keys = self.rope.rotate(keys, delta)
+        self._recalled = (ids, sink_shift, like.dtype, keys, values)
+        return keys, values
+
+    # ---- snapshots -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        n = 0 if self.mins is None else self.mins.shape[0]
+        clone = lambda x: None if x is None else x.clone()  # noqa: E731
+        return {
+            "n_blocks": self.n_blocks, "staged": self.staged, "stage_k": clone(self.stage_k),
+            "stage_v": clone(self.stage_v), "mins": clone(self.mins), "maxs": clone(self.maxs),
+            "frames": self.frames[:n].clone(), "hold": None if self.hold is None else
+            (self.hold[0], self.hold[1].clone(), self.hold[2].clone()),
+            "store": None if self.store is None else self.store[: min(self.stored, self.slots)].clone(),
+        }
+
+    def load_state(self, st: dict) -> None:
+        self.reset()
+        self.n_blocks, self.staged = st["n_blocks"], st["staged"]
+        self.stage_k, self.stage_v = st["stage_k"], st["stage_v"]
+        self.mins, self.maxs, self.frames = st["mins"], st["maxs"], st["frames"].clone()
+        self.hold = st["hold"]
+        if st["store"] is not None:
+            data = st["store"]
+            if self.store is None or self.store.shape[2:] != data.shape[2:]:
+                self._open_store(data.shape[2], data.shape[4])
+            self.store[: data.shape[0]] = data.to(self.store_dtype)
+
+
+# ---- the layer's side: capturing evicted tokens, plans with recalled blocks ----------------------
+def capture_chunk(layer, n: int, c: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Before the commit of a chunk (row 0 saw n tokens, then c more: keys/values (1, H, c, D)):
+    hand the tokens it evicts (still in the ring, or the chunk's own) to the layer's memory."""
+    s, w = layer.sinks, layer.window
+    lo, hi = max(s, n - w), n + c - w  # stream indices evicted by this chunk
+    if hi <= lo:
+        return
+    parts_k, parts_v = [], []
+    if lo < n:
+        slots = s + torch.remainder(torch.arange(lo, min(hi, n), device=layer.device) - s, w)
+        parts_k.append(layer.keys[0].index_select(1, slots))
+        parts_v.append(layer.values[0].index_select(1, slots))
+    if hi > n:
+        parts_k.append(keys[0, :, max(lo, n) - n : hi - n])
+        parts_v.append(values[0, :, max(lo, n) - n : hi - n])
+    k, v = (torch.cat(parts_k, 1), torch.cat(parts_v, 1)) if len(parts_k) > 1 else (parts_k[0], parts_v[0])
+    layer.memory.capture(k, v, lo, layer.owner.pos_shift[0])
+
+
+def hold_decoded(layer, n: int, slot: int) -> None:
+    """A decoded token (stream index n) is about to overwrite ring `slot`, which holds token n - w:
+    keep that one until the commit (kept across an interrupted forward that re-runs)."""
+    mem, i = layer.memory, n - layer.window
+    if i >= layer.sinks and (mem.hold is None or mem.hold[0] != i):
+        mem.hold = (i, layer.keys[0, :, slot : slot + 1].clone(), layer.values[0, :, slot : slot + 1].clone())
+
+
+def commit_decoded(layer) -> None:
+    mem = layer.memory
+    if mem.hold is not None:
+        i, k, v = mem.hold
+        mem.hold = None
+        mem.capture(k, v, i, layer.owner.pos_shift[0])
+
+
+def choose(layer, query: torch.Tensor | None) -> bool:
+    """Select this forward's blocks (recorded in `memory.chosen`); True when any were chosen."""
+    mem, p = layer.memory, layer._pending
+    if query is None:
+        raise RuntimeError("recall needs the forward's queries: call plan(query)")
+    mem.chosen = mem.select(query, layer.owner.pos_shift[0])
+    if mem.trace is not None:
+        mem.trace.append((p.seen[0], p.keys.shape[-2], mem.chosen))
+    return bool(mem.chosen)
+
+
+def _sink_delta(layer, t: torch.Tensor, r: int) -> torch.Tensor:
+    """Query-to-sink-frame rotation with R recalled tokens: the query sits at cache position
+    S + R + W - 1 (the window is full whenever a block is held)."""
+    return (layer.sinks + r + layer.window - 1 - t + layer._shift(0))[None, :]
+
+
+def with_recall(layer, plan):
+    """A chunk plan (sinks + ring + chunk) with the chosen blocks appended to its sink segment."""
+    rk, rv = layer.memory.recalled(layer.memory.chosen, layer.sink_shift[0], plan.keys)
+    r, c = rk.shape[-2], plan.sink_delta.shape[-1]
+    t = layer._pending.seen[0] + torch.arange(c, device=plan.keys.device)
+    plan.sink_keys = torch.cat([plan.sink_keys, rk], dim=-2)
+    plan.sink_values = torch.cat([plan.sink_values, rv], dim=-2)
+    ones = torch.ones(1, c, r, dtype=torch.bool, device=plan.keys.device)
+    plan.sink_mask = torch.cat([torch.broadcast_to(plan.sink_mask, (1, c, plan.sink_mask.shape[-1])), ones], dim=-1)
+    plan.sink_delta = _sink_delta(layer, t, r)
+    return plan
+
+
+def decode_plan(layer, plan_cls):
+    """A decoded token with blocks recalled: ring as is (it holds the query's window, the query
+    included), sinks + recalled blocks as the sink segment."""
+    s, w = layer.sinks, layer.window
+    n = layer._pending.seen[0]
+    rk, rv = layer.memory.recalled(layer.memory.chosen, layer.sink_shift[0], layer.keys)
+    dev = layer.keys.device
+    return plan_cls(
+        layer.keys[:, :, s : s + w],
+        layer.values[:, :, s : s + w],
+        torch.ones(1, 1, w, dtype=torch.bool, device=dev),
+        sink_keys=torch.cat([layer.sink_keys[:, :, :s], rk], dim=-2),
+        sink_values=torch.cat([layer.values[:, :, :s], rv], dim=-2),
+        sink_mask=torch.ones(1, 1, s + rk.shape[-2], dtype=torch.bool, device=dev),
+        sink_delta=_sink_delta(layer, torch.tensor([n], device=dev), rk.shape[-2]),
+        rope=layer.rope,
+        zero_slot=layer.zero_slot,
+        window_rows_nonempty=True,
+    )

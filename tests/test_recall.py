@@ -1,0 +1,264 @@
+"""Recall of evicted tokens (issue 15): the engine against the literal rule, selection against
+brute force, the memory's bounds, config and flags. Tiny random models, a few seconds each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from reference import RecallReference, _rotate
+from streaming_llm.core.config import StreamingConfig
+from streaming_llm.core.engine import StreamingLLM
+from streaming_llm.core.rope import find_rotary_module
+from streaming_llm.errors import UserError
+from tiny_models import tiny_model
+
+S, W, B, K = 3, 12, 4, 2
+
+
+def ids_for(n, seed=1, vocab=96):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def engine(model, **kw):
+    start = kw.pop("start_position", 0)
+    return StreamingLLM(model, None, StreamingConfig(**kw), start_position=start)
+
+
+def traced(e):
+    """Turn on the engine's per-forward record of the chosen blocks (layer -> list)."""
+    traces = {}
+    for i, mem in enumerate(e.cache.memories):
+        if mem is not None:
+            mem.trace = traces[i] = []
+    return traces
+
+
+def close(a, b, atol):
+    assert a.shape == b.shape
+    err = (a - b).abs().max().item()
+    assert err < atol, f"max abs diff {err}"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_recall_off_is_bit_identical_to_streaming(chunk):
+    model = tiny_model("llama")
+    ids = ids_for(90)
+    plain = engine(model, sinks=S, window=W, chunk_size=chunk).feed(ids)
+    off = engine(model, sinks=S, window=W, chunk_size=chunk, recall_blocks=0, block_size=B).feed(ids)
+    assert torch.equal(plain, off)
+    assert all(m is None for m in engine(model, sinks=S, window=W).cache.memories)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_recall_matches_the_literal_rule(arch, chunk):
+    model = tiny_model(arch)
+    ids = ids_for(110)
+    e = engine(model, sinks=S, window=W, chunk_size=chunk, recall_blocks=K, block_size=B)
+    traces = traced(e)
+    out = e.feed(ids)
+    mems = [m for m in e.cache.memories if m is not None]
+    assert mems and all(m.n_blocks > K for m in mems)  # well past the first eviction, more blocks than K
+    if arch == "gemma3":  # sliding layers get no memory
+        assert [m is not None for m in e.cache.memories] == [False, True, False]
+    chosen = {ids for trace in traces.values() for _, _, ids in trace}
+    assert len(chosen) > 2  # the selection really changes along the stream
+    ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
+    close(out, ref, atol=1e-4)
+    # and the recall changes the logits (not a vacuous rule)
+    plain = engine(model, sinks=S, window=W, chunk_size=chunk).feed(ids)
+    assert (plain[-30:] - out[-30:]).abs().max() > 1e-3
+
+
+def test_recall_is_exact_across_rebases_and_uneven_feeds():
+    model = tiny_model("llama")
+    ids = ids_for(160)
+    e = engine(model, sinks=S, window=W, chunk_size=6, recall_blocks=K, block_size=B, start_position=1000)
+    e.cache.position_limit = 1050  # a rebase every few chunks, blocks stored in several frames
+    traces = traced(e)
+    out = torch.cat([e.feed(ids[a:b]) for a, b in [(0, 1), (1, 40), (40, 41), (41, 42), (42, 160)]])
+    assert len(set(e.cache.memories[0].frames.tolist())) > 1
+    ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
+    close(out, ref, atol=1e-4)
+
+
+def test_generate_with_recall_matches_the_rule_and_off_by_one():
+    model = tiny_model("llama")
+    model.config.softmax_off_by_one = True
+    e = engine(model, sinks=2, window=8, chunk_size=16, recall_blocks=3, block_size=3)
+    traces = traced(e)
+    prompt = ids_for(40)
+    from streaming_llm.core.sampling import SamplingParams
+
+    toks = [t.id for t in e.generate(prompt, max_new_tokens=30, sampling=SamplingParams(temperature=0))]
+    stream = torch.cat([prompt, torch.tensor(toks)])
+    ref = RecallReference(model, 2, 8, 3, find_rotary_module(model), traces).feed(stream[:-1])
+    assert ref[39:].argmax(-1).tolist() == toks
+
+
+def _naive_choice(mem, query, pos_shift, inv_freq):
+    """Top-K blocks by the documented bound, from every stored key of every held block."""
+    hkv = mem.store.shape[2]
+    q = query[0].double()  # (Hq, C, D)
+    scores = []
+    for b in mem.eligible():
+        keys, frame = mem.block_keys(b)  # (H, block, D)
+        qf = _rotate(q, torch.full((q.shape[1],), frame - pos_shift), inv_freq)  # query at the block's frame
+        qf = qf.reshape(hkv, -1, q.shape[-1])
+        lo, hi = keys.double().amin(1), keys.double().amax(1)  # (H, D)
+        bound = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum()
+        scores.append((-bound.item(), b))
+    return tuple(sorted(b for _, b in sorted(scores)[: mem.k]))
+
+
+def test_selection_equals_brute_force_over_all_keys():
+    model = tiny_model("qwen3")
+    e = engine(model, sinks=S, window=W, chunk_size=5, recall_blocks=3, block_size=B)
+    e.cache.position_limit = 60  # blocks in several frames
+    seen = []
+    for k in range(6):
+        e.feed(ids_for(23, seed=k))
+        mem = next(m for m in e.cache.memories if m is not None)
+        inv = mem.rope.inv_freq
+        g = torch.Generator().manual_seed(k)
+        for c in (1, 5):
+            q = torch.randn(1, 4, c, 16, generator=g) * 3
+            shift = e.cache.pos_shift[0]
+            got = mem.select(q, shift)
+            assert got == _naive_choice(mem, q, shift, inv)
+            seen.append(got)
+    assert len(set(seen)) > 3
+    assert len(set(e.cache.memories[0].frames.tolist())) > 1
+
+
+def test_engine_selection_uses_the_forwards_queries(monkeypatch):
+    """What the attention chose is what select() gives for the forward's own query."""
+    from streaming_llm.core import recall
+
+    model = tiny_model("llama")
+    e = engine(model, sinks=S, window=W, chunk_size=4, recall_blocks=K, block_size=B)
+    calls = []
+    real = recall.choose
+
+    def spy(layer, query):
+        out = real(layer, query)
+        calls.append((layer.memory.chosen, _naive_choice(layer.memory, query, layer.owner.pos_shift[0],
+                                                          layer.rope.inv_freq) if layer.memory.stored else ()))
+        return out
+
+    monkeypatch.setattr(recall, "choose", spy)
+    e.feed(ids_for(80))
+    e.feed([3])
+    assert calls and all(a == b for a, b in calls)
+    assert any(a for a, _ in calls)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_memory_cap_drops_the_oldest_blocks_and_stays_bounded(dtype, tmp_path):
+    model = tiny_model("llama")
+    cap = 5 * B
+    e = StreamingLLM(model, None, StreamingConfig(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B,
+                                                  recall_memory_tokens=cap, recall_dtype=dtype),
+                     recall_dir=str(tmp_path))
+    e.feed(ids_for(60))
+    mem = e.cache.memories[0]
+    store_ptr, size = mem.store.data_ptr(), mem.store.numel()
+    summaries = mem.mins.shape
+    e.feed(ids_for(300, seed=2))
+    assert mem.n_blocks > 3 * mem.slots and mem.stored == 5 and mem.stored_tokens == cap
+    assert list(mem.eligible()) == list(range(mem.n_blocks - 5, mem.n_blocks))  # the newest five
+    assert mem.mins.shape == summaries == (5, 2, 16) and mem.frames.shape == (5,)
+    assert mem.store.data_ptr() == store_ptr and mem.store.numel() == size == 5 * 2 * 2 * B * 16
+    assert mem.store.dtype == getattr(torch, dtype)
+    assert all(b in mem.eligible() for _, _, ids in [(0, 0, mem.chosen)] for b in ids)
+    assert os.listdir(tmp_path) == []  # the file is unlinked once mapped: nothing left behind
+    with pytest.raises(KeyError):
+        mem.block_keys(0)
+
+
+def test_bfloat16_store_stays_close_to_float32():
+    model = tiny_model("llama")
+    ids = ids_for(100)
+    a = engine(model, sinks=S, window=W, chunk_size=8, recall_blocks=K, block_size=B).feed(ids)
+    b = engine(model, sinks=S, window=W, chunk_size=8, recall_blocks=K, block_size=B, recall_dtype="bfloat16").feed(ids)
+    assert (a - b).abs().max() < 0.5
+
+
+def test_state_dict_with_recall_continues_identically_and_reset_forgets():
+    model = tiny_model("llama")
+    ids = ids_for(140)
+    kw = dict(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B, recall_memory_tokens=6 * B)
+    a = engine(model, **kw)
+    a.feed(ids[:90])
+    state = a.state_dict()
+    assert "recall" in state["cache"]["layers"][0]
+    b = engine(model, **kw)
+    b.load_state_dict(state)
+    assert torch.equal(b.feed(ids[90:]), a.feed(ids[90:]))
+    a.reset()
+    assert a.cache.memories[0].n_blocks == 0
+    fresh = engine(model, **kw)
+    assert torch.equal(a.feed(ids[:50]), fresh.feed(ids[:50]))
+
+
+def test_batches_refuse_recall_clearly():
+    from streaming_llm.core.batch import StreamBatch
+
+    e = engine(tiny_model("llama"), sinks=S, window=W, recall_blocks=K, block_size=B)
+    with pytest.raises(UserError, match="recall"):
+        StreamBatch(e, 2)
+    with pytest.raises(UserError, match="recall"):
+        e.new_cache(batch_size=2)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(recall_blocks=-1), "--recall-blocks"),
+    (dict(recall_blocks=2, block_size=0), "--block-size"),
+    (dict(recall_blocks=2, block_size=8, recall_memory_tokens=4), "--recall-memory-tokens"),
+    (dict(recall_blocks=2, recall_dtype="int8"), "recall dtype"),
+    (dict(recall_blocks=2, method="window"), "--method streaming"),
+    (dict(recall_blocks=2, method="dense"), "--method streaming"),
+    (dict(recall_blocks=2, positions="absolute"), "--positions cache"),
+])
+def test_bad_recall_config_values_are_user_errors(bad, words):
+    with pytest.raises(UserError, match=words):
+        StreamingConfig(**bad)
+
+
+def test_cache_size_counts_the_recalled_tokens():
+    assert StreamingConfig(sinks=4, window=100, recall_blocks=3, block_size=16).cache_size == 4 + 48 + 100
+    assert StreamingConfig(sinks=4, window=100).cache_size == 104
+
+
+@pytest.mark.parametrize("verb", ["chat", "serve", "ppl"])
+def test_recall_flags_parse_into_the_config(verb):
+    from streaming_llm.cli import build_parser
+    from streaming_llm.cliargs import config_from_args
+
+    parser = build_parser()
+    extra = ["--text", "x.txt"] if verb == "ppl" else []
+    args = parser.parse_args([verb, *extra, "--recall-blocks", "4", "--block-size", "16", "--recall-memory-tokens", "4096",
+                              "--recall-dtype", "bfloat16"])
+    c = config_from_args(args)
+    assert (c.recall_blocks, c.block_size, c.recall_memory_tokens, c.recall_dtype) == (4, 16, 4096, "bfloat16")
+    default = config_from_args(parser.parse_args([verb, *extra]))
+    base = StreamingConfig()
+    assert (default.recall_blocks, default.block_size, default.recall_memory_tokens, default.recall_dtype) == (
+        0, base.block_size, base.recall_memory_tokens, base.recall_dtype)
+
+
+def test_server_snapshot_of_a_recall_session_continues_identically():
+    """The server's snapshot format (pack_state/unpack_state, trimmed zero slots) keeps the memory."""
+    from streaming_llm.server.conversations import pack_state, unpack_state
+
+    model = tiny_model("llama")
+    ids = ids_for(120)
+    kw = dict(sinks=S, window=W, chunk_size=9, recall_blocks=K, block_size=B, recall_memory_tokens=40 * B)
+    a = engine(model, **kw)
+    a.feed(ids[:80])
+    b = engine(model, **kw)
+    b.load_state_dict(unpack_state(pack_state(a.state_dict()), torch.float32, "cpu"))
+    assert torch.equal(b.feed(ids[80:]), a.feed(ids[80:]))
