@@ -1,8 +1,7 @@
 """Batched streams on the real default model: every row's logits equal the same stream alone, fed
-in the same chunks (max |diff| <= 1e-4; logits reach ~35 here, and chunked vs token-by-token
-feeding alone already differs by ~1.6e-4), with rows at different stages. With int4 weights the
-activations are bfloat16, where the same stream fed in other chunks already moves logits by ~0.5:
-there a row may differ from its stream alone by at most twice that."""
+in the same chunks, with rows at different stages. The bound is twice the path's own noise, the
+difference between the same stream fed in chunks and token by token (float32: ~1.6e-4, logits reach
+~35 here; int4, whose activations are bfloat16: ~0.5), and at least 1e-4."""
 
 from __future__ import annotations
 
@@ -37,9 +36,8 @@ def test_default_model_batched_rows_equal_each_stream_alone(quant):
         e = StreamingLLM(model, tokenizer, config)
         alone = torch.cat([e.feed(s[:-8])] + [e.feed(s[-k:][:1]) for k in range(8, 0, -1)])
         err = (torch.cat(got[r]) - alone).abs().max().item()
-        if quant == "none":
-            assert err <= 1e-4, f"row {r}: max |diff| {err}"
-        else:  # bfloat16 activations: any float32-level difference moves bf16 roundings, alone too
-            by_token = StreamingLLM(model, tokenizer, config.with_(chunk_size=1)).feed(s)
-            noise = (by_token - StreamingLLM(model, tokenizer, config).feed(s)).abs().max().item()
-            assert err <= max(2 * noise, 1e-4), f"row {r} (int4): max |diff| {err}, chunking alone moves {noise}"
+        # The bound is the path's own float noise, measured here on the same stream (it depends on
+        # the CPU's matmul kernels: 1.4e-4 in float32 on an AVX2 host, where 1e-4 was set on AVX512).
+        by_token = StreamingLLM(model, tokenizer, config.with_(chunk_size=1)).feed(s)
+        noise = (by_token - StreamingLLM(model, tokenizer, config).feed(s)).abs().max().item()
+        assert err <= max(2 * noise, 1e-4), f"row {r} ({quant}): max |diff| {err}, chunking alone moves {noise}"
