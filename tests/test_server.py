@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -64,6 +65,27 @@ class Server:
 
     def client(self, key="unused", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
+
+
+def run_redis(binary: str, folder) -> Iterator[str]:
+    """The body of a redis fixture: start a real `redis-server` on a loopback port (no persistence,
+    its files in `folder`), yield its URL once it answers, stop it afterwards."""
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    client, deadline = redis.Redis(port=port), time.time() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.time() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from test_server import MODEL, free_port
+from test_server import MODEL, free_port, run_redis
 from test_server_ops import one_thread, start_serve, stream_some, tiny  # noqa: F401 (fixtures used by name)
 
 REDIS = shutil.which("redis-server")
@@ -26,21 +25,7 @@ LEASE_MS = 1500
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    deadline = time.time() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.time() < deadline and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    yield from run_redis(REDIS, tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
 import time
 
 import httpx
@@ -25,7 +24,7 @@ from streaming_llm.core.sampling import SamplingParams
 from streaming_llm.server.conversations import TextConversation, pack_state, unpack_state
 from streaming_llm.server.snapshots import DeltaPolicy, apply_delta, changed_slots, layer_shapes, store_turn
 from streaming_llm.server.store import MemoryStore, SessionRecord, SQLiteStore
-from test_server import CONFIG, MODEL, Server, free_port, one_thread, tiny  # noqa: F401 (fixtures used by name)
+from test_server import CONFIG, MODEL, Server, one_thread, run_redis, tiny  # noqa: F401 (fixtures used by name)
 
 REDIS = shutil.which("redis-server")
 LIMIT = 160  # position limit: with capacity 52, a rebase every ~110 tokens
@@ -37,21 +36,8 @@ STORES = ["memory", "sqlite", "redis"]
 def redis_url(tmp_path_factory):
     if REDIS is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install '.[server]')")
-    port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
-    client, deadline = redis.Redis(port=port), time.time() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.time() < deadline and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install '.[server]')")
+    yield from run_redis(REDIS, tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture
