@@ -67,6 +67,27 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
 
 
+def turn(url, sid, messages, n=8, **kw):
+    body = {"model": MODEL, "messages": messages, "max_tokens": n, "temperature": 0, "session_id": sid, **kw}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def converse(urls, sid, texts, messages=None, n=8):
+    """One conversation at temperature 0, turn i on urls[i % len(urls)] (one server: a list of one);
+    returns (replies, session infos)."""
+    messages = [] if messages is None else messages
+    replies, infos = [], []
+    for i, text in enumerate(texts):
+        messages.append({"role": "user", "content": text})
+        r = turn(urls[i % len(urls)], sid, messages, n)
+        assert r.status_code == 200, r.text
+        reply = r.json()["choices"][0]["message"]["content"]
+        messages.append({"role": "assistant", "content": reply})
+        replies.append(reply)
+        infos.append(r.json()["session"])
+    return replies, infos
+
+
 def run_redis(binary: str, folder) -> Iterator[str]:
     """The body of a redis fixture: start a real `redis-server` on a loopback port (no persistence,
     its files in `folder`), yield its URL once it answers, stop it afterwards."""

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from test_server import MODEL, free_port, run_redis
+from test_server import MODEL, converse, free_port, run_redis, turn
 from test_server_ops import one_thread, start_serve, stream_some, tiny  # noqa: F401 (fixtures used by name)
 
 REDIS = shutil.which("redis-server")
@@ -36,26 +36,6 @@ def replicas(tiny, redis_url):  # noqa: F811
     for proc in procs:
         proc.kill()
         proc.wait(10)
-
-
-def turn(url, sid, messages, n=8, **kw):
-    body = {"model": MODEL, "messages": messages, "max_tokens": n, "temperature": 0, "session_id": sid, **kw}
-    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-
-
-def converse(urls, sid, texts, messages=None):
-    """One conversation, turn i on urls[i % len(urls)]; returns (replies, session infos)."""
-    messages = [] if messages is None else messages
-    replies, infos = [], []
-    for i, text in enumerate(texts):
-        messages.append({"role": "user", "content": text})
-        r = turn(urls[i % len(urls)], sid, messages)
-        assert r.status_code == 200, r.text
-        reply = r.json()["choices"][0]["message"]["content"]
-        messages.append({"role": "assistant", "content": reply})
-        replies.append(reply)
-        infos.append(r.json()["session"])
-    return replies, infos
 
 
 def test_redis_store_roundtrip(redis_url):

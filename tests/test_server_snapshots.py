@@ -24,7 +24,7 @@ from streaming_llm.core.sampling import SamplingParams
 from streaming_llm.server.conversations import TextConversation, pack_state, unpack_state
 from streaming_llm.server.snapshots import DeltaPolicy, apply_delta, changed_slots, layer_shapes, store_turn
 from streaming_llm.server.store import MemoryStore, SessionRecord, SQLiteStore
-from test_server import CONFIG, MODEL, Server, one_thread, run_redis, tiny  # noqa: F401 (fixtures used by name)
+from test_server import CONFIG, MODEL, Server, converse, one_thread, run_redis, tiny  # noqa: F401 (fixtures used by name)
 
 REDIS = shutil.which("redis-server")
 LIMIT = 160  # position limit: with capacity 52, a rebase every ~110 tokens
@@ -199,20 +199,6 @@ def test_a_stale_chain_is_stored_whole(tiny, tmp_path):
     store.close()
 
 
-def chat_turns(url, sid, texts, messages, n=6):
-    infos, replies = [], []
-    for text in texts:
-        messages.append({"role": "user", "content": text})
-        body = {"model": MODEL, "messages": messages, "max_tokens": n, "temperature": 0, "session_id": sid}
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        reply = r.json()["choices"][0]["message"]["content"]
-        messages.append({"role": "assistant", "content": reply})
-        replies.append(reply)
-        infos.append(r.json()["session"])
-    return replies, infos
-
-
 TEXTS = [f"note {i}: " + "lorem ipsum dolor"[: 3 + (7 * i) % 14] for i in range(14)]
 
 
@@ -221,11 +207,11 @@ def test_restart_on_a_delta_chain_continues_like_a_server_that_never_stopped(kin
                                                                              small_limit):
     _, model, tokenizer = tiny
     with Server(model, tokenizer, None, store=MemoryStore()) as ref:
-        expected, _ = chat_turns(ref.url, "s", TEXTS, [])
+        expected, _ = converse([ref.url], "s", TEXTS, [], n=6)
         ref_state = ref.manager.live["s"].conv.state()
     messages, store = [], open_store(kind, tmp_path, request, prefix="r:")
     with Server(model, tokenizer, None, store=store) as srv:
-        first, infos = chat_turns(srv.url, "s", TEXTS[:9], messages)
+        first, infos = converse([srv.url], "s", TEXTS[:9], messages, n=6)
         health = httpx.get(srv.url + "/health").json()
         metrics = httpx.get(srv.url + "/metrics").text
     assert health["snapshots_delta"] >= 1 and health["snapshots_full"] >= 2 and health["snapshot_bytes_written"] > 0
@@ -235,7 +221,7 @@ def test_restart_on_a_delta_chain_continues_like_a_server_that_never_stopped(kin
     if kind != "memory":  # a new process: a new connection to the same store (memory: the same object)
         store = open_store(kind, tmp_path, request, prefix="r:")
     with Server(model, tokenizer, None, store=store) as srv:
-        rest, infos = chat_turns(srv.url, "s", TEXTS[9:], messages)
+        rest, infos = converse([srv.url], "s", TEXTS[9:], messages, n=6)
         state = srv.manager.live["s"].conv.state()
     assert infos[0]["loaded_from"] == "snapshot" and not infos[0]["rebuilt"]
     assert first + rest == expected
@@ -274,7 +260,7 @@ def test_a_database_written_before_deltas_still_loads(tiny, tmp_path):
 def test_deltas_off_stores_every_turn_whole(tiny, tmp_path):
     _, model, tokenizer = tiny
     with Server(model, tokenizer, None, store=MemoryStore(), max_snapshot_deltas=0) as srv:
-        _, infos = chat_turns(srv.url, "s", TEXTS[:3], [])
+        _, infos = converse([srv.url], "s", TEXTS[:3], [], n=6)
     assert [i["snapshot_kind"] for i in infos] == ["full"] * 3
 
 
