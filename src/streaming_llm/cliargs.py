@@ -2,7 +2,8 @@
 
 `add_load_arguments` adds where the model comes from and how its weights are held (--model,
 --dtype, --device, --quant); `add_streaming_arguments` adds the cache settings (--method, --sinks,
---window, --positions, --chunk-size); `add_model_arguments` adds both. `load_model_from_args` and
+--window, --positions, --chunk-size and the recall flags, which `add_recall_arguments` adds on their
+own for verbs with cache flags of their own, such as bench); `add_model_arguments` adds both. `load_model_from_args` and
 `config_from_args` turn the parsed flags into a (model, tokenizer) pair and a `StreamingConfig`.
 It holds no verb logic: each verb owns the rest of its command line.
 """
@@ -24,16 +25,22 @@ def add_load_arguments(p, quant_default: str = "none") -> None:
 
 
 def add_streaming_arguments(p) -> None:
-    """--method, --sinks, --window, --positions, --chunk-size, --recall-blocks, --block-size,
-    --recall-memory-tokens, --recall-dtype."""
-    from .core.config import (DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK, DEFAULT_RECALL_MEMORY_TOKENS, DEFAULT_SINKS,
-                              DEFAULT_WINDOW, METHODS, POSITIONS, RECALL_DTYPES)
+    """--method, --sinks, --window, --positions, --chunk-size, and the recall flags."""
+    from .core.config import DEFAULT_CHUNK, DEFAULT_SINKS, DEFAULT_WINDOW, METHODS, POSITIONS
 
     p.add_argument("--method", default="streaming", choices=METHODS)
     p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention sinks kept (0 for --method window)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="most recent tokens kept")
     p.add_argument("--positions", default="cache", choices=POSITIONS, help="cache: the paper; absolute: ablation")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per forward when feeding")
+    add_recall_arguments(p)
+
+
+def add_recall_arguments(p) -> None:
+    """--recall-blocks, --block-size, --recall-memory-tokens, --recall-dtype (also on their own, for
+    verbs such as bench that own their cache-size flags)."""
+    from .core.config import DEFAULT_BLOCK_SIZE, DEFAULT_RECALL_MEMORY_TOKENS, RECALL_DTYPES
+
     p.add_argument("--recall-blocks", type=int, default=0,
                    help="recall of evicted tokens: blocks of evicted tokens each layer brings back per forward, "
                    "between the sinks and the window (0: off, plain streaming; needs --method streaming)")

@@ -3,7 +3,7 @@ how fast memory can be read, and how many bytes a decode step must read at the l
 
 - `machine_info()`: CPU model, cores, torch/transformers versions, threads, accelerator.
 - `rss_mb()` / `peak_rss_mb()` / `reset_peak_rss()`: resident memory of this process (Linux
-  /proc, psutil elsewhere). Resetting the high-water mark (Linux >= 4.0, `/proc/self/clear_refs`)
+  /proc, psutil elsewhere); `rss_parts_mb()`: its anonymous and file-backed parts (Linux). Resetting the high-water mark (Linux >= 4.0, `/proc/self/clear_refs`)
   lets a measurement exclude the transient peak of model loading.
 - `memory_bandwidth()`: best-of-N GB/s of a large tensor sum (read) and copy (read + write).
 - `weight_bytes(model)` / `kv_bytes(cache)`: bytes one decode step reads, in their stored dtype.
@@ -40,6 +40,15 @@ def rss_mb() -> float:
 
         return psutil.Process().memory_info().rss / 2**20
     return kb / 1024
+
+
+def rss_parts_mb() -> dict:
+    """Current RSS split into anonymous memory and file-backed pages (e.g. a memory-mapped store whose
+    pages the kernel may write back and drop), MiB; empty where /proc does not say."""
+    anon, file = _proc_kb("RssAnon"), _proc_kb("RssFile")
+    if anon is None or file is None:
+        return {}
+    return {"rss_anon_mb": round(anon / 1024, 1), "rss_file_mb": round(file / 1024, 1)}
 
 
 def peak_rss_mb() -> float:

@@ -4,7 +4,10 @@
 size, recording latency and RSS every K tokens. `run_worker(spec)` starts the subprocess (so peak
 RSS is per configuration) and returns its result; `worker_main` is the subprocess's entry point,
 reading the spec from argv and printing the result JSON as its last stdout line. Decoders:
-- `_EngineDecoder`: the engine's `feed([tok], logits="last")` for streaming, window, dense, recompute;
+- `_EngineDecoder`: the engine's `feed([tok], logits="last")` for streaming, window, dense, recompute
+  and recall (streaming with `recall_blocks` blocks of `block_size` evicted tokens recalled per
+  forward; `recall_fill` tokens, of a corpus or random, are streamed through chunked prefill first,
+  so the memory holds them when the window is filled and the decode timed);
   dense is cropped back (untimed) before each step so every step attends over exactly `size` tokens;
 - `_HFDecoder`: plain transformers, eager attention, default DynamicCache (same cropping);
 - method `llamacpp` is measured by `llamacpp.measure_llamacpp`, in a worker without torch.
@@ -39,12 +42,13 @@ def _sync(device: str) -> None:
 class _EngineDecoder:
     """streaming / window / dense / recompute through the engine's `feed`."""
 
-    def __init__(self, model, method: str, size: int, sinks: int, chunk: int):
+    def __init__(self, model, method: str, size: int, sinks: int, chunk: int, recall: dict | None = None):
         from ..core.config import StreamingConfig
         from ..core.engine import StreamingLLM
 
         sinks = 0 if method == "window" else sinks
-        config = StreamingConfig(method=method, sinks=sinks, window=size - sinks, chunk_size=chunk)
+        config = StreamingConfig(method="streaming" if method == "recall" else method, sinks=sinks, window=size - sinks,
+                                 chunk_size=chunk, **(_recall_fields(recall) if method == "recall" else {}))
         self.engine = StreamingLLM(model, None, config)
         self.method, self.size, self.sinks = method, size, sinks
         # dense keeps size-1 tokens before a step (streaming holds `size` with the new token)
@@ -66,7 +70,18 @@ class _EngineDecoder:
 
     def state(self) -> dict:
         e = self.engine
-        return {"cache_tokens": e.cache_tokens, "tokens_seen": e.tokens_seen, "evicted": max(e.evicted, 0)}
+        out = {"cache_tokens": e.cache_tokens, "tokens_seen": e.tokens_seen, "evicted": max(e.evicted, 0)}
+        memories = [m for m in e.cache.memories if m is not None] if self.method == "recall" else []
+        if memories:
+            out.update(recall_layers=len(memories), recall_stored_tokens=memories[0].stored_tokens,
+                       recall_gathers=sum(m.gathers for m in memories))
+        return out
+
+
+def _recall_fields(recall: dict) -> dict:
+    """The `StreamingConfig` recall fields of a bench spec's `recall` entry."""
+    return {"recall_blocks": recall["blocks"], "block_size": recall["block_size"],
+            "recall_memory_tokens": recall["memory_tokens"], "recall_dtype": recall["dtype"]}
 
 
 class _HFDecoder:
@@ -121,7 +136,7 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 def _load(spec: dict):
-    """(model, dtype, quant, seconds): the engine's model as the flags say; hf: plain float32."""
+    """(model, tokenizer, dtype, quant, seconds): the engine's model as the flags say; hf: plain float32."""
     from types import SimpleNamespace
 
     import torch
@@ -143,7 +158,7 @@ def _load(spec: dict):
             if t.numel():
                 t.sum()
     quant = getattr(model.config, "streaming_llm_quant", "none")  # what "auto" resolved to
-    return model, dtype, quant, time.perf_counter() - t0
+    return model, tokenizer, dtype, quant, time.perf_counter() - t0
 
 
 def _decoder(model, spec: dict):
@@ -153,7 +168,7 @@ def _decoder(model, spec: dict):
         return BatchDecoder(model, spec["method"], spec["cache_size"], spec["sinks"], spec["chunk_size"], spec["batch_size"])
     if spec["method"] == "hf":
         return _HFDecoder(model, spec["cache_size"], spec["chunk_size"])
-    return _EngineDecoder(model, spec["method"], spec["cache_size"], spec["sinks"], spec["chunk_size"])
+    return _EngineDecoder(model, spec["method"], spec["cache_size"], spec["sinks"], spec["chunk_size"], spec.get("recall"))
 
 
 def _prompt(model, n: int):
@@ -168,13 +183,40 @@ def _prompt(model, n: int):
     return ids
 
 
+def _fill_ids(model, tokenizer, source: str, n: int):
+    """The first n token ids of corpus `source` (`eval.data.load_corpus`), or n random ones for "random"."""
+    import torch
+
+    if source == "random":
+        return _prompt(model, n)
+    from ..eval.data import load_corpus, tokenize_corpus
+
+    ids, _ = tokenize_corpus(load_corpus(source), tokenizer)
+    if len(ids) < n:
+        raise UserError(f"--recall-fill-text {source}: {len(ids)} tokens, fewer than the {n} needed (fill + cache)")
+    return torch.as_tensor(ids[:n], dtype=torch.long)
+
+
+def _fill(dec, ids, chunk: int) -> float:
+    """Stream `ids` through the decoder's chunked prefill (progress on stderr); seconds taken."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    piece = max(chunk, 4096 // chunk * chunk)  # a few chunks per call: the engine chunks them itself
+    with tqdm(total=ids.numel(), desc="bench recall fill", unit="tok", file=sys.stderr, leave=False) as bar:
+        for lo in range(0, ids.numel(), piece):
+            dec.prefill(ids[lo : lo + piece])
+            bar.update(min(piece, ids.numel() - lo))
+    return time.perf_counter() - t0
+
+
 def measure(spec: dict) -> dict:
     """One (method, cache size): load, prefill, warm up, time `steps` decode steps."""
     import torch
 
     from . import hardware
 
-    model, dtype, quant, load_s = _load(spec)
+    model, tokenizer, dtype, quant, load_s = _load(spec)
     device = spec["device"]
     cuda = str(device).startswith("cuda")
     gc.collect()
@@ -184,7 +226,15 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base_gpu = torch.cuda.memory_allocated(device) / 2**20
     dec = _decoder(model, spec)
-    ids = _prompt(model, dec.prefill_len)
+    recall = spec.get("recall") if spec["method"] == "recall" else None
+    fill = recall["fill"] if recall else 0
+    if fill:  # the memory first: `fill` tokens evicted, then the window filled and timed as for streaming
+        ids = _fill_ids(model, tokenizer, recall["fill_text"], fill + dec.prefill_len)
+        fill_s = _fill(dec, ids[:fill], spec["chunk_size"])
+        ids = ids[fill:]
+    else:
+        ids = _prompt(model, dec.prefill_len)
+    fill_rss = hardware.rss_mb()
     _sync(device)
     t0 = time.perf_counter()
     dec.prefill(ids)  # recompute only stores the ids: its prefill runs no forward
@@ -197,6 +247,7 @@ def measure(spec: dict) -> dict:
     tok, samples = int(ids[-1]), []
     batch = spec.get("batch_size", 1)  # tokens per decode step
     gc.collect()
+    before = dec.state()
     for i in range(warmup + steps):
         dec.before_step()
         _sync(device)
@@ -207,6 +258,7 @@ def measure(spec: dict) -> dict:
             samples.append(dt)
     decode_peak = hardware.peak_rss_mb()
     peak = max(prefill_peak, decode_peak)
+    state = dec.state()
     w = hardware.weight_bytes(model)
     kv = hardware.kv_bytes(dec.cache)
     p50 = statistics.median(samples)
@@ -232,7 +284,8 @@ def measure(spec: dict) -> dict:
         "prefill_tokens": int(ids.numel()) * batch,
         "prefill_s": round(prefill_s, 4),
         "prefill_tok_per_s": None if spec["method"] == "recompute" else round(ids.numel() * batch / prefill_s, 1),
-        **dec.state(),
+        **state,
+        **hardware.rss_parts_mb(),
         "sinks": spec["sinks"] if spec["method"] == "streaming" else 0,
         "kv_cache_mb": round(kv / 2**20, 3),
         "weight_mb": round(w["weight_bytes"] / 2**20, 3),
@@ -246,6 +299,13 @@ def measure(spec: dict) -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "samples_ms": [round(s, 3) for s in samples],
     }
+    if recall:
+        row.update(recall_blocks=recall["blocks"], block_size=recall["block_size"], recall_fill=fill,
+                   recall_fill_text=recall["fill_text"] if fill else None, recall_dtype=recall["dtype"],
+                   recall_memory_tokens=recall["memory_tokens"], rss_after_fill_mb=round(fill_rss, 1),
+                   fill_s=round(fill_s, 2) if fill else None,
+                   recall_gathers_per_layer_step=round((state["recall_gathers"] - before["recall_gathers"])
+                                                       / (state["recall_layers"] * (warmup + steps)), 4))
     if cuda:
         row["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         row["gpu_increase_mb"] = round(row["gpu_peak_mb"] - base_gpu, 1)
@@ -273,7 +333,7 @@ def measure_long(spec: dict) -> dict:
 
     from . import hardware
 
-    model, dtype, quant, _ = _load(spec)
+    model, _, dtype, quant, _ = _load(spec)
     device, every = spec["device"], spec["every"]
     cuda = str(device).startswith("cuda")
     dec = _decoder(model, spec)

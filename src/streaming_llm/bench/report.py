@@ -22,6 +22,7 @@ STYLE = {  # method -> (colour, marker)
     "hf": ("tab:gray", "D"),
     "recompute": ("tab:red", "^"),
     "llamacpp": ("tab:orange", "P"),
+    "recall": ("tab:purple", "*"),
 }
 
 
@@ -62,10 +63,15 @@ def plot_data(data: dict, out: str) -> str:
     return out
 
 
-def row_label(r: dict) -> str:
-    """A result row's method, with its batch size when it decoded several streams per forward."""
+def row_label(r: dict, batch: bool = True) -> str:
+    """A result row's method, with its batch size when it decoded several streams per forward; recall
+    rows as `streaming+recallKxB`, with their fill (tokens streamed into the memory first) when any."""
     b = r.get("batch_size", 1)
-    return r["method"] + (f" x{b}" if b > 1 else "")
+    name = r["method"]
+    if name == "recall":
+        name = f"streaming+recall{r.get('recall_blocks', '?')}x{r.get('block_size', '?')}"
+        name += f" fill {r['recall_fill']}" if r.get("recall_fill") else ""
+    return name + (f" x{b}" if b > 1 and batch else "")
 
 
 def _sweep(plt, data: dict):
@@ -77,7 +83,7 @@ def _sweep(plt, data: dict):
     for method in methods:
         rows = sorted((r for r in results if row_label(r) == method), key=lambda r: r["cache_size"])
         x = [r["cache_size"] for r in rows]
-        colour, marker = STYLE.get(method, ("black", "x"))
+        colour, marker = STYLE.get(rows[0]["method"], ("black", "x"))
         label = method + (f" ({_precision(rows[0])})" if rows[0].get("dtype") else "")
         ax_t.plot(x, [r["ms_per_token_p50"] for r in rows], marker=marker, color=colour, label=label)
         ax_t.fill_between(x, [r["ms_per_token_p50"] for r in rows], [r["ms_per_token_p90"] for r in rows],
@@ -172,7 +178,10 @@ def markdown(data: dict) -> str:
         if floor:
             row += f" {_cell(r.get('floor_ms'))} | {_cell(r.get('x_floor'))} |"
         lines.append(row)
-    ratios = data.get("ratios", {})
+    if any(r["method"] == "recall" for r in results):
+        lines += ["", *recall_markdown(results)]
+    ratio_keys = ("streaming_vs_recompute_speedup", "streaming_over_dense", "hf_over_streaming", "streaming_over_llamacpp")
+    ratios = {size: e for size, e in data.get("ratios", {}).items() if any(k in e for k in ratio_keys)}
     if ratios:
         lines += ["", "| cache | streaming vs recompute speed-up (>= 100x at 4096) | streaming / dense (<= 1.15) "
                   "| hf / streaming (>= 2) | streaming / llama.cpp (<= 0.85) |", "|---:|---:|---:|---:|---:|"]
@@ -181,3 +190,24 @@ def markdown(data: dict) -> str:
                          f"{_cell(e.get('streaming_over_dense'), '.3f')} | {_cell(e.get('hf_over_streaming'), '.2f')} | "
                          f"{_cell(e.get('streaming_over_llamacpp'), '.3f')} |")
     return "\n".join(lines)
+
+
+def recall_markdown(results: list[dict]) -> list[str]:
+    """The recall rows against streaming at the same cache size: p50/p90, their ratio to streaming's
+    p50, the tokens held in the memory, and RSS (peak, decode peak, and at the end its anonymous and
+    file-backed parts: the store's pages are file-backed)."""
+    stream = {r["cache_size"]: r for r in results if r["method"] == "streaming" and r.get("batch_size", 1) == 1}
+    lines = ["| method | cache (S+W) | attends to | tokens in memory | p50 ms | p90 ms | p50 / streaming (<= 1.5) "
+             "| peak RSS MB | decode peak RSS MB | anon RSS MB | file RSS MB | block reads per layer-step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [r for r in results if r["method"] in ("streaming", "recall") and r.get("batch_size", 1) == 1]
+    for r in sorted(rows, key=lambda r: (r["cache_size"], r["method"] != "streaming", r.get("recall_fill", 0))):
+        base = stream.get(r["cache_size"])
+        extra = r.get("recall_blocks", 0) * r.get("block_size", 0) if r["method"] == "recall" else 0
+        ratio = r["ms_per_token_p50"] / base["ms_per_token_p50"] if base else None
+        lines.append(f"| {row_label(r)} | {r['cache_size']} | {r['cache_size'] + extra} | "
+                     f"{_cell(r.get('recall_stored_tokens'), 'd')} | {r['ms_per_token_p50']:.2f} | "
+                     f"{r['ms_per_token_p90']:.2f} | {_cell(ratio, '.3f')} | {r['peak_rss_mb']:.0f} | "
+                     f"{_cell(r.get('decode_peak_rss_mb'), '.0f')} | {_cell(r.get('rss_anon_mb'), '.0f')} | "
+                     f"{_cell(r.get('rss_file_mb'), '.0f')} | {_cell(r.get('recall_gathers_per_layer_step'), '.3f')} |")
+    return lines

@@ -5,6 +5,10 @@ For each (method, cache size) a fresh subprocess loads the model, prefills the c
 `feed([tok], logits="last")`, timing each step with perf_counter after `--warmup` steps:
 - streaming: sinks + (size - sinks) window, measured at a FULL cache (eviction on every step);
 - window: the same without sinks (paper's window baseline; same cost as streaming);
+- recall: streaming (same sinks and window) with recall of evicted tokens, `--recall-blocks K
+  --block-size B` (so it attends to K*B tokens more), labelled `streaming+recallKxB`; with
+  `--recall-fill N[,M..]` (one row per fill) N tokens of `--recall-fill-text` (a corpus, default
+  gutenberg, or random ids) are streamed through chunked prefill first, so the memory holds them;
 - dense: the engine with transformers' DynamicCache, cropped back (untimed) before each step so
   every measured step attends over exactly `size` tokens, as streaming does;
 - recompute: every token recomputed over the last `size` tokens (slow: `--recompute-steps`);
@@ -34,10 +38,10 @@ import time
 from pathlib import Path
 
 from .measure import HF_DTYPE, run_worker
-from ..cliargs import add_load_arguments
+from ..cliargs import add_load_arguments, add_recall_arguments
 from ..errors import UserError
 
-METHODS = ("streaming", "window", "dense", "recompute", "hf", "llamacpp")
+METHODS = ("streaming", "window", "dense", "recompute", "hf", "llamacpp", "recall")
 DEFAULT_METHODS = "streaming,dense,recompute,hf,llamacpp"
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
 DEFAULT_SINKS = 4
@@ -47,6 +51,7 @@ DEFAULT_RECOMPUTE_STEPS = 5
 DEFAULT_CHUNK = 256
 DEFAULT_LONG_EVERY = 1000
 DEFAULT_LONG_WINDOW = 10_000
+DEFAULT_FILL_TEXT = "gutenberg"
 BUSY_WARMUP_S = 2.0  # the matmul loop reaches full speed before anything is measured or chosen
 BUSY_LOOP = "import sys, torch\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
 
@@ -66,6 +71,11 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed decode steps first")
     p.add_argument("--recompute-steps", type=int, default=DEFAULT_RECOMPUTE_STEPS, help="timed steps for recompute")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk (tokens per forward)")
+    add_recall_arguments(p)  # for method recall: the shared flags, as chat, serve and ppl take them
+    p.add_argument("--recall-fill", default="0", help="method recall: comma list of evicted tokens streamed into the "
+                   "memory before the window is filled and timed, one row each, e.g. 0,25000,100000")
+    p.add_argument("--recall-fill-text", default=DEFAULT_FILL_TEXT, help="where the fill tokens come from: a corpus "
+                   "source as `ppl --corpus` takes it, or random (seeded random ids, as the prompt) (default: %(default)s)")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--plot", default=None, help="draw the latency/memory plot (PNG) here")
     p.add_argument("--plot-from", default=None, help="only draw the plot of an existing results JSON")
@@ -121,6 +131,32 @@ def parse_batch_sizes(text: str, methods: list[str]) -> list[int]:
     return sizes
 
 
+def parse_fills(text: str) -> list[int]:
+    try:
+        fills = sorted({int(p) for p in str(text).split(",") if p.strip()})
+    except ValueError:
+        raise UserError(f"--recall-fill: {text!r} is not a comma list of integers (expected e.g. 0,25000,100000)") from None
+    if not fills or fills[0] < 0:
+        raise UserError(f"--recall-fill needs integers >= 0 (got {text!r})")
+    return fills
+
+
+def check_recall(args, methods: list[str], sizes: list[int]) -> None:
+    """Method recall needs --recall-blocks >= 1; the recall flags without it are a mistake."""
+    from ..core.config import StreamingConfig
+
+    if "recall" not in methods:
+        if args.recall_blocks:
+            raise UserError("--recall-blocks is measured by method recall: add recall to --methods")
+        return
+    if args.recall_blocks < 1:
+        raise UserError("method recall needs --recall-blocks K >= 1 (and --block-size B)")
+    for size in sizes:  # the config's own checks, before anything is loaded
+        StreamingConfig(sinks=args.sinks, window=size - args.sinks, chunk_size=args.chunk_size,
+                        recall_blocks=args.recall_blocks, block_size=args.block_size,
+                        recall_memory_tokens=args.recall_memory_tokens, recall_dtype=args.recall_dtype)
+
+
 def _check_positive(args, names: list[str], minimum: int = 1) -> None:
     for name in names:
         value = getattr(args, name)
@@ -135,10 +171,15 @@ def compute_ratios(results: list[dict]) -> dict:
     single = [r for r in results if r.get("batch_size", 1) == 1]
     by = {(r["method"], r["cache_size"]): r["ms_per_token_p50"] for r in single}
     tps = {(r["method"], r["cache_size"], r.get("batch_size", 1)): r["tokens_per_s"] for r in results if "tokens_per_s" in r}
+    from .report import row_label
+
     out = {}
     for size in sorted({r["cache_size"] for r in results}):
         s, d, rc, hf, lc = (by.get((m, size)) for m in ("streaming", "dense", "recompute", "hf", "llamacpp"))
         entry = {}
+        for r in single:
+            if r["method"] == "recall" and r["cache_size"] == size and s:
+                entry[f"{row_label(r)}_over_streaming"] = round(r["ms_per_token_p50"] / s, 3)
         for (m, sz, b), v in sorted(tps.items()):
             if sz == size and b > 1 and (m, sz, 1) in tps:
                 entry[f"{m}_batch{b}_over_batch1_tokens_per_s"] = round(v / tps[(m, sz, 1)], 3)
@@ -160,10 +201,13 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
-    head = f"{'method':<10} {'cache':>6} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'tok/s':>8} {'peak RSS MB':>12} {'+RSS MB':>8} {'prefill tok/s':>14}"
+    from .report import row_label
+
+    width = max([10] + [len(row_label(r)) for r in results])
+    head = f"{'method':<{width}} {'cache':>6} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'tok/s':>8} {'peak RSS MB':>12} {'+RSS MB':>8} {'prefill tok/s':>14}"
     print(head + (f" {'floor ms':>9} {'x floor':>8}" if floor else ""))
     for r in results:
-        line = (f"{r['method']:<10} {r['cache_size']:>6} {r.get('batch_size', 1):>5} {r['ms_per_token_p50']:>9.2f} {r['ms_per_token_p90']:>9.2f} "
+        line = (f"{row_label(r, batch=False):<{width}} {r['cache_size']:>6} {r.get('batch_size', 1):>5} {r['ms_per_token_p50']:>9.2f} {r['ms_per_token_p90']:>9.2f} "
                 f"{r['tokens_per_s']:>8.1f} {r['peak_rss_mb']:>12.0f} {r['rss_increase_mb']:>8.1f} "
                 f"{_fmt(r['prefill_tok_per_s'], '>14.0f')}")
         if floor:
@@ -181,11 +225,15 @@ def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
             parts.append(f"streaming/llama.cpp {e['streaming_over_llamacpp']:.3f} (target <= 0.85)")
         parts += [f"{k.replace('_over_batch1_tokens_per_s', '')} {v:.2f}x batch-1 tokens/s" for k, v in e.items()
                   if k.endswith("_over_batch1_tokens_per_s")]
+        parts += [f"{k.replace('_over_streaming', '')}/streaming {v:.3f} (target <= 1.5)" for k, v in e.items()
+                  if k.endswith("_over_streaming")]
         print(f"cache {size}: " + "; ".join(parts))
 
 
-def _spec(args, method: str, size: int, batch: int = 1) -> dict:
-    return {"batch_size": batch,
+def _spec(args, method: str, size: int, batch: int = 1, fill: int = 0) -> dict:
+    recall = ({"blocks": args.recall_blocks, "block_size": args.block_size, "memory_tokens": args.recall_memory_tokens,
+               "dtype": args.recall_dtype, "fill": fill, "fill_text": args.recall_fill_text} if method == "recall" else None)
+    return {"batch_size": batch, "recall": recall,
         "model": args.model, "dtype": args.dtype, "quant": args.quant, "device": args.device, "threads": args.threads,
         "method": method, "cache_size": size, "sinks": args.sinks, "steps": args.steps, "warmup": args.warmup,
         "recompute_steps": args.recompute_steps, "chunk_size": args.chunk_size, "profile": args.profile,
@@ -263,6 +311,8 @@ def run(args) -> int:
     batches = parse_batch_sizes(args.batch_sizes, methods)
     _check_positive(args, ["steps", "recompute_steps", "chunk_size", "threads", "profile_steps", "every", "long_window"])
     _check_positive(args, ["warmup", "sinks", "busy"], minimum=0)
+    check_recall(args, methods, sizes)
+    args._fills = parse_fills(args.recall_fill)
     methods = _available(args, methods)
     with busy_machine(args.busy):
         if args.long_stream is not None:
@@ -282,9 +332,11 @@ def _sweep(args, methods: list[str], sizes: list[int], batches: list[int]) -> in
               f"copy {machine['bandwidth']['copy_gb_s']} GB/s", file=sys.stderr)
     results = []
     for size in sizes:  # all methods of one size close together in time: ratios see the same noise
-        for method, batch in [(m, b) for m in methods for b in batches]:
-            print(f"bench: {method} @ cache {size}, batch {batch} ...", file=sys.stderr, flush=True)
-            row = run_worker(_spec(args, method, size, batch), args.in_process)
+        runs = [(m, b, f) for m in methods for b in batches for f in (args._fills if m == "recall" else [0])]
+        for method, batch, fill in runs:
+            print(f"bench: {method} @ cache {size}, batch {batch}" + (f", fill {fill}" if fill else "") + " ...",
+                  file=sys.stderr, flush=True)
+            row = run_worker(_spec(args, method, size, batch, fill), args.in_process)
             if args.floor and row["bytes_per_token"]:
                 row["floor_ms"] = round(row["bytes_per_token"] / (machine["bandwidth"]["read_gb_s"] * 1e9) * 1000, 4)
                 row["x_floor"] = round(row["ms_per_token_p50"] / row["floor_ms"], 2)
@@ -301,8 +353,8 @@ def _sweep(args, methods: list[str], sizes: list[int], batches: list[int]) -> in
         print(bench_report.markdown(data))
     plot = bench_report.plot_data(data, args.plot) if args.plot else None
     summary = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": machine["torch_threads"],
-               "p50_ms": {f"{r['method']}@{r['cache_size']}" + (f"x{r['batch_size']}" if r.get("batch_size", 1) > 1 else ""):
-                          r["ms_per_token_p50"] for r in results},
+               "p50_ms": {f"{bench_report.row_label(r, batch=False)}@{r['cache_size']}"
+                          + (f"x{r['batch_size']}" if r.get("batch_size", 1) > 1 else ""): r["ms_per_token_p50"] for r in results},
                "ratios": ratios, "json": args.json, "plot": plot}
     print(json.dumps(summary))
     return 0

@@ -56,6 +56,7 @@ class RecallMemory:
         self.store_dtype = DTYPES[dtype]
         self.sinks, self.rope, self.directory = sinks, rope, directory
         self.trace: list | None = None  # for tests: a list gets (first index, n queries, chosen ids) per forward
+        self.gathers = 0  # times `recalled` read blocks from the store (a new choice); never reset (bench reads it)
         self.store: torch.Tensor | None = None  # (slots, 2, H, block, D) memory-mapped, allocated on first block
         self.reset()
 
@@ -192,6 +193,7 @@ class RecallMemory:
         c = self._recalled
         if c is not None and c[0] == ids and c[1] == sink_shift and c[2] == like.dtype:
             return c[3], c[4]
+        self.gathers += 1
         slots = torch.tensor([b % self.slots for b in ids], dtype=torch.long)
         data = self.store[slots].to(device=like.device, dtype=like.dtype)  # (k, 2, H, block, D)
         keys = data[:, 0].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
