@@ -100,15 +100,16 @@ def test_generate_with_recall_matches_the_rule_and_off_by_one():
 
 
 def _naive_choice(mem, query, pos_shift, inv_freq):
-    """Top-K blocks by the documented bound, from every stored key of every held block."""
+    """Top-K blocks by the documented bound, from every stored key of every held block: keys and
+    query both rotated to stream indices (storage position minus their frame's shift)."""
     hkv = mem.store.shape[2]
-    q = query[0].double()  # (Hq, C, D)
+    q = _rotate(query[0].double(), torch.full((query.shape[2],), -pos_shift), inv_freq)  # (Hq, C, D)
+    qf = q.reshape(hkv, -1, q.shape[-1])
     scores = []
     for b in mem.eligible():
         keys, frame = mem.block_keys(b)  # (H, block, D)
-        qf = _rotate(q, torch.full((q.shape[1],), frame - pos_shift), inv_freq)  # query at the block's frame
-        qf = qf.reshape(hkv, -1, q.shape[-1])
-        lo, hi = keys.double().amin(1), keys.double().amax(1)  # (H, D)
+        keys = _rotate(keys.double(), torch.full((keys.shape[1],), -frame), inv_freq)
+        lo, hi = keys.amin(1), keys.amax(1)  # (H, D)
         bound = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum()
         scores.append((-bound.item(), b))
     return tuple(sorted(b for _, b in sorted(scores)[: mem.k]))

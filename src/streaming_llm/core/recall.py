@@ -15,18 +15,26 @@ Quest-style upper bound of the query-key scores: for one query q and a block wit
 minimum mn and maximum mx, bound = sum_c max(q_c*mn_c, q_c*mx_c); the selection score is this bound
 summed over every query head and every query of the forward (one selection per layer, shared by
 all its heads; a chunk's queries all see the same blocks). Since max(q*mn, q*mx) = q+ * mx + q- *
-mn, the sum over queries is (sum q+) . mx + (sum q-) . mn: one small product per block. Scores are
-taken at the true text distance: the query, as the model rotated it, is rotated into each block's
-storage frame (blocks stored before a rebase keep the frame they were stored in). Ties go to the
-older block. Only blocks complete before the forward are eligible.
+mn, the sum over queries is (sum q+) . mx + (sum q-) . mn: one matrix-vector product over all
+held blocks. Scores are taken at the true text distance, in one frame for every block: the
+summaries are of the keys rotated to their stream index (storage position minus the rebase shift
+of their frame), and the query, as the model rotated it, is rotated the same way (one small
+matrix product, cached between rebases), so blocks stored before and after ring rebases are
+scored by one product. Ties go to the older block. Only blocks complete before the forward are
+eligible.
 
 The chosen blocks, in stream order, join the sink segment of the layer's attention: block i's
 token m is rotated (one delta per block) to cache position `sinks + i*block_size + m` in the
 sinks' frame, and the query's sink delta grows by R (the recalled tokens), so sinks sit at cache
 positions 0..S-1, recalled tokens at S..S+R-1, the window after them and the query right after
 the window (never beyond S + recall_blocks*block_size + W). Chunks use the plan's
-sink_keys/sink_values/sink_mask path; a decoded token gets the same kind of plan over the ring
-buffer as is (no concatenation of the window).
+sink_keys/sink_values/sink_mask path. A decoded token attends through one fused SDPA over a mirror
+of the layer's buffer with room for the recalled blocks ([sinks | ring | zero slot | recalled]):
+the mirror copies the one ring slot the token wrote (the whole ring after a chunk or a rebase),
+and the sinks and the recalled keys are rotated straight into the query's frame with the cache's
+memoised per-step rotation matrix (the same delta for every layer), so no per-step concatenation
+of the window, no query rotation and no grouped-head copies. The recalled keys in the sinks'
+frame are cached while the choice does not change.
 
 What it does NOT do: batch rows (one stream only: `StreamBatch` refuses recall), sliding-window
 layers (they never get a memory), re-scoring inside a chunk, or keep the store file after the
@@ -41,7 +49,7 @@ import tempfile
 
 import torch
 
-from .rope import LayerRope
+from .rope import LayerRope, apply_rotation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -70,6 +78,10 @@ class RecallMemory:
         self.hold = None  # (stream index, key, value): a decoded token's evicted token, until commit
         self.chosen: tuple[int, ...] = ()
         self._recalled = None  # (ids, sink_shift, dtype, keys, values) of the last chosen blocks
+        self._unshift = None  # (pos_shift, (D, D) matrix): x @ matrix rotates x by -pos_shift (to stream indices)
+        self.mirror_k = self.mirror_v = None  # (1, H, ring + k*block, D): the decode path's buffer, derived
+        self._mirror_next = -1  # stream index whose ring slot the mirror copies next (-1: copy the whole ring)
+        self._mirror_ids = None  # the blocks whose values the mirror holds
 
     @property
     def stored(self) -> int:
@@ -130,7 +142,7 @@ class RecallMemory:
                 old = self.mins.shape[0]
                 mins[:old], maxs[:old], frames[:old] = self.mins, self.maxs, self.frames
             self.mins, self.maxs, self.frames = mins, maxs, frames
-        k = self.stage_k.float()
+        k = self.stage_k.float() @ self._to_stream_frame(pos_shift, torch.float32, self.stage_k.device)
         self.mins[slot] = k.amin(dim=1).cpu()
         self.maxs[slot] = k.amax(dim=1).cpu()
         self.frames[slot] = pos_shift
@@ -139,8 +151,19 @@ class RecallMemory:
         self.n_blocks += 1
         self.staged = 0
 
+    def _to_stream_frame(self, pos_shift: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """(D, D) R with x @ R == x rotated by -pos_shift (storage positions to stream indices)."""
+        c = self._unshift
+        if c is None or c[0] != pos_shift or c[1].dtype != dtype or c[1].device != device:
+            d = self.stage_k.shape[-1] if self.stage_k is not None else self.mins.shape[-1]
+            eye = torch.eye(d, dtype=dtype, device=device)
+            cos, sin = self.rope.cos_sin(torch.tensor([-pos_shift], device=device), dtype)
+            self._unshift = c = (pos_shift, apply_rotation(eye, cos, sin, self.rope.interleaved))
+        return c[1]
+
     def rebase(self, shift: int) -> None:
         """The ring moved `shift` positions back: so do the staged tokens (one frame per block)."""
+        self._mirror_next = -1  # the ring's keys were rotated: the decode mirror copies them again
         if self.staged:
             d = torch.full((self.staged,), -shift, device=self.stage_k.device)
             self.stage_k[:, : self.staged] = self.rope.rotate(self.stage_k[:, : self.staged], d)
@@ -155,24 +178,19 @@ class RecallMemory:
     # ---- selection -------------------------------------------------------------------------------
     def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
         """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
-        the model at storage positions (stream index + pos_shift). Computed over the summaries in
-        place (float32 matrix-vector products, no per-block Python work); blocks stored in another
-        frame (before a rebase) get the query rotated into their frame."""
+        the model at storage positions (stream index + pos_shift): rotated to stream indices, as the
+        summaries are, then one float32 matrix-vector product per bound term over the summaries in
+        place (no per-block or per-frame Python work)."""
         n = self.stored
-        mins, maxs, frames = self.mins[:n].flatten(1), self.maxs[:n].flatten(1), self.frames[:n]  # by slot
+        mins, maxs = self.mins[:n].flatten(1), self.maxs[:n].flatten(1)  # by slot
         hkv, d = self.mins.shape[1], self.mins.shape[2]
         q = query[0].float().cpu()  # (Hq, C, D)
-        uniq = torch.unique(frames).tolist()
-        out = torch.empty(n)
-        for frame in uniq:
-            qf = q if frame == pos_shift else self.rope.rotate(q, torch.full((q.shape[-2],), frame - pos_shift))
-            qf = qf.reshape(hkv, -1, d)  # (Hkv, G*C, D)
-            pos, neg = qf.clamp(min=0).sum(1).flatten(), qf.clamp(max=0).sum(1).flatten()  # (Hkv*D,)
-            if len(uniq) == 1:
-                out = maxs @ pos + mins @ neg
-            else:
-                sel = (frames == frame).nonzero().squeeze(1)
-                out[sel] = maxs[sel] @ pos + mins[sel] @ neg
+        if pos_shift:
+            q = q @ self._to_stream_frame(pos_shift, q.dtype, q.device)
+        q = q.reshape(hkv, -1, d)  # (Hkv, G*C, D)
+        pos = q.clamp(min=0).sum(1)  # (Hkv, D)
+        neg = q.sum(1) - pos
+        out = maxs @ pos.flatten() + mins @ neg.flatten()
         if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
             out = torch.roll(out, -(self.n_blocks % self.slots))
         return out
@@ -183,9 +201,13 @@ class RecallMemory:
         if self.stored == 0 or self.k == 0:
             return ()
         s = self.scores(query, pos_shift)
-        top = torch.argsort(-s, stable=True)[: self.k]
         first = self.n_blocks - self.stored
-        return tuple(sorted(first + int(i) for i in top))
+        if s.numel() <= self.k:
+            return tuple(range(first, first + s.numel()))
+        vals, top = torch.topk(s, self.k + 1)  # one more, to see a tie at the cut
+        if vals[-2] == vals[-1]:  # a tie at the K-th place goes to the older block: the stable sort decides
+            top = torch.argsort(-s, stable=True)
+        return tuple(sorted(first + i for i in top[: self.k].tolist()))
 
     def recalled(self, ids: tuple[int, ...], sink_shift: int, like: torch.Tensor):
         """Keys/values (1, H, R, D) of blocks `ids`, block i's keys rotated to storage position
@@ -198,12 +220,36 @@ class RecallMemory:
         data = self.store[slots].to(device=like.device, dtype=like.dtype)  # (k, 2, H, block, D)
         keys = data[:, 0].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
         values = data[:, 1].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
-        stored_at = torch.tensor([self.sinks + b * self.block + int(self.frames[b % self.slots]) for b in ids])
+        frames = self.frames[slots].tolist()
+        stored_at = torch.tensor([self.sinks + b * self.block + f for b, f in zip(ids, frames)])
         target = torch.tensor([self.sinks + i * self.block + sink_shift for i in range(len(ids))])
         delta = (target - stored_at).repeat_interleave(self.block).to(like.device)
         keys = self.rope.rotate(keys, delta)
         self._recalled = (ids, sink_shift, like.dtype, keys, values)
         return keys, values
+
+    def mirror(self, layer, n: int, ids: tuple[int, ...], rv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode buffers (1, H, ring + k*block, D) of a decoded token with stream index n: the
+        layer's ring (one slot copied per decoded token, all of it after a chunk or a rebase) and
+        the values of blocks `ids` after it; the caller writes the sink and recalled keys."""
+        ring = layer.keys.shape[-2]  # sinks + window (+ the zero slot of softmax-off-by-one)
+        if self.mirror_k is None or self.mirror_k.dtype != layer.keys.dtype or self.mirror_k.device != layer.keys.device:
+            h, d, dv = layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]
+            self.mirror_k = layer.keys.new_zeros(1, h, ring + self.k * self.block, d)
+            self.mirror_v = layer.values.new_zeros(1, h, ring + self.k * self.block, dv)
+            self._mirror_next, self._mirror_ids = -1, None
+        if self._mirror_next == n:
+            slot = layer.sinks + (n - layer.sinks) % layer.window
+            self.mirror_k[:, :, slot] = layer.keys[:, :, slot]
+            self.mirror_v[:, :, slot] = layer.values[:, :, slot]
+        else:
+            self.mirror_k[:, :, :ring] = layer.keys
+            self.mirror_v[:, :, :ring] = layer.values
+        self._mirror_next = n + 1
+        if self._mirror_ids != ids:
+            self.mirror_v[:, :, ring : ring + rv.shape[-2]] = rv
+            self._mirror_ids = ids
+        return self.mirror_k, self.mirror_v
 
     # ---- snapshots -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -297,21 +343,19 @@ def with_recall(layer, plan):
 
 
 def decode_plan(layer, plan_cls):
-    """A decoded token with blocks recalled: ring as is (it holds the query's window, the query
-    included), sinks + recalled blocks as the sink segment."""
-    s, w = layer.sinks, layer.window
+    """A decoded token with blocks recalled: one fused attention over the memory's mirror of the
+    ring with the recalled blocks after it, sinks and recalled keys rotated into the query's frame
+    (the query sits at cache position S + R + W - 1; the window is full whenever a block is held)."""
+    mem, s, w = layer.memory, layer.sinks, layer.window
     n = layer._pending.seen[0]
-    rk, rv = layer.memory.recalled(layer.memory.chosen, layer.sink_shift[0], layer.keys)
-    dev = layer.keys.device
-    return plan_cls(
-        layer.keys[:, :, s : s + w],
-        layer.values[:, :, s : s + w],
-        torch.ones(1, 1, w, dtype=torch.bool, device=dev),
-        sink_keys=torch.cat([layer.sink_keys[:, :, :s], rk], dim=-2),
-        sink_values=torch.cat([layer.values[:, :, :s], rv], dim=-2),
-        sink_mask=torch.ones(1, 1, s + rk.shape[-2], dtype=torch.bool, device=dev),
-        sink_delta=_sink_delta(layer, torch.tensor([n], device=dev), rk.shape[-2]),
-        rope=layer.rope,
-        zero_slot=layer.zero_slot,
-        window_rows_nonempty=True,
-    )
+    rk, rv = mem.recalled(mem.chosen, layer.sink_shift[0], layer.keys)  # sinks' frame, cached per choice
+    r, ring = rk.shape[-2], layer.keys.shape[-2]
+    mk, mv = mem.mirror(layer, n, mem.chosen, rv)
+    delta = s + r + w - 1 - n + layer._shift(0)  # the query-to-sink-frame rotation (as `_sink_delta`)
+    rot = layer.owner.rotation_matrix(layer.rope, -delta, layer.keys)  # shared by the layers this step
+    mk[:, :, :s] = layer.sink_keys[:, :, :s] @ rot
+    mk[:, :, ring : ring + r] = rk @ rot
+    mask = None
+    if r < mem.k * mem.block:  # fewer blocks held than K: the rest of the mirror is not attended
+        mask = (torch.arange(mk.shape[-2], device=mk.device) < ring + r)[None, None, :]
+    return plan_cls(mk, mv, mask)
