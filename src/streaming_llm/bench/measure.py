@@ -30,6 +30,7 @@ from ..errors import UserError
 
 HF_DTYPE = DEFAULT_DTYPE  # float32: the baseline is plain transformers: always float32, eager attention
 PROFILE_ROWS = 25
+FILL_CHECKPOINT = 12_500  # tokens in the recall memory between RSS checkpoints of a fill
 SEED = 0
 
 def _sync(device: str) -> None:
@@ -197,17 +198,25 @@ def _fill_ids(model, tokenizer, source: str, n: int):
     return torch.as_tensor(ids[:n], dtype=torch.long)
 
 
-def _fill(dec, ids, chunk: int) -> float:
-    """Stream `ids` through the decoder's chunked prefill (progress on stderr); seconds taken."""
+def _fill(dec, ids, chunk: int) -> tuple[float, list[dict]]:
+    """Stream `ids` through the decoder's chunked prefill (progress on stderr): (seconds taken,
+    RSS checkpoints against the tokens in the memory, about every FILL_CHECKPOINT tokens)."""
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
+    from . import hardware
+
+    t0, checkpoints, next_cp = time.perf_counter(), [], 0
     piece = max(chunk, 4096 // chunk * chunk)  # a few chunks per call: the engine chunks them itself
     with tqdm(total=ids.numel(), desc="bench recall fill", unit="tok", file=sys.stderr, leave=False) as bar:
         for lo in range(0, ids.numel(), piece):
             dec.prefill(ids[lo : lo + piece])
             bar.update(min(piece, ids.numel() - lo))
-    return time.perf_counter() - t0
+            stored = dec.state().get("recall_stored_tokens", 0)
+            if stored >= next_cp or lo + piece >= ids.numel():
+                checkpoints.append({"fed": min(lo + piece, ids.numel()), "stored_tokens": stored,
+                                    "rss_mb": round(hardware.rss_mb(), 1), **hardware.rss_parts_mb()})
+                next_cp = stored + FILL_CHECKPOINT
+    return time.perf_counter() - t0, checkpoints
 
 
 def measure(spec: dict) -> dict:
@@ -230,11 +239,11 @@ def measure(spec: dict) -> dict:
     fill = recall["fill"] if recall else 0
     if fill:  # the memory first: `fill` tokens evicted, then the window filled and timed as for streaming
         ids = _fill_ids(model, tokenizer, recall["fill_text"], fill + dec.prefill_len)
-        fill_s = _fill(dec, ids[:fill], spec["chunk_size"])
+        fill_s, fill_rss = _fill(dec, ids[:fill], spec["chunk_size"])
         ids = ids[fill:]
     else:
         ids = _prompt(model, dec.prefill_len)
-    fill_rss = hardware.rss_mb()
+    after_fill_rss = hardware.rss_mb()
     _sync(device)
     t0 = time.perf_counter()
     dec.prefill(ids)  # recompute only stores the ids: its prefill runs no forward
@@ -302,8 +311,8 @@ def measure(spec: dict) -> dict:
     if recall:
         row.update(recall_blocks=recall["blocks"], block_size=recall["block_size"], recall_fill=fill,
                    recall_fill_text=recall["fill_text"] if fill else None, recall_dtype=recall["dtype"],
-                   recall_memory_tokens=recall["memory_tokens"], rss_after_fill_mb=round(fill_rss, 1),
-                   fill_s=round(fill_s, 2) if fill else None,
+                   recall_memory_tokens=recall["memory_tokens"], rss_after_fill_mb=round(after_fill_rss, 1),
+                   fill_s=round(fill_s, 2) if fill else None, fill_rss=fill_rss if fill else [],
                    recall_gathers_per_layer_step=round((state["recall_gathers"] - before["recall_gathers"])
                                                        / (state["recall_layers"] * (warmup + steps)), 4))
     if cuda:

@@ -210,4 +210,11 @@ def recall_markdown(results: list[dict]) -> list[str]:
                      f"{r['ms_per_token_p90']:.2f} | {_cell(ratio, '.3f')} | {r['peak_rss_mb']:.0f} | "
                      f"{_cell(r.get('decode_peak_rss_mb'), '.0f')} | {_cell(r.get('rss_anon_mb'), '.0f')} | "
                      f"{_cell(r.get('rss_file_mb'), '.0f')} | {_cell(r.get('recall_gathers_per_layer_step'), '.3f')} |")
+    for r in rows:
+        if r.get("fill_rss"):
+            lines += ["", f"RSS while {row_label(r)} filled its memory (MB; anon = private memory, file = file-backed "
+                      "pages, the model's weights and the store's, which the kernel may write back and drop):", "",
+                      "| tokens in memory | RSS | anon | file |", "|---:|---:|---:|---:|"]
+            lines += [f"| {c['stored_tokens']} | {c['rss_mb']:.0f} | {_cell(c.get('rss_anon_mb'), '.0f')} | "
+                      f"{_cell(c.get('rss_file_mb'), '.0f')} |" for c in r["fill_rss"]]
     return lines
