@@ -41,6 +41,8 @@ FACTS = {
     "sister": ("Something about me: my sister's name is Margarethe.", "What is my sister's name?", "Margarethe"),
     "dog": ("By the way, I have a dog and his name is Biscuit.", "What is the name of my dog?", "Biscuit"),
     "town": ("I grew up in a small town called Valdoria.", "What is the name of the town I grew up in?", "Valdoria"),
+    "name": ("Hi! My name is Oskar, nice to meet you.", "What is my name?", "Oskar"),
+    "colour": ("My favourite colour is turquoise.", "What is my favourite colour?", "turquoise"),
     # the same facts, asked with a cue to the earlier turn
     "locker-cue": ("Please remember this for later: my locker code is 4817.",
                    "Earlier in our chat I told you my locker code. What is my locker code?", "4817"),
