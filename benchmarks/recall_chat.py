@@ -68,6 +68,7 @@ def parse_args(argv=None):
                    f"streaming, window {IN_WINDOW}: the fact never leaves it)")
     p.add_argument("--threads", type=int, default=None, help="STREAMING_LLM_THREADS for the chat (default: its policy)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--rejudge", action="store_true", help="no chat: judge the transcripts already in --out again")
     args = p.parse_args(argv)
     args.facts = [f.strip() for f in args.facts.split(",") if f.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -129,17 +130,22 @@ def judge(rows: list[dict], key: str, window: int) -> dict:
     told_at = fact_turn["total_tokens_seen"] - fact_turn["generated_tokens"]  # end of the fact's prompt
     asked_at = question["total_tokens_seen"] - question["generated_tokens"]  # end of the question's prompt
     answer = question["assistant"].strip()
-    return {"found": key.lower() in answer.lower(), "answer": answer, "tokens_between": asked_at - told_at,
+    echoed = [r["turn"] for r in rows[1:-1] if key.lower() in r["assistant"].lower()]
+    return {"found": key.lower() in answer.lower(), "answer": answer,
+            "echoed_in_turns": echoed,  # replies that repeated the key: it then stayed in the window
+            "tokens_between": asked_at - told_at,
             "windows_between": round((asked_at - told_at) / window, 2), "tokens_seen": question["total_tokens_seen"],
             "evicted_at_question": question.get("evicted")}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| fact | mode | found | tokens between fact and question (windows) | answer |", "|---|---|---|---|---|"]
+    lines = ["| fact | mode | found | tokens between fact and question (windows) | key repeated by a reply in between "
+             "| answer |", "|---|---|---|---|---|---|"]
     for r in rows:
         answer = re.sub(r"\s+", " ", r["answer"]).replace("|", "\\|")
         lines.append(f"| {r['fact']} | {r['mode']} | {'yes' if r['found'] else 'no'} | {r['tokens_between']} "
-                     f"({r['windows_between']}) | {answer} |")
+                     f"({r['windows_between']}) | {'turns ' + ', '.join(map(str, r['echoed_in_turns'])) if r['echoed_in_turns'] else 'no'} "
+                     f"| {answer} |")
     return "\n".join(lines)
 
 
@@ -147,13 +153,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    talk = fillers(args.model, args.fillers)
+    talk = [] if args.rejudge else fillers(args.model, args.fillers)
     results = []
     for fact in args.facts:
         tell, ask, key = FACTS[fact]
         for mode in args.modes:
             print(f"recall_chat: {fact}, {mode} ...", file=sys.stderr, flush=True)
-            rows = run_chat(args, fact, mode, [tell, *talk, ask], out)
+            if args.rejudge:
+                path = out / f"{fact}_{mode}.jsonl"
+                if not path.is_file():
+                    continue
+                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            else:
+                rows = run_chat(args, fact, mode, [tell, *talk, ask], out)
             r = {"fact": fact, "mode": mode, "key": key, **judge(rows, key, args.window)}
             print(f"  {fact:<8} {mode:<8} {'found' if r['found'] else 'missed':<7} {r['tokens_between']:>5} tokens "
                   f"({r['windows_between']} windows) later: {r['answer'][:80]!r}", flush=True)
