@@ -166,16 +166,17 @@ def test_memory_cap_drops_the_oldest_blocks_and_stays_bounded(dtype, tmp_path):
                      recall_dir=str(tmp_path))
     e.feed(ids_for(60))
     mem = e.cache.memories[0]
-    store_ptr, size = mem.store.data_ptr(), mem.store.numel()
+    store_fd, size = mem.store.fd, mem.store.numel()
     summaries = mem.mins.shape
     e.feed(ids_for(300, seed=2))
     assert mem.n_blocks > 3 * mem.slots and mem.stored == 5 and mem.stored_tokens == cap
     assert list(mem.eligible()) == list(range(mem.n_blocks - 5, mem.n_blocks))  # the newest five
     assert mem.mins.shape == summaries == (5, 2, 16) and mem.frames.shape == (5,)
-    assert mem.store.data_ptr() == store_ptr and mem.store.numel() == size == 5 * 2 * 2 * B * 16
+    assert mem.store.fd == store_fd and mem.store.numel() == size == 5 * 2 * 2 * B * 16  # the same file, no growth
+    assert os.fstat(mem.store.fd).st_size == size * mem.store.dtype.itemsize
     assert mem.store.dtype == getattr(torch, dtype)
     assert all(b in mem.eligible() for _, _, ids in [(0, 0, mem.chosen)] for b in ids)
-    assert os.listdir(tmp_path) == []  # the file is unlinked once mapped: nothing left behind
+    assert os.listdir(tmp_path) == []  # the file is unlinked once created: nothing left behind
     with pytest.raises(KeyError):
         mem.block_keys(0)
 

@@ -4,11 +4,12 @@ What it does. Evicted stream tokens (non-sink tokens that leave the window) are 
 order, into blocks of `block_size` consecutive tokens: block b holds stream tokens
 `sinks + b*block_size ..` and enters the memory once all of them are evicted. A block keeps in RAM a
 summary of its keys (per KV head, per channel min and max, as Quest does) and the storage position
-frame its keys were rotated in; its keys and values go to a bounded store, a memory-mapped file
-(`torch.from_file`, float32 or bfloat16) of `recall_memory_tokens // block_size` block slots: block
-b lives in slot `b % slots`, so beyond the cap the oldest blocks are overwritten (dropped). The file
-is unlinked right after it is mapped (it disappears with the engine; its pages are file-backed, so
-stored tokens do not grow the anonymous RAM); the summaries grow with the blocks up to the cap.
+frame its keys were rotated in; its keys and values go to a bounded store, `BlockFile`: a file
+(float32 or bfloat16) of `recall_memory_tokens // block_size` block slots: block b lives in slot
+`b % slots`, so beyond the cap the oldest blocks are overwritten (dropped). The file is unlinked
+right after it is created (it disappears with the engine) and is written and read with
+pwrite/pread, never mapped: its pages are the kernel's page cache, not the process's memory, so
+stored tokens do not grow the process RSS; the summaries grow with the blocks up to the cap.
 
 Before each forward (`select`), the layer chooses the `recall_blocks` blocks with the highest
 Quest-style upper bound of the query-key scores: for one query q and a block with per-channel key
@@ -46,12 +47,52 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 
 import torch
 
 from .rope import LayerRope, apply_rotation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class BlockFile:
+    """`slots` block slots of (2, H, block, D) in `dtype` (keys and values of one block) in an
+    unlinked temporary file, written with pwrite and read with pread (no memory map: the data never
+    counts in the process's RSS). Sparse: disk use grows with what is written. The file closes with
+    the object."""
+
+    def __init__(self, slots: int, h: int, block: int, d: int, dtype: torch.dtype, directory: str | None = None):
+        self.shape, self.dtype = (slots, 2, h, block, d), dtype
+        self.slot_bytes = 2 * h * block * d * dtype.itemsize
+        fd, path = tempfile.mkstemp(prefix="streaming-llm-recall-", suffix=".bin", dir=directory)
+        try:
+            os.ftruncate(fd, slots * self.slot_bytes)
+        except OSError:
+            os.close(fd)
+            raise
+        finally:
+            os.unlink(path)  # the descriptor keeps the data; nothing is left behind
+        self.fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def numel(self) -> int:
+        return self.shape[0] * self.slot_bytes // self.dtype.itemsize
+
+    def write(self, first: int, data: torch.Tensor) -> None:
+        """Slots first, first + 1, .. from `data` (n, 2, H, block, D), any dtype and device."""
+        buf = data.to(device="cpu", dtype=self.dtype).contiguous()
+        os.pwrite(self.fd, buf.view(torch.uint8).numpy(), first * self.slot_bytes)
+
+    def read(self, slots) -> torch.Tensor:
+        """(len(slots), 2, H, block, D) of the given slots."""
+        slots = list(slots)
+        out = torch.empty((len(slots), *self.shape[1:]), dtype=self.dtype)
+        raw = out.view(torch.uint8).numpy().reshape(len(slots), self.slot_bytes)
+        for i, slot in enumerate(slots):
+            if os.preadv(self.fd, [raw[i]], slot * self.slot_bytes) != self.slot_bytes:
+                raise OSError(f"recall store: short read of slot {slot}")
+        return out
 
 
 class RecallMemory:
@@ -65,7 +106,7 @@ class RecallMemory:
         self.sinks, self.rope, self.directory = sinks, rope, directory
         self.trace: list | None = None  # for tests: a list gets (first index, n queries, chosen ids) per forward
         self.gathers = 0  # times `recalled` read blocks from the store (a new choice); never reset (bench reads it)
-        self.store: torch.Tensor | None = None  # (slots, 2, H, block, D) memory-mapped, allocated on first block
+        self.store: BlockFile | None = None  # (slots, 2, H, block, D) on disk, created with the first block
         self.reset()
 
     # ---- state -----------------------------------------------------------------------------------
@@ -96,17 +137,7 @@ class RecallMemory:
         return range(self.n_blocks - self.stored, self.n_blocks)
 
     def _open_store(self, h: int, d: int) -> None:
-        numel = self.slots * 2 * h * self.block * d
-        fd, path = tempfile.mkstemp(prefix="streaming-llm-recall-", suffix=".bin", dir=self.directory)
-        try:
-            os.ftruncate(fd, numel * self.store_dtype.itemsize)  # sparse: disk use grows with what is written
-        finally:
-            os.close(fd)
-        try:
-            flat = torch.from_file(path, shared=True, size=numel, dtype=self.store_dtype)
-        finally:
-            os.unlink(path)  # the mapping keeps the data; nothing is left behind
-        self.store = flat.view(self.slots, 2, h, self.block, d)
+        self.store = BlockFile(self.slots, h, self.block, d, self.store_dtype, self.directory)
 
     # ---- filling -----------------------------------------------------------------------------------
     def capture(self, keys: torch.Tensor, values: torch.Tensor, first: int, pos_shift: int) -> None:
@@ -146,8 +177,7 @@ class RecallMemory:
         self.mins[slot] = k.amin(dim=1).cpu()
         self.maxs[slot] = k.amax(dim=1).cpu()
         self.frames[slot] = pos_shift
-        self.store[slot, 0] = self.stage_k.to(device="cpu", dtype=self.store_dtype)
-        self.store[slot, 1] = self.stage_v.to(device="cpu", dtype=self.store_dtype)
+        self.store.write(slot, torch.stack([self.stage_k, self.stage_v])[None])
         self.n_blocks += 1
         self.staged = 0
 
@@ -173,7 +203,7 @@ class RecallMemory:
         if block_id not in self.eligible():
             raise KeyError(f"block {block_id} is not held (held: {self.eligible()})")
         slot = block_id % self.slots
-        return self.store[slot, 0].float(), int(self.frames[slot])
+        return self.store.read([slot])[0, 0].float(), int(self.frames[slot])
 
     # ---- selection -------------------------------------------------------------------------------
     def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
@@ -217,7 +247,7 @@ class RecallMemory:
             return c[3], c[4]
         self.gathers += 1
         slots = torch.tensor([b % self.slots for b in ids], dtype=torch.long)
-        data = self.store[slots].to(device=like.device, dtype=like.dtype)  # (k, 2, H, block, D)
+        data = self.store.read(slots.tolist()).to(device=like.device, dtype=like.dtype)  # (k, 2, H, block, D)
         keys = data[:, 0].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
         values = data[:, 1].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
         frames = self.frames[slots].tolist()
@@ -260,7 +290,7 @@ class RecallMemory:
             "stage_v": clone(self.stage_v), "mins": clone(self.mins), "maxs": clone(self.maxs),
             "frames": self.frames[:n].clone(), "hold": None if self.hold is None else
             (self.hold[0], self.hold[1].clone(), self.hold[2].clone()),
-            "store": None if self.store is None else self.store[: min(self.stored, self.slots)].clone(),
+            "store": None if self.store is None else self.store.read(range(min(self.stored, self.slots))),
         }
 
     def load_state(self, st: dict) -> None:
@@ -273,7 +303,8 @@ class RecallMemory:
             data = st["store"]
             if self.store is None or self.store.shape[2:] != data.shape[2:]:
                 self._open_store(data.shape[2], data.shape[4])
-            self.store[: data.shape[0]] = data.to(self.store_dtype)
+            if data.shape[0]:
+                self.store.write(0, data)
 
 
 # ---- the layer's side: capturing evicted tokens, plans with recalled blocks ----------------------
