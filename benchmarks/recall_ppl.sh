@@ -24,3 +24,15 @@ run w252_recall4x32 --window 252 --recall-blocks 4 --block-size 32
 run w252_recall8x16 --window 252 --recall-blocks 8 --block-size 16
 run w380_streaming --window 380
 echo "== done $(date -u +%FT%TZ) load $(cut -d' ' -f1 /proc/loadavg)" >> $OUT/runs.log
+# the table of docs/recall.md
+$PY - <<'PY'
+import json, pathlib
+rows = [("w1020_streaming", "streaming", 1020, 0, 0), ("w1020_recall4x32", "recall 4x32", 1020, 4, 32),
+        ("w1020_recall8x16", "recall 8x16", 1020, 8, 16), ("w1148_streaming", "streaming", 1148, 0, 0),
+        ("w252_streaming", "streaming", 252, 0, 0), ("w252_recall4x32", "recall 4x32", 252, 4, 32),
+        ("w252_recall8x16", "recall 8x16", 252, 8, 16), ("w380_streaming", "streaming", 380, 0, 0)]
+print("| method | window | attends to (S + K·B + W) | ppl | mean NLL | tok/s |\n|---|---:|---:|---:|---:|---:|")
+for name, label, w, k, b in rows:
+    d = json.loads(pathlib.Path(f"docs/results/recall_ppl/{name}.json").read_text())
+    print(f"| {label} | {w} | {4 + k * b + w} | {d['ppl']:.3f} | {d['nll_mean']:.4f} | {d['tokens_per_s']:.0f} |")
+PY
