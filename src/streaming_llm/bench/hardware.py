@@ -43,8 +43,8 @@ def rss_mb() -> float:
 
 
 def rss_parts_mb() -> dict:
-    """Current RSS split into anonymous memory and file-backed pages (e.g. a memory-mapped store whose
-    pages the kernel may write back and drop), MiB; empty where /proc does not say."""
+    """Current RSS split into anonymous memory and file-backed pages (e.g. memory-mapped weights,
+    which the kernel may drop and read again), MiB; empty where /proc does not say."""
     anon, file = _proc_kb("RssAnon"), _proc_kb("RssFile")
     if anon is None or file is None:
         return {}

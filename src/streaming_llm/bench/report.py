@@ -213,7 +213,7 @@ def recall_markdown(results: list[dict]) -> list[str]:
     for r in rows:
         if r.get("fill_rss"):
             lines += ["", f"RSS while {row_label(r)} filled its memory (MB; anon = private memory, file = file-backed "
-                      "pages, the model's weights and the store's, which the kernel may write back and drop):", "",
+                      "pages, e.g. the model's memory-mapped weights):", "",
                       "| tokens in memory | RSS | anon | file |", "|---:|---:|---:|---:|"]
             lines += [f"| {c['stored_tokens']} | {c['rss_mb']:.0f} | {_cell(c.get('rss_anon_mb'), '.0f')} | "
                       f"{_cell(c.get('rss_file_mb'), '.0f')} |" for c in r["fill_rss"]]
