@@ -8,7 +8,8 @@ exactly `length` tokens (question included). Plain text, no chat template (gemma
 model; the instruct SmolLM2 answers a raw-text prompt as well), so both models see the same prompts.
 
 Variants (one factor changed at a time from `base`, each reported on its own):
-- filler: `gutenberg` (a random passage of the offline corpus, `data.load_corpus`) or `repeat`
+- filler: `gutenberg` (a random passage of the offline corpus, `data.load_corpus`; `--corpus` names
+  another source) or `repeat`
   (the classic "The grass is green. ..." sentences);
 - key: `digits` (a 5-digit number) or `code` (a word-like code such as "tovami-kelupa");
 - question: `primed` ("What is the pass key? The pass key is") or `plain` (a question, then "Answer:").
@@ -35,7 +36,7 @@ DEFAULT_LENGTHS = [256, 512, 1024]
 DEFAULT_DEPTHS = [0.1, 0.5, 0.9]
 DEFAULT_WINDOWS = [124, 252]
 DEFAULT_RECALL = "4x32"
-DEFAULT_TRIALS = 1
+DEFAULT_CORPUS = "gutenberg"  # where the `gutenberg` filler's passages come from (--corpus: another text)
 MAX_NEW_TOKENS = 12
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -150,8 +151,7 @@ def build_prompt(tokenizer, variant: str, length: int, depth: float, trial: int,
         raise UserError(f"--lengths: {length} tokens cannot hold the instruction, key and question "
                         f"({length - n + 1} tokens at least)")
     f = filler_ids(tokenizer, filler, n, rng, corpus_text)[:n]
-    starts = word_starts(tokenizer, f + [f[0]])  # the sentinel makes n a candidate (the end)
-    before = min(starts + [n], key=lambda k: abs(k - depth * n))
+    before = min(word_starts(tokenizer, f) + [n], key=lambda k: abs(k - depth * n))  # n: the filler's end
     body = head + f[:before] + key_ids + f[before:]
     span = (len(head) + before, len(head) + before + len(key_ids))
     return Prompt(variant, length, depth, trial, key, body, q_ids, span, n, before)
@@ -265,6 +265,8 @@ def run(args, out: Path) -> dict:
             raise UserError(f"unknown passkey variant {v!r}; choose from {', '.join(VARIANTS)}")
     lengths = args.lengths or DEFAULT_LENGTHS
     depths = args.depths or DEFAULT_DEPTHS
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise UserError(f"--depths must lie in [0, 1] (got {depths})")
     if args.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {args.trials})")
     methods = rt.method_list(args.windows or DEFAULT_WINDOWS, rt.recall_list(args.recall or DEFAULT_RECALL))
@@ -273,7 +275,7 @@ def run(args, out: Path) -> dict:
     if any(VARIANTS[v][0] == "gutenberg" for v in variants):
         from .data import load_corpus
 
-        corpus_text = args.corpus_text if getattr(args, "corpus_text", None) else load_corpus("gutenberg").text
+        corpus_text = load_corpus(args.corpus or DEFAULT_CORPUS).text
     prefix = stream_prefix(tokenizer, args.bos)
     prompts = build_grid(tokenizer, variants, lengths, depths, args.trials, args.seed, corpus_text, prefix)
     head = {"model": args.model, "task": "passkey", **bos_choice_label(tokenizer, args.bos),
@@ -281,7 +283,7 @@ def run(args, out: Path) -> dict:
                         "decoding": "greedy (temperature 0, repetition penalty 1.0)", "max_new_tokens": MAX_NEW_TOKENS,
                         "stop": "once the first key-shaped answer is complete, or at the end of the first sentence or line",
                         "match": "the first key-shaped substring of the reply equals the key (codes: any case)",
-                        "length": "prompt tokens, question included", "depth": "fraction of the filler before the key",
+                        "length": "prompt tokens, question included", "corpus": args.corpus or DEFAULT_CORPUS, "depth": "fraction of the filler before the key",
                         "intro": INTRO, "key_sentence": KEY_SENTENCE, "questions": QUESTIONS,
                         "variants": {v: dict(zip(("filler", "key_format", "question"), VARIANTS[v])) for v in variants}},
             "grid": {"lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed,
