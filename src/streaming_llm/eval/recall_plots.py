@@ -11,6 +11,7 @@ Reads only `results.json` in the result folder (`plots.plot` registers these); l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 KIND_COLORS = {"dense": "tab:blue", "window": "tab:orange", "streaming": "tab:red", "recall": "tab:green"}
@@ -25,18 +26,24 @@ def _kind(label: str) -> str:
     return "recall" if "recall" in label else "streaming"
 
 
+def _cache_size(label: str) -> int | None:
+    """S+W of a method label ('window 0+128' and 'streaming 4+124 + recall 4x32' both: 128)."""
+    m = re.search(r"(\d+)\+(\d+)", label)
+    return int(m.group(1)) + int(m.group(2)) if m else None
+
+
 def _styles(labels: list[str]) -> dict[str, tuple[str, str]]:
-    """A colour per method kind and a line style per cache, so a window's methods read together."""
-    caches = []
-    for lab in labels:
-        cache = lab.split(" + ")[0].split(" ")[-1] if lab != "dense" else ""
-        if cache and cache not in caches:
-            caches.append(cache)
-    out = {}
-    for lab in labels:
-        cache = lab.split(" + ")[0].split(" ")[-1] if lab != "dense" else ""
-        out[lab] = (KIND_COLORS[_kind(lab)], STYLES[caches.index(cache) % len(STYLES)] if cache else "-")
-    return out
+    """A colour per method kind and a line style per cache size, so one cache's methods read together."""
+    sizes = sorted({c for c in map(_cache_size, labels) if c is not None})
+    return {lab: (KIND_COLORS[_kind(lab)], "-" if _cache_size(lab) is None else STYLES[sizes.index(_cache_size(lab)) % len(STYLES)])
+            for lab in labels}
+
+
+def _log_ticks(ax, ticks) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_passkey(d: Path) -> list[Path]:
@@ -84,7 +91,7 @@ def plot_passkey(d: Path) -> list[Path]:
         color, ls = style[lab]
         ax.plot(lengths, ys, marker="o", label=lab, color=color, ls=ls)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(x) for x in lengths])
+    _log_ticks(ax, lengths)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("accuracy (mean over depths and variants)")
@@ -120,10 +127,10 @@ def plot_streameval(d: Path) -> list[Path]:
     for lab in labels:
         pts = sorted((int(k), v) for k, v in res["accuracy"][lab].items())
         color, ls = style[lab]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=color, ls=ls)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=color, ls=ls, alpha=0.85)
     distances = sorted({c["distance"] for c in res["cells"]})
     ax.set_xscale("log")
-    ax.set_xticks(distances, [str(x) for x in distances])
+    _log_ticks(ax, distances)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("answer distance (lines)")
     ax.set_ylabel("exact-match accuracy")
