@@ -215,3 +215,34 @@ def test_both_experiments_end_to_end_through_the_cli(tiny_dir, tmp_path, capsys,
 def test_bad_inputs_fail_clearly_before_loading(capsys, argv, match):
     rc, _, err = _cli(capsys, "reproduce", *argv, "--model", "no-such-model")
     assert rc == 2 and re.search(match, err), err
+
+
+def test_rerunning_one_variant_keeps_the_others(tmp_path, tok):
+    model = tiny_model("llama", vocab_size=len(tok))
+    a = _args(variants="repeat-filler,plain-question", lengths=[300], depths=[0.5], windows=[16], recall="none",
+              loaded=(model, tok))
+    pk.run(a, tmp_path)
+    first = list(_csv(tmp_path / "trials.csv"))
+    res = pk.run(_args(**{**vars(a), "variants": "plain-question"}), tmp_path)
+    again = list(_csv(tmp_path / "trials.csv"))
+    assert len(again) == len(first) == 4 and res["grid"]["variants"] == ["repeat-filler", "plain-question"]
+    assert [r for r in again if r["variant"] == "repeat-filler"] == [r for r in first if r["variant"] == "repeat-filler"]
+    assert res["earlier_run"]["kept_variants"] == ["repeat-filler"] and res["earlier_run"]["replaced_variants"] == ["plain-question"]
+    assert res["by_variant"]["repeat-filler"] and res["prompts"] == 2
+    other = pk.run(_args(**{**vars(a), "variants": "plain-question", "depths": [0.4]}), tmp_path)  # another grid: no merge
+    assert "earlier_run" not in other and len(list(_csv(tmp_path / "trials.csv"))) == 2
+
+
+def test_paired_target_counts_only_prompts_dense_answers_with_the_key_evicted():
+    ms = rt.method_list([16], [(2, 8)])
+    row = lambda m, t, ok, ev: {"method": m, "variant": "base", "length": 300, "depth": 0.5, "trial": t,  # noqa: E731
+                                "correct": ok, "evicted": ev}
+    rows = [row("dense", 0, True, False), row("dense", 1, True, False), row("dense", 2, False, False),
+            row("dense", 3, True, False)]
+    rows += [row("streaming 4+16", 0, False, True), row("streaming 4+16", 1, False, True),
+             row("streaming 4+16", 2, False, True), row("streaming 4+16", 3, True, False)]
+    rows += [row("streaming 4+16 + recall 2x8", t, ok, True) for t, ok in enumerate([True, False, True, True])]
+    got = pk.paired_target(rows, ms, ["base"])
+    assert got[0] == {"recall": "streaming 4+16 + recall 2x8", "streaming": "streaming 4+16", "variant": "all",
+                      "prompts": 2, "streaming_accuracy": 0.0, "recall_accuracy": 0.5, "met": False}
+    assert got[1]["variant"] == "base" and got[1]["prompts"] == 2

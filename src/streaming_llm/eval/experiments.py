@@ -437,7 +437,8 @@ def run(args) -> int:
 
         for path in plot(args.name, out):
             print(f"wrote {path}")
-    printable = {k: v for k, v in res.items() if k not in ("per_book", "runs", "cells", "options", "target")}
+    printable = {k: v for k, v in res.items() if k not in ("per_book", "runs", "cells", "options", "target",
+                                                          "target_paired")}
     if "target" in res:  # retrieval: the target's counts, not every checked cell
         printable["target"] = {k: v for k, v in res["target"].items() if k != "checks"}
     print(json.dumps({"experiment": args.name, **meta, **printable}, default=str))

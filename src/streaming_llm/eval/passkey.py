@@ -37,7 +37,10 @@ DEFAULT_DEPTHS = [0.1, 0.5, 0.9]
 DEFAULT_WINDOWS = [124, 252]
 DEFAULT_RECALL = "4x32"
 DEFAULT_CORPUS = "gutenberg"  # where the `gutenberg` filler's passages come from (--corpus: another text)
-MAX_NEW_TOKENS = 12
+# new tokens per question, and whether a newline ends the answer: the primed answer is the key
+# itself; the plain question's answer restates it ("The pass key in the text above is 80620": 13
+# tokens with SmolLM2's digits) and the instruct model often opens it on a new line
+ANSWER_BUDGET = {"primed": (12, True), "plain": (24, False)}
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n")
@@ -162,7 +165,9 @@ def build_grid(tokenizer, variants, lengths, depths, trials, seed, corpus_text, 
             for v in variants for L in lengths for d in depths for t in range(trials)]
 
 
-def stop_rule(fmt: str):
+def stop_rule(fmt: str, at_newline: bool = True):
+    """Stop once the first key-shaped answer is complete, or at the end of the first sentence (or line,
+    with `at_newline`) of what the model says."""
     pattern = KEY_PATTERNS[fmt][0]
 
     def stop(text: str) -> bool:
@@ -170,7 +175,7 @@ def stop_rule(fmt: str):
 
         m = re.search(pattern, text)
         said = text.lstrip()
-        return bool((m and m.end() < len(text)) or "\n" in said or ". " in said or said.endswith("."))
+        return bool((m and m.end() < len(text)) or (at_newline and "\n" in said) or ". " in said or said.endswith("."))
 
     return stop
 
@@ -179,7 +184,8 @@ def answer(engine, p: Prompt) -> dict:
     """Run one prompt on a (reset) engine: the reply, the parsed answer, whether it is correct."""
     engine.reset()
     engine.feed(p.body, logits="none")
-    reply = rt.greedy(engine, p.question, MAX_NEW_TOKENS, stop_rule(p.key_format))
+    budget, at_newline = ANSWER_BUDGET[VARIANTS[p.variant][2]]
+    reply = rt.greedy(engine, p.question, budget, stop_rule(p.key_format, at_newline))
     pattern, ignore_case = KEY_PATTERNS[p.key_format]
     got, ok = rt.exact_match(reply, pattern, p.key, ignore_case)
     return {"reply": reply, "parsed": got, "correct": ok}
@@ -234,7 +240,40 @@ def summarize(rows: list[dict], methods: list[rt.Method]) -> dict:
                            for v in variants},
             "cells": cells,
             "target": {"rule": rt.target_rule(), "cells_counted": len(counted),
-                       "cells_met": sum(bool(c["met"]) for c in counted), "checks": checks}}
+                       "cells_met": sum(bool(c["met"]) for c in counted), "checks": checks},
+            "target_paired": paired_target(rows, methods, variants)}
+
+
+def paired_target(rows: list[dict], methods: list[rt.Method], variants: list[str]) -> list[dict]:
+    """The target on the prompts themselves: among the prompts that dense answers correctly and whose key
+    is outside the window of streaming 4+W, how many streaming 4+W and streaming 4+W + recall answer
+    (per recall method, over all variants and per variant). Target: recall >= 0.8, streaming <= 0.1."""
+    prompt = lambda r: (r["variant"], r["length"], r["depth"], r["trial"])  # noqa: E731
+    table = {(r["method"], prompt(r)): r for r in rows}
+    dense_ok = {prompt(r) for r in rows if r["method"] == "dense" and r["correct"]}
+    out = []
+    for m in methods:
+        if m.kind != "recall":
+            continue
+        s = rt.Method("streaming", m.window, sinks=m.sinks).label
+        for v in [None] + variants:
+            keys = [k for k in dense_ok if (v is None or k[0] == v) and (s, k) in table and (m.label, k) in table
+                    and table[(s, k)]["evicted"]]
+            st = rt.accuracy(table[(s, k)]["correct"] for k in keys)
+            rc = rt.accuracy(table[(m.label, k)]["correct"] for k in keys)
+            out.append({"recall": m.label, "streaming": s, "variant": v or "all", "prompts": len(keys),
+                        "streaming_accuracy": st, "recall_accuracy": rc,
+                        "met": None if not keys else bool(rc >= rt.RATIO and st <= rt.NEAR_ZERO)})
+    return out
+
+
+def paired_table(summary: dict) -> str:
+    lines = ["prompts dense answers with the key outside the window: streaming vs recall accuracy"]
+    for c in summary.get("target_paired", []):
+        if c["prompts"]:
+            lines.append(f"  {c['recall']:<32} {c['variant']:<15} n={c['prompts']:<3} streaming {c['streaming_accuracy']:.2f}"
+                         f"  recall {c['recall_accuracy']:.2f}  target {'met' if c['met'] else 'missed'}")
+    return "\n".join(lines)
 
 
 def table(summary: dict) -> str:
@@ -280,14 +319,19 @@ def run(args, out: Path) -> dict:
     prompts = build_grid(tokenizer, variants, lengths, depths, args.trials, args.seed, corpus_text, prefix)
     head = {"model": args.model, "task": "passkey", **bos_choice_label(tokenizer, args.bos),
             "options": {"chat_template": False, "question_fed_as_its_own_forward": True, "chunk_size": args.chunk_size,
-                        "decoding": "greedy (temperature 0, repetition penalty 1.0)", "max_new_tokens": MAX_NEW_TOKENS,
-                        "stop": "once the first key-shaped answer is complete, or at the end of the first sentence or line",
+                        "decoding": "greedy (temperature 0, repetition penalty 1.0)", "max_new_tokens": {q: b for q, (b, _) in ANSWER_BUDGET.items()},
+                        "stop": "once the first key-shaped answer is complete, or at the end of the first sentence "
+                                "(primed question: or line)",
                         "match": "the first key-shaped substring of the reply equals the key (codes: any case)",
                         "length": "prompt tokens, question included", "corpus": args.corpus or DEFAULT_CORPUS, "depth": "fraction of the filler before the key",
                         "intro": INTRO, "key_sentence": KEY_SENTENCE, "questions": QUESTIONS,
                         "variants": {v: dict(zip(("filler", "key_format", "question"), VARIANTS[v])) for v in variants}},
             "grid": {"lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed,
                      "variants": variants}, "methods": [m.label for m in methods]}
+    kept, earlier = _earlier_rows(out, head, variants)
+    if kept:
+        head["grid"]["variants"] = [v for v in VARIANTS if v in variants or any(r["variant"] == v for r in kept)]
+        head["earlier_run"] = earlier
     rows, seconds = [], {}
     bar = rt.progress_bar(len(prompts) * len(methods), "passkey", not args.no_progress)
     for m in methods:
@@ -296,11 +340,46 @@ def run(args, out: Path) -> dict:
             rows.append(_trial_row(m, p, answer(engine, p)))
             bar.update(1)
         seconds[m.label] = round(time.perf_counter() - t0, 1)
-        _publish(out, head, rows, methods, seconds, complete=False)
+        _publish(out, head, kept + rows, methods, seconds, complete=False)
     bar.close()
-    res = _publish(out, head, rows, methods, seconds, complete=True)
+    res = _publish(out, head, kept + rows, methods, seconds, complete=True)
     print(table(res), flush=True)
+    print(paired_table(res), flush=True)
     return res
+
+
+def _typed(row: dict) -> dict:
+    """A trials.csv row with its types back."""
+    out = dict(row)
+    for k in ("length", "trial", "tokens", "key_distance"):
+        out[k] = int(row[k])
+    for k in ("depth", "depth_actual"):
+        out[k] = float(row[k])
+    for k in ("evicted", "correct"):
+        out[k] = row[k] == "True"
+    out["parsed"] = row["parsed"] or None
+    return out
+
+
+def _earlier_rows(out: Path, head: dict, variants: list[str]) -> tuple[list[dict], dict]:
+    """Rows of an earlier complete run in `out` with the same model, grid and methods, for the variants
+    this run does not redo (so one variant can be rerun without the others), and what that run was."""
+    import csv
+    import json
+
+    old = out / "results.json"
+    if not old.is_file() or not (out / "trials.csv").is_file():
+        return [], {}
+    prev = json.loads(old.read_text())
+    same = prev.get("complete") and all(prev.get(k) == head[k] for k in ("model", "methods", "bos")) and all(
+        prev.get("grid", {}).get(k) == head["grid"][k] for k in ("lengths", "depths", "trials", "seed"))
+    if not same:
+        return [], {}
+    with open(out / "trials.csv", newline="") as f:
+        kept = [_typed(r) for r in csv.DictReader(f) if r["variant"] not in variants]
+    redone = sorted({r["variant"] for r in kept} ^ set(prev["grid"].get("variants", [])))
+    return kept, {"updated": prev.get("updated"), "seconds_per_method": prev.get("seconds_per_method"),
+                  "kept_variants": sorted({r["variant"] for r in kept}), "replaced_variants": redone}
 
 
 def _publish(out: Path, head: dict, rows: list[dict], methods, seconds: dict, complete: bool) -> dict:
