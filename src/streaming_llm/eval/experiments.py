@@ -10,13 +10,15 @@ tokens serves any request of up to N tokens (evaluation is causal). Long runs ch
 The stream starts with the BOS token when the model's rule says so (`models.special_tokens`;
 `--bos` / `--no-bos` override it); every result file records the choice.
 
-Experiments: throughput, fig3, table2, table6, positions, gemma3, fig5. This module does not
-implement attention or caching (engine) nor draw (plots).
+Experiments: throughput, fig3, table2, table6, positions, gemma3, fig5; and the two retrieval
+evaluations of recall (issue 15), passkey and streameval (`passkey.py`, `streameval.py`), which
+answer questions instead of scoring NLLs, so they build no Runner; their results go to
+`<out>/<name>/` for the default model and `<out>/<name>_gemma3/` for gemma3-270m. This module does
+not implement attention or caching (engine) nor draw (plots).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from .results_io import write_csv as _write_csv, write_json as _write
 
 DEFAULT_OUT = "docs/results"
 DEFAULT_CORPUS = "gutenberg"
@@ -153,18 +156,6 @@ class Runner:
         self.log.append({"run": f"recompute cache={cache} positions={len(positions)}", "seconds": round(secs, 1)})
         _log(f"done recompute over {len(positions)} positions in {secs:.0f}s")
         return out
-
-
-def _write(out: Path, name: str, obj) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(obj, indent=1) + "\n")
-
-
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _segments(nll, cache: int, trained: int | None) -> dict:
@@ -349,6 +340,8 @@ def exp_fig5(r, out, args):
 
 EXPERIMENTS = {"throughput": exp_throughput, "fig3": exp_fig3, "table2": exp_table2, "table6": exp_table6,
                "positions": exp_positions, "gemma3": exp_gemma3, "fig5": exp_fig5}
+RETRIEVAL = ("passkey", "streameval")  # modules of this package with run(args, out) -> result
+TABLE6_WINDOWS = [252, 508, 1020, 2044, 4092]
 
 
 def _command(name: str) -> str:
@@ -357,11 +350,25 @@ def _command(name: str) -> str:
 
 
 def _int_list(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _float_list(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
 def add_arguments(p) -> None:
-    p.add_argument("name", choices=list(EXPERIMENTS), help="which reproduction to run")
+    p.add_argument("name", choices=list(EXPERIMENTS) + list(RETRIEVAL), help="which reproduction to run")
     p.add_argument("--model", default=None, help="default: smollm2-135m-instruct (gemma3-270m for gemma3)")
     p.add_argument("--corpus", default=None, help=f"gutenberg | gutenberg-kjv | pg19 | a .txt file | a folder of .txt "
                    f"files (default: {DEFAULT_CORPUS}; {FIG5_CORPUS} for fig5)")
@@ -372,7 +379,19 @@ def add_arguments(p) -> None:
                    help="fig3/gemma3: recompute every Nth token only (one full-cache forward each); 0: skip")
     p.add_argument("--window-tokens", type=int, default=None, help="fig3/gemma3: cap the window baseline's stream")
     p.add_argument("--caches", type=_int_list, default=[1024, 2048], help="table2: cache sizes (comma-separated)")
-    p.add_argument("--windows", type=_int_list, default=[252, 508, 1020, 2044, 4092], help="table6: windows (4 sinks)")
+    p.add_argument("--windows", type=_int_list, default=None,
+                   help=f"table6: windows with 4 sinks (default {','.join(map(str, TABLE6_WINDOWS))}); passkey, "
+                   "streameval: the windows W of the 4+W caches compared (defaults in passkey.py, streameval.py)")
+    p.add_argument("--recall", default=None, help="passkey, streameval: recall specs KxB, comma-separated, "
+                   "each run as streaming 4+W + recall K blocks of B tokens at every window (default 4x32; none: no recall)")
+    p.add_argument("--lengths", type=_int_list, default=None, help="passkey: prompt lengths in tokens")
+    p.add_argument("--depths", type=_float_list, default=None, help="passkey: key depths (fractions of the filler)")
+    p.add_argument("--trials", type=int, default=1, help="passkey: prompts per cell and variant (different keys)")
+    p.add_argument("--variants", default=None, help="passkey: comma-separated, from base, repeat-filler, code-key, "
+                   "plain-question (default: all)")
+    p.add_argument("--distances", type=_int_list, default=None, help="streameval: answer distances in lines")
+    p.add_argument("--queries", type=int, default=None, help="streameval: queries per stream")
+    p.add_argument("--seed", type=int, default=0, help="passkey, streameval: seed of the keys, fillers and values")
     p.add_argument("--reference-tokens", type=int, default=3000, help="throughput: tokens for the token-by-token path")
     p.add_argument("--checkpoint-every", type=int, default=20_000, help="fig5: tokens between checkpoints")
     p.add_argument("--plot", action="store_true", help="draw the plots from the result files afterwards")
@@ -382,24 +401,45 @@ def add_arguments(p) -> None:
     add_bos_arguments(p)
 
 
+def _run_retrieval(args) -> tuple[Path, dict]:
+    import importlib
+
+    from .retrieval import DEFAULT_MODEL, results_dir
+
+    args.model = args.model or DEFAULT_MODEL
+    out = results_dir(args.out, args.name, args.model)
+    return out, importlib.import_module(f"{__package__}.{args.name}").run(args, out)
+
+
 def run(args) -> int:
-    tokens = args.tokens if args.tokens is not None else DEFAULT_TOKENS[args.name]
-    if tokens is not None and tokens < 2:
-        raise UserError(f"--tokens must be at least 2 (got {tokens})")
-    model = args.model or ("gemma3-270m" if args.name == "gemma3" else "smollm2-135m-instruct")
-    out = Path(args.out) / args.name
-    corpus = args.corpus or (FIG5_CORPUS if args.name == "fig5" else DEFAULT_CORPUS)
-    r = Runner(model, corpus, tokens, args.chunk_size, progress=not args.no_progress, bos=args.bos)
     t0 = time.perf_counter()
-    res = EXPERIMENTS[args.name](r, out, args)
+    if args.name in RETRIEVAL:
+        out, res = _run_retrieval(args)
+        tokens = res.get("tokens")
+    else:
+        tokens = args.tokens if args.tokens is not None else DEFAULT_TOKENS[args.name]
+        if tokens is not None and tokens < 2:
+            raise UserError(f"--tokens must be at least 2 (got {tokens})")
+        if args.windows is None:
+            args.windows = TABLE6_WINDOWS
+        model = args.model or ("gemma3-270m" if args.name == "gemma3" else "smollm2-135m-instruct")
+        out = Path(args.out) / args.name
+        corpus = args.corpus or (FIG5_CORPUS if args.name == "fig5" else DEFAULT_CORPUS)
+        r = Runner(model, corpus, tokens, args.chunk_size, progress=not args.no_progress, bos=args.bos)
+        t0 = time.perf_counter()
+        res = EXPERIMENTS[args.name](r, out, args)
+        tokens = len(r.ids)
     cmd = _command(args.name)
-    meta = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "tokens": len(r.ids)}
+    meta = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "tokens": tokens}
     _write(out, "run.json", meta)
     if args.plot:
         from .plots import plot
 
         for path in plot(args.name, out):
             print(f"wrote {path}")
-    printable = {k: v for k, v in res.items() if k not in ("per_book", "runs")}
+    printable = {k: v for k, v in res.items() if k not in ("per_book", "runs", "cells", "options", "target",
+                                                          "target_paired")}
+    if "target" in res:  # retrieval: the target's counts, not every checked cell
+        printable["target"] = {k: v for k, v in res["target"].items() if k != "checks"}
     print(json.dumps({"experiment": args.name, **meta, **printable}, default=str))
     return 0

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .recall_plots import plot_passkey, plot_streameval
 
 DEFAULT_RESULTS = "docs/results"
 SMOOTH = 200  # tokens in the moving average of per-token curves
@@ -235,6 +236,9 @@ PLOTTERS = {
     "positions": plot_positions,
     "fig5": plot_fig5, "table2": plot_table, "table6": plot_table, "throughput": plot_throughput,
     "attention": plot_attention,
+    # the retrieval evaluations (recall_plots.py); _gemma3: the same plots of gemma3-270m's results
+    "passkey": plot_passkey, "passkey_gemma3": plot_passkey,
+    "streameval": plot_streameval, "streameval_gemma3": plot_streameval,
 }
 
 
