@@ -17,6 +17,15 @@ weights (+1.10% perplexity, over the 1% budget). A model with no allowed format 
 device other than the CPU, or a failed measurement gets the rule auto had before calibration
 existed (`quantize.resolve_mode`): int4 for 4-bit-grid weights, else none.
 
+Many-row inputs (batched decode of several streams, chunked prefill and evaluation): the int4 and
+int8 kernels' cost grows with the rows, while a bfloat16 matmul (oneDNN, AMX where the CPU has it)
+stays almost flat. So the same first load also times the model's decoder and head linears at 1, 2,
+4, ... 64 rows in the chosen format and through a bfloat16 copy of their weights, interleaved, and
+records `wide_rows`: the fewest rows from which bfloat16 is faster at every larger count measured
+(None: never, e.g. without AMX). `quantize_linears` then gives every linear that wide path
+(`QuantLinear.wide_rows`; it costs a bfloat16 copy of the weights in memory). Single-token decode
+is untouched by it.
+
 This module measures and caches; it does not quantize the model it is given (it times copies).
 """
 
@@ -32,13 +41,16 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries record wide_rows
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
 TIMED = ("int4", "int8", "none")
 PREFILL = 64  # cached tokens during the timed steps: enough to be a decode step, small enough to be quick
 WARMUP = 2
 STEPS = 8
+WIDE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts at which the wide (bfloat16) path is timed
+WIDE_REPS = 5
+WIDE_MARGIN = 0.9  # bfloat16 must be at least 10% faster to be used
 _SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -124,6 +136,58 @@ def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, w
     return {mode: round(statistics.median(s), 3) for mode, (_, _, s) in runs.items()}
 
 
+def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS) -> dict:
+    """ms of one pass over the model's distinct linear shapes (each weighted by how often it
+    occurs), per row count: {rows: [ms in `mode`, ms through a bfloat16 copy]}, interleaved."""
+    from collections import Counter
+
+    import torch
+    from torch import nn
+
+    from .quantize import QuantLinear, quantizable
+
+    head = model.get_output_embeddings()
+    shapes = Counter()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            bits = 8 if mode == "int8" or m is head else 4
+            if quantizable(m, bits):
+                shapes[(m.in_features, m.out_features, bits)] += 1
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for (k, n, bits), count in shapes.items():
+        lin = nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02, generator=gen)
+        pairs.append((QuantLinear(lin, bits), QuantLinear(lin, bits, wide_rows=1), k, count))
+    out = {}
+    with torch.no_grad():
+        for m_rows in rows:
+            xs = [torch.randn(m_rows, k, generator=gen) for _, _, k, _ in pairs]
+            t = [[], []]
+            for _ in range(reps + 1):  # the first pass warms up
+                for j in (0, 1):
+                    total = 0.0
+                    for pair, x in zip(pairs, xs):
+                        t0 = time.perf_counter()
+                        pair[j](x)
+                        total += (time.perf_counter() - t0) * pair[3]
+                    t[j].append(total * 1000)
+            out[m_rows] = [round(statistics.median(x[1:]), 4) for x in t]
+    return out
+
+
+def wide_rows_from(timings: dict) -> int | None:
+    """The fewest rows from which the bfloat16 copy beats the packed kernel at every larger count."""
+    best = None
+    for m_rows in sorted(timings, key=int, reverse=True):
+        packed, wide = timings[m_rows]
+        if wide > WIDE_MARGIN * packed:
+            break
+        best = int(m_rows)
+    return best
+
+
 def _quiet(threads: int) -> tuple[bool, float | None]:
     """Whether the machine has `threads` free cores now (other processes' load, sampled)."""
     from .threads import busy_cores
@@ -168,14 +232,18 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     if entry is not None:
         timings = entry["timings_ms"]
         choice = min((m for m in allowed if m in timings), key=timings.get, default="none")
-        return {**entry, "choice": choice, "allowed": allowed, "source": "cache", "path": str(path)}
+        wide_rows = entry.get("wide_rows") if choice == entry.get("choice") else None
+        return {**entry, "choice": choice, "allowed": allowed, "wide_rows": wide_rows, "source": "cache",
+                "path": str(path)}
     quiet, busy = _quiet(key["threads"])
     print(f"streaming-llm: timing int4, int8 and float32 decode steps for --quant auto (once per machine, "
           f"~{STEPS + WARMUP} steps each)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     timings = time_modes(model)
     choice = min(allowed, key=timings.get)
+    wide = time_wide(model, choice) if choice in ("int4", "int8") else {}
     entry = {"version": CACHE_VERSION, "key": key, "timings_ms": timings, "choice": choice, "allowed": allowed,
+             "wide_timings_ms": wide, "wide_rows": wide_rows_from(wide),
              "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": quiet, "busy_cores": busy,
              "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     written = _write(path, entry)
@@ -198,5 +266,6 @@ def choose_auto(model) -> str:
               file=sys.stderr)
         model.config.streaming_llm_quant_calibration = {"source": "rule", "choice": fallback, "error": str(e)}
         return fallback
-    model.config.streaming_llm_quant_calibration = {k: entry[k] for k in ("source", "choice", "timings_ms", "path")}
+    model.config.streaming_llm_quant_calibration = {k: entry.get(k) for k in ("source", "choice", "timings_ms",
+                                                                          "wide_rows", "path")}
     return entry["choice"]
