@@ -140,8 +140,8 @@ class SinkWindowLayer(CacheLayerMixin):
             ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
             if ring:
                 i_idx, r_idx, slots = (torch.tensor(x, device=self.device) for x in zip(*ring))
-                self.keys[r_idx, :, slots] = key_states[i_idx, :, 0]
-                self.values[r_idx, :, slots] = value_states[i_idx, :, 0]
+                self.keys[r_idx, :, slots] = key_states[i_idx, :, 0].to(self.keys.dtype)
+                self.values[r_idx, :, slots] = value_states[i_idx, :, 0].to(self.values.dtype)
         self._pending = _Pending(key_states, value_states, rows, seen, written)
         return self.keys, self.values
 
@@ -268,7 +268,7 @@ class SinkWindowLayer(CacheLayerMixin):
         if todo:
             r_idx = torch.tensor([r for r, _ in todo], device=self.device)
             rot = torch.stack([self.owner.rotation_matrix(self.rope, -d, self.sink_keys) for _, d in todo])
-            self.keys[r_idx, :, : self.sinks] = self.sink_keys[r_idx] @ rot[:, None]
+            self.keys[r_idx, :, : self.sinks] = (self.sink_keys[r_idx] @ rot[:, None]).to(self.keys.dtype)
             for r, d in todo:
                 self.view_delta[r] = d
 
