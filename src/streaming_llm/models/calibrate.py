@@ -19,9 +19,9 @@ existed (`quantize.resolve_mode`): int4 for 4-bit-grid weights, else none.
 
 Many-row inputs (batched decode of several streams, chunked prefill and evaluation): the int4 and
 int8 kernels' cost grows with the rows, while a bfloat16 matmul (oneDNN, AMX where the CPU has it)
-stays almost flat. So the same first load also times the model's decoder and head linears at 1, 2,
-4, ... 64 rows in the chosen format and through a bfloat16 copy of their weights, interleaved, and
-records `wide_rows`: the fewest rows from which bfloat16 is faster at every larger count measured
+stays almost flat. So the same first load also times forwards of 2, 4, ... 32 tokens through a copy of the
+model in the chosen format, its linears switched between the packed kernels and a bfloat16 copy
+of their weights, interleaved, and records `wide_rows`: the fewest rows from which bfloat16 is faster at every larger count measured
 (None: never, e.g. without AMX). `quantize_linears` then gives every linear that wide path
 (`QuantLinear.wide_rows`; it costs a bfloat16 copy of the weights in memory). Single-token decode
 is untouched by it.
@@ -48,8 +48,8 @@ TIMED = ("int4", "int8", "none")
 PREFILL = 64  # cached tokens during the timed steps: enough to be a decode step, small enough to be quick
 WARMUP = 2
 STEPS = 8
-WIDE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts at which the wide (bfloat16) path is timed
-WIDE_REPS = 5
+WIDE_ROWS = (2, 4, 8, 16, 32)  # tokens per timed forward (single-token decode never takes the wide path)
+WIDE_REPS = 2
 WIDE_MARGIN = 0.9  # bfloat16 must be at least 10% faster to be used
 _SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
@@ -137,43 +137,30 @@ def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, w
 
 
 def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS) -> dict:
-    """ms of one pass over the model's distinct linear shapes (each weighted by how often it
-    occurs), per row count: {rows: [ms in `mode`, ms through a bfloat16 copy]}, interleaved."""
-    from collections import Counter
-
+    """ms of one forward of `rows` tokens (every position's logits: the head sees as many rows as
+    the decoder) through a `mode` copy of the model, its linears switched between the packed kernel
+    and their bfloat16 copy, interleaved: {rows: [ms packed, ms bfloat16]}. The real weights, so
+    the bfloat16 copy pays its real memory traffic."""
     import torch
-    from torch import nn
 
-    from .quantize import QuantLinear, quantizable
+    from .quantize import QuantLinear, quantize_linears
 
-    head = model.get_output_embeddings()
-    shapes = Counter()
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            bits = 8 if mode == "int8" or m is head else 4
-            if quantizable(m, bits):
-                shapes[(m.in_features, m.out_features, bits)] += 1
-    gen = torch.Generator().manual_seed(0)
-    pairs = []
-    for (k, n, bits), count in shapes.items():
-        lin = nn.Linear(k, n, bias=False)
-        with torch.no_grad():
-            lin.weight.normal_(0, 0.02, generator=gen)
-        pairs.append((QuantLinear(lin, bits), QuantLinear(lin, bits, wide_rows=1), k, count))
+    m = quantize_linears(copy.deepcopy(model), mode, wide_rows=1)
+    linears = [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, max(rows)), generator=torch.Generator().manual_seed(0))
     out = {}
     with torch.no_grad():
-        for m_rows in rows:
-            xs = [torch.randn(m_rows, k, generator=gen) for _, _, k, _ in pairs]
+        for n in rows:
             t = [[], []]
             for _ in range(reps + 1):  # the first pass warms up
-                for j in (0, 1):
-                    total = 0.0
-                    for pair, x in zip(pairs, xs):
-                        t0 = time.perf_counter()
-                        pair[j](x)
-                        total += (time.perf_counter() - t0) * pair[3]
-                    t[j].append(total * 1000)
-            out[m_rows] = [round(statistics.median(x[1:]), 4) for x in t]
+                for j, wide in enumerate((None, 1)):
+                    for q in linears:
+                        q.wide_rows = wide
+                    t0 = time.perf_counter()
+                    m(input_ids=ids[:, :n], use_cache=False)
+                    t[j].append((time.perf_counter() - t0) * 1000)
+            out[n] = [round(statistics.median(x[1:]), 3) for x in t]
     return out
 
 
