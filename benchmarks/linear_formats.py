@@ -1,7 +1,8 @@
 """Chunked streaming evaluation with each linear-layer format: speed and per-token NLL drift.
 
 Feeds the same text (the offline corpus's first tokens) to a 4+1020 streaming engine over the
-default model in each format (`none` = float32, `bf16`, `int4`, `int4` with its bfloat16 wide path
+default model in each format (`none` = float32; the others with the bfloat16 KV ring that
+`kv_dtype="auto"` gives quantized models; `bf16`, `int4`, `int4` with its bfloat16 wide path
 for many-row inputs), chunked (`--chunk` tokens per forward: the chunked evaluation of
 `streaming-llm ppl` / `reproduce throughput`) and, for float32, also token by token (the
 reference path, on `--reference-tokens` tokens). Prints, per format, tokens/s, the speed-up over
@@ -84,24 +85,25 @@ def main(argv=None) -> int:
         for fmt in formats:
             mode, wide = (fmt.split("+")[0], 1) if fmt.endswith("+wide") else (fmt, None)
             model = base if mode == "none" else quantize_linears(copy.deepcopy(base), mode, wide_rows=wide)
-            nll, secs = nll_of(StreamingLLM(model, tok, config), ids, args.chunk, prog)
+            engine = StreamingLLM(model, tok, config)  # kv_dtype auto: bfloat16 ring for the quantized formats
+            nll, secs = nll_of(engine, ids, args.chunk, prog)
             if ref_nll is None:
                 ref_nll = nll
             diff = [abs(a - b) for a, b in zip(nll, ref_nll)]
-            rows[fmt] = {"tokens": len(nll), "seconds": round(secs, 3), "tok_s": round(len(nll) / secs, 2),
+            rows[fmt] = {"kv_dtype": str(engine.kv_dtype or base.dtype).replace("torch.", ""), "tokens": len(nll), "seconds": round(secs, 3), "tok_s": round(len(nll) / secs, 2),
                          "ppl": round(math.exp(sum(nll) / len(nll)), 4),
                          "max_abs_nll_diff": float(f"{max(diff):.3g}"), "mean_abs_nll_diff": float(f"{sum(diff) / len(diff):.3g}")}
-    ref = StreamingLLM(base, tok, config.with_(chunk_size=1))
+    ref = StreamingLLM(base, tok, config)  # warmed chunked, then one forward per token (the reference path)
     ref.feed(ids[:CACHE_WARM], logits="none")
     n = min(args.reference_tokens, ids.numel() - CACHE_WARM)
     t0 = time.perf_counter()
     for i in tqdm(range(CACHE_WARM, CACHE_WARM + n), desc="token by token", file=sys.stderr):
         ref.feed(ids[i : i + 1], logits="last")
     ref_tok_s = n / (time.perf_counter() - t0)
-    print(f"{'format':<10} {'tok/s':>9} {'x token-by-token':>17} {'ppl':>10} {'max|dNLL|':>10} {'mean|dNLL|':>11}")
+    print(f"{'format':<10} {'kv':>9} {'tok/s':>9} {'x token-by-token':>17} {'ppl':>10} {'max|dNLL|':>10} {'mean|dNLL|':>11}")
     for fmt, r in rows.items():
         r["speedup_over_token_by_token"] = round(r["tok_s"] / ref_tok_s, 2)
-        print(f"{fmt:<10} {r['tok_s']:>9.1f} {r['speedup_over_token_by_token']:>17.2f} {r['ppl']:>10.4f} "
+        print(f"{fmt:<10} {r['kv_dtype']:>9} {r['tok_s']:>9.1f} {r['speedup_over_token_by_token']:>17.2f} {r['ppl']:>10.4f} "
               f"{r['max_abs_nll_diff']:>10.3g} {r['mean_abs_nll_diff']:>11.3g}")
     summary = {"model": args.model, "chunk": args.chunk, "threads": torch.get_num_threads(),
                "reference_tok_s": round(ref_tok_s, 2), "reference_tokens": n, "results": rows}
