@@ -180,3 +180,10 @@ def test_wide_rows_is_the_start_of_the_run_where_bf16_wins():
     assert wide_rows_from({1: [1, 0.5], 2: [1, 2], 4: [2, 1]}) == 4  # a lone early win does not count
     timings = time_wide(_grid_model(), "int4", rows=(1, 8), reps=1)
     assert set(timings) == {1, 8} and all(len(v) == 2 and min(v) > 0 for v in timings.values())
+
+
+def test_the_wide_copy_is_not_counted_as_weights_a_decode_step_reads():
+    from streaming_llm.bench.hardware import weight_bytes
+
+    plain = weight_bytes(quantize_linears(_grid_model(), "int4"))["weight_bytes"]
+    assert weight_bytes(quantize_linears(_grid_model(), "int4", wide_rows=8))["weight_bytes"] == plain

