@@ -9,7 +9,8 @@ Methods (see `config.StreamingConfig`): what differs per method is the stream's 
 one interface (`streams.py`): `streaming` and `window` use `StreamingCache`; `dense` uses
 transformers' `DynamicCache` (absolute positions, no eviction); `recompute` keeps only the last
 sinks+window token ids and recomputes every token from scratch over them. Many streams in one
-forward: `batch.StreamBatch`.
+forward: `batch.StreamBatch`. The streaming cache's storage dtype is `kv_dtype` (`resolve_kv_dtype`:
+bfloat16 for models whose linears were quantized for CPU speed, else the model's own).
 """
 
 from __future__ import annotations
