@@ -198,3 +198,38 @@ def test_two_engines_run_forwards_on_two_threads_at_once(arch):
     assert not errors, errors
     for got, ref in zip(results, alone):
         close(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_kv_ring_stays_close_to_float32_in_every_path(arch):
+    """kv_dtype=bfloat16 (the quantized fast path's ring): batched rows at mixed stages, rebases,
+    chunks and single tokens, against the float32 ring within bfloat16 rounding; the ring is
+    stored in bfloat16, the sinks' originals in float32."""
+    model = tiny_model(arch)
+    lengths = {r: sum(n for rows, n in SCHEDULE if r in rows) for r in range(3)}
+    streams = {r: ids_for(lengths[r], seed=20 + r) for r in range(3)}
+    got = {}
+    for kv in (None, "bfloat16"):
+        batch = StreamBatch(StreamingLLM(model, None, StreamingConfig(sinks=S, window=W, chunk_size=4), kv_dtype=kv),
+                            slots=3)
+        for _ in range(3):
+            batch.add()
+        batch.cache.position_limit = 30  # rebases rotate a bfloat16 ring too
+        got[kv] = run_schedule(batch, streams, SCHEDULE)
+        layer = batch.cache.layers[0]
+        assert layer.keys.dtype == (torch.bfloat16 if kv else torch.float32) and layer.sink_keys.dtype == torch.float32
+    for r in streams:
+        ref = got[None][r]
+        close(got["bfloat16"][r], ref, atol=0.03 * ref.abs().max().item())
+    alone = StreamingLLM(model, None, StreamingConfig(sinks=S, window=W), kv_dtype="bfloat16")
+    assert alone.kv_dtype == torch.bfloat16 and engine(model).kv_dtype is None  # float32 model: exact by default
+
+
+def test_kv_dtype_auto_follows_quantization_and_rejects_unknown_names():
+    from streaming_llm.models.quantize import quantize_linears
+
+    assert engine(tiny_model("llama")).kv_dtype is None
+    assert engine(quantize_linears(tiny_model("llama"), "int8")).kv_dtype == torch.bfloat16
+    assert engine(quantize_linears(tiny_model("llama"), "int8"), recall_blocks=2).kv_dtype is None
+    with pytest.raises(UserError):
+        StreamingLLM(tiny_model("llama"), None, StreamingConfig(), kv_dtype="int3")

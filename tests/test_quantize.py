@@ -81,6 +81,7 @@ def test_auto_calibration_is_measured_once_cached_and_forced_again(tmp_path, mon
     model = _grid_model()
     first = calibrate.calibrate(model)
     assert first["source"] == "measured" and set(first["timings_ms"]) == {"int4", "int8", "none"}
+    assert first["wide_rows"] == calibrate.wide_rows_from(first["wide_timings_ms"])
     assert first["choice"] in ("int4", "none") and first["allowed"] == ["int4", "none"]  # int8 is never chosen
     files = list((tmp_path / "calibration").glob("quant-*.json"))
     assert [str(f) for f in files] == [first["path"]]
@@ -143,3 +144,46 @@ def test_calibration_key_depends_on_threads_and_shapes(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(n)
     assert len({a, b, c}) == 3 and a.parent == tmp_path / "calibration"
+
+
+# ---- bfloat16 linears and the wide path for many-row inputs -----------------------------------
+def test_bf16_format_and_wide_path_are_close_and_switch_on_rows():
+    lin = grid_linear()
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(1))
+    ref = lin(x)
+    bf16 = QuantLinear(lin, 16)(x)
+    assert bf16.dtype == torch.float32 and (bf16 - ref).abs().max() < 0.01 * ref.abs().max()
+    packed, wide = QuantLinear(lin, 4), QuantLinear(lin, 4, wide_rows=4)
+    assert torch.equal(wide(x[:3]), packed(x[:3]))  # fewer rows than wide_rows: the int4 kernel
+    assert torch.equal(wide(x), bf16)  # from 4 rows on: the bfloat16 copy
+    assert torch.equal(wide(x[None]), bf16[None])  # any leading shape
+    assert QuantLinear(lin, 16, wide_rows=4).wide is None  # nothing to widen
+
+
+def test_quantize_linears_bf16_and_wide_rows_stream_close():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))
+    ref = StreamingLLM(model, None, StreamingConfig(sinks=2, window=8)).feed(ids)
+    for mode, wide in (("bf16", None), ("int8", 2)):
+        q = quantize_linears(tiny_model("llama"), mode, wide_rows=wide)
+        assert q.config.streaming_llm_wide_rows == wide
+        assert all(m.bits == (16 if mode == "bf16" else 8) for m in q.modules() if isinstance(m, QuantLinear))
+        out = StreamingLLM(q, None, StreamingConfig(sinks=2, window=8, chunk_size=5)).feed(ids)
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_wide_rows_is_the_start_of_the_run_where_bf16_wins():
+    from streaming_llm.models.calibrate import wide_rows_from, time_wide
+
+    assert wide_rows_from({1: [1, 3], 2: [1, 2], 4: [2, 1], 8: [4, 1]}) == 4
+    assert wide_rows_from({1: [1, 3], 4: [2, 1], 8: [1, 2]}) is None  # not faster at the largest count
+    assert wide_rows_from({1: [1, 0.5], 2: [1, 2], 4: [2, 1]}) == 4  # a lone early win does not count
+    timings = time_wide(_grid_model(), "int4", rows=(1, 8), reps=1)
+    assert set(timings) == {1, 8} and all(len(v) == 2 and min(v) > 0 for v in timings.values())
+
+
+def test_the_wide_copy_is_not_counted_as_weights_a_decode_step_reads():
+    from streaming_llm.bench.hardware import weight_bytes
+
+    plain = weight_bytes(quantize_linears(_grid_model(), "int4"))["weight_bytes"]
+    assert weight_bytes(quantize_linears(_grid_model(), "int4", wide_rows=8))["weight_bytes"] == plain

@@ -59,6 +59,8 @@ def streaming_attention(
 
 
 def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softcap: float | None) -> torch.Tensor:
+    if plan.keys.dtype != q.dtype:  # a lower-precision KV cache (decode): attend in its dtype
+        return planned_attention(q.to(plan.keys.dtype), plan, scale, softcap).to(q.dtype)
     if plan.causal:  # nothing evicted yet: what dense attention does
         return causal_attention(q, plan.keys, plan.values, None, scale, softcap, None, plan.zero_slot)
     if plan.sink_delta is None and softcap is None:  # decode: one fused kernel over the whole buffer

@@ -93,9 +93,10 @@ class SinkWindowLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, d = self.owner.n_rows, key_states.shape[1], key_states.shape[-1]
         n = self.sinks + self.window + int(self.zero_slot)
-        self.keys = key_states.new_zeros(b, h, n, d)
-        self.values = value_states.new_zeros(b, h, n, value_states.shape[-1])
-        self.sink_keys = key_states.new_zeros(b, h, self.sinks, d)
+        kv = self.owner.kv_dtype or key_states.dtype  # the ring's storage dtype (bfloat16: half the reads)
+        self.keys = key_states.new_zeros(b, h, n, d, dtype=kv)
+        self.values = value_states.new_zeros(b, h, n, value_states.shape[-1], dtype=kv)
+        self.sink_keys = key_states.new_zeros(b, h, self.sinks, d)  # the originals, in the model's dtype
         self.device = key_states.device
         self.is_initialized = True
 
@@ -139,8 +140,8 @@ class SinkWindowLayer(CacheLayerMixin):
             ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
             if ring:
                 i_idx, r_idx, slots = (torch.tensor(x, device=self.device) for x in zip(*ring))
-                self.keys[r_idx, :, slots] = key_states[i_idx, :, 0]
-                self.values[r_idx, :, slots] = value_states[i_idx, :, 0]
+                self.keys[r_idx, :, slots] = key_states[i_idx, :, 0].to(self.keys.dtype)
+                self.values[r_idx, :, slots] = value_states[i_idx, :, 0].to(self.values.dtype)
         self._pending = _Pending(key_states, value_states, rows, seen, written)
         return self.keys, self.values
 
@@ -238,7 +239,7 @@ class SinkWindowLayer(CacheLayerMixin):
             values,
             mask,
             sink_keys=self.sink_keys[sel][:, :, :n_sinks],
-            sink_values=self.values[sel][:, :, :n_sinks],
+            sink_values=self.values[sel][:, :, :n_sinks].to(p.values.dtype),
             sink_mask=torch.arange(n_sinks, device=dev)[None, None, :] <= tt,
             sink_delta=delta,
             rope=self.rope,
@@ -267,7 +268,7 @@ class SinkWindowLayer(CacheLayerMixin):
         if todo:
             r_idx = torch.tensor([r for r, _ in todo], device=self.device)
             rot = torch.stack([self.owner.rotation_matrix(self.rope, -d, self.sink_keys) for _, d in todo])
-            self.keys[r_idx, :, : self.sinks] = self.sink_keys[r_idx] @ rot[:, None]
+            self.keys[r_idx, :, : self.sinks] = (self.sink_keys[r_idx] @ rot[:, None]).to(self.keys.dtype)
             for r, d in todo:
                 self.view_delta[r] = d
 
@@ -289,8 +290,8 @@ class SinkWindowLayer(CacheLayerMixin):
                 lo = max(n, s, n + c - w)
                 if lo < n + c:
                     slots = s + torch.remainder(torch.arange(lo, n + c, device=self.device) - s, w)
-                    self.keys[r].index_copy_(1, slots, p.keys[i, :, lo - n :])
-                    self.values[r].index_copy_(1, slots, p.values[i, :, lo - n :])
+                    self.keys[r].index_copy_(1, slots, p.keys[i, :, lo - n :].to(self.keys.dtype))
+                    self.values[r].index_copy_(1, slots, p.values[i, :, lo - n :].to(self.values.dtype))
             self.seen[r] = n + c
         self._pending = None
 
@@ -307,7 +308,7 @@ class SinkWindowLayer(CacheLayerMixin):
         if self.memory is not None:
             self.memory.rebase(shift)
         d = torch.full((w,), -shift, device=self.keys.device)
-        self.keys[r, :, s : s + w] = self.rope.rotate(self.keys[r, :, s : s + w], d)
+        self.keys[r, :, s : s + w] = self.rope.rotate(self.keys[r, :, s : s + w].to(self.sink_keys.dtype), d)
         if self.seen[r] < s:
             self.sink_keys[r] = self.rope.rotate(self.sink_keys[r], torch.full((s,), -shift, device=self.keys.device))
             self.keys[r, :, :s] = self.sink_keys[r]
@@ -348,7 +349,10 @@ class StreamingCache(Cache):
     `layer_shapes` gives (sinks, window) per decoder layer: sinks+window for global layers, (0,
     trained window) for sliding-window layers. Keep your own reference: it is mutated in place.
     `recall` (one row only): `recall.RecallMemory` keyword arguments plus `layers`, one bool per
-    layer saying which get a memory of their evicted tokens (see recall.py).
+    layer saying which get a memory of their evicted tokens (see recall.py). `kv_dtype`: the
+    storage dtype of the ring and sink slots (None: the model's; bfloat16 halves the bytes every
+    decode step reads); the sinks' original keys stay in the model's dtype, and a chunk's own
+    keys are attended in the model's dtype before they are stored.
     """
 
     def __init__(
@@ -361,8 +365,10 @@ class StreamingCache(Cache):
         position_limit: int | None = None,
         batch_size: int = 1,
         recall: dict | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.positions = positions
+        self.kv_dtype = kv_dtype
         self.n_rows = batch_size  # streams (rows) this cache holds; transformers reserves `batch_size`
         self.start_position = start_position
         self.pos_shift = [start_position] * batch_size  # storage position of row r's token i: i + pos_shift[r]

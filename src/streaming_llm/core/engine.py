@@ -9,7 +9,8 @@ Methods (see `config.StreamingConfig`): what differs per method is the stream's 
 one interface (`streams.py`): `streaming` and `window` use `StreamingCache`; `dense` uses
 transformers' `DynamicCache` (absolute positions, no eviction); `recompute` keeps only the last
 sinks+window token ids and recomputes every token from scratch over them. Many streams in one
-forward: `batch.StreamBatch`.
+forward: `batch.StreamBatch`. The streaming cache's storage dtype is `kv_dtype` (`resolve_kv_dtype`:
+bfloat16 for models whose linears were quantized for CPU speed, else the model's own).
 """
 
 from __future__ import annotations
@@ -65,6 +66,26 @@ def layer_shapes(model, config: StreamingConfig) -> list[tuple[int, int]]:
     return shapes
 
 
+KV_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_kv_dtype(model, config: StreamingConfig, kv_dtype) -> torch.dtype | None:
+    """The streaming cache's storage dtype; None: the model's own. "auto": bfloat16 where the
+    model's linears were quantized for CPU speed (`models.quantize`: that fast path already
+    trades float32 exactness for speed, within its measured perplexity budget, and a bfloat16
+    ring halves the bytes each decode step reads), else the model's dtype, so the float32 path
+    stays exact. Recall keeps the model's dtype (its store copies the ring's keys)."""
+    if kv_dtype == "auto":
+        quantized = getattr(model.config, "streaming_llm_quant", "none") not in (None, "none")
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return torch.bfloat16 if quantized and on_cpu and not config.recall_blocks else None
+    if kv_dtype is None or isinstance(kv_dtype, torch.dtype):
+        return kv_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise UserError(f"kv_dtype must be auto, None or one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+    return KV_DTYPES[kv_dtype]
+
+
 def _layer_types(model) -> list[str]:
     return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
 
@@ -75,7 +96,7 @@ class StreamingLLM:
     forward: `batch.StreamBatch`."""
 
     def __init__(self, model, tokenizer=None, config: StreamingConfig | None = None, start_position: int = 0,
-                 recall_dir: str | None = None):
+                 recall_dir: str | None = None, kv_dtype: str | torch.dtype | None = "auto"):
         self.model = attention.enable(model.eval())
         self.recall_dir = recall_dir  # where the recall memory's (unlinked, memory-mapped) files go; None: tmp
         self.tokenizer = tokenizer
@@ -88,6 +109,7 @@ class StreamingLLM:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.can_keep_logits = "logits_to_keep" in params
         self.device = next(model.parameters()).device
+        self.kv_dtype = resolve_kv_dtype(model, self.config, kv_dtype)
         self.reset()
 
     @classmethod
@@ -124,6 +146,7 @@ class StreamingLLM:
             start_position=self.start_position,
             batch_size=batch_size,
             recall=recall,
+            kv_dtype=self.kv_dtype,
         )
 
     def reset(self) -> None:

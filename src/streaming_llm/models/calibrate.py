@@ -17,6 +17,15 @@ weights (+1.10% perplexity, over the 1% budget). A model with no allowed format 
 device other than the CPU, or a failed measurement gets the rule auto had before calibration
 existed (`quantize.resolve_mode`): int4 for 4-bit-grid weights, else none.
 
+Many-row inputs (batched decode of several streams, chunked prefill and evaluation): the int4 and
+int8 kernels' cost grows with the rows, while a bfloat16 matmul (oneDNN, AMX where the CPU has it)
+stays almost flat. So the same first load also times forwards of 2, 4, ... 32 tokens through a copy of the
+model in the chosen format, its linears switched between the packed kernels and a bfloat16 copy
+of their weights, interleaved, and records `wide_rows`: the fewest rows from which bfloat16 is faster at every larger count measured
+(None: never, e.g. without AMX). `quantize_linears` then gives every linear that wide path
+(`QuantLinear.wide_rows`; it costs a bfloat16 copy of the weights in memory). Single-token decode
+is untouched by it.
+
 This module measures and caches; it does not quantize the model it is given (it times copies).
 """
 
@@ -32,13 +41,16 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries record wide_rows
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
 TIMED = ("int4", "int8", "none")
 PREFILL = 64  # cached tokens during the timed steps: enough to be a decode step, small enough to be quick
 WARMUP = 2
 STEPS = 8
+WIDE_ROWS = (2, 4, 8, 16, 32)  # tokens per timed forward (single-token decode never takes the wide path)
+WIDE_REPS = 2
+WIDE_MARGIN = 0.9  # bfloat16 must be at least 10% faster to be used
 _SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -124,6 +136,45 @@ def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, w
     return {mode: round(statistics.median(s), 3) for mode, (_, _, s) in runs.items()}
 
 
+def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS) -> dict:
+    """ms of one forward of `rows` tokens (every position's logits: the head sees as many rows as
+    the decoder) through a `mode` copy of the model, its linears switched between the packed kernel
+    and their bfloat16 copy, interleaved: {rows: [ms packed, ms bfloat16]}. The real weights, so
+    the bfloat16 copy pays its real memory traffic."""
+    import torch
+
+    from .quantize import QuantLinear, quantize_linears
+
+    m = quantize_linears(copy.deepcopy(model), mode, wide_rows=1)
+    linears = [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, max(rows)), generator=torch.Generator().manual_seed(0))
+    out = {}
+    with torch.no_grad():
+        for n in rows:
+            t = [[], []]
+            for _ in range(reps + 1):  # the first pass warms up
+                for j, wide in enumerate((None, 1)):
+                    for q in linears:
+                        q.wide_rows = wide
+                    t0 = time.perf_counter()
+                    m(input_ids=ids[:, :n], use_cache=False)
+                    t[j].append((time.perf_counter() - t0) * 1000)
+            out[n] = [round(statistics.median(x[1:]), 3) for x in t]
+    return out
+
+
+def wide_rows_from(timings: dict) -> int | None:
+    """The fewest rows from which the bfloat16 copy beats the packed kernel at every larger count."""
+    best = None
+    for m_rows in sorted(timings, key=int, reverse=True):
+        packed, wide = timings[m_rows]
+        if wide > WIDE_MARGIN * packed:
+            break
+        best = int(m_rows)
+    return best
+
+
 def _quiet(threads: int) -> tuple[bool, float | None]:
     """Whether the machine has `threads` free cores now (other processes' load, sampled)."""
     from .threads import busy_cores
@@ -168,14 +219,18 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     if entry is not None:
         timings = entry["timings_ms"]
         choice = min((m for m in allowed if m in timings), key=timings.get, default="none")
-        return {**entry, "choice": choice, "allowed": allowed, "source": "cache", "path": str(path)}
+        wide_rows = entry.get("wide_rows") if choice == entry.get("choice") else None
+        return {**entry, "choice": choice, "allowed": allowed, "wide_rows": wide_rows, "source": "cache",
+                "path": str(path)}
     quiet, busy = _quiet(key["threads"])
     print(f"streaming-llm: timing int4, int8 and float32 decode steps for --quant auto (once per machine, "
           f"~{STEPS + WARMUP} steps each)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     timings = time_modes(model)
     choice = min(allowed, key=timings.get)
+    wide = time_wide(model, choice) if choice in ("int4", "int8") else {}
     entry = {"version": CACHE_VERSION, "key": key, "timings_ms": timings, "choice": choice, "allowed": allowed,
+             "wide_timings_ms": wide, "wide_rows": wide_rows_from(wide),
              "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": quiet, "busy_cores": busy,
              "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     written = _write(path, entry)
@@ -198,5 +253,6 @@ def choose_auto(model) -> str:
               file=sys.stderr)
         model.config.streaming_llm_quant_calibration = {"source": "rule", "choice": fallback, "error": str(e)}
         return fallback
-    model.config.streaming_llm_quant_calibration = {k: entry[k] for k in ("source", "choice", "timings_ms", "path")}
+    model.config.streaming_llm_quant_calibration = {k: entry.get(k) for k in ("source", "choice", "timings_ms",
+                                                                          "wide_rows", "path")}
     return entry["choice"]

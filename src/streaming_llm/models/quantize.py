@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 linear layers for fast CPU decoding.
+"""Weight-only int8 / int4 / bfloat16 linear layers for fast CPU decoding and chunked evaluation.
 
 Decoding one token reads every weight once, so it is memory-bound: fewer bytes per weight is
 fewer milliseconds. `quantize_linears(model, mode)` swaps each `nn.Linear` (the output head
@@ -24,14 +24,27 @@ COMPUTE = torch.bfloat16  # the kernels' fast input dtype; outputs are cast back
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T + b with W stored as int8 (per-channel) or packed int4 (per group of 32)."""
+    """y = x @ W^T + b with W stored as int8 (per-channel), packed int4 (per group of 32) or
+    bfloat16 (bits=16: oneDNN's bfloat16 matmul, AMX where the CPU has it).
 
-    def __init__(self, linear: nn.Linear, bits: int):
+    `wide_rows`: inputs of at least this many rows (batched decode, chunked prefill and
+    evaluation) go through a bfloat16 copy of the weights instead of the int4/int8 kernel, whose
+    cost grows with the rows while a bfloat16 matmul on AMX stays almost flat; None: never.
+    `--quant auto` measures where that pays on the machine at hand (`calibrate.py`)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, wide_rows: int | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        if bits == 8:
+        self.wide_rows = None if bits == 16 else wide_rows
+        # (N, K) bfloat16, read only by many-row inputs: a plain attribute, not a buffer, so that what
+        # counts a decode step's weight bytes (bench's bandwidth floor) does not count it
+        self.wide = None if self.wide_rows is None else w.to(COMPUTE)
+        if bits == 16:
+            self.register_buffer("qweight", w.to(COMPUTE))
+            self.register_buffer("scales", None)
+        elif bits == 8:
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
             self.register_buffer("scales", scale.to(COMPUTE))
@@ -46,26 +59,30 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales", sz.to(COMPUTE))
         else:
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
+            raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(COMPUTE)
-        if self.bits == 8:
+        x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(COMPUTE)
+        if self.bits == 16:
+            y = torch.nn.functional.linear(x2, self.qweight)
+        elif self.wide_rows is not None and x2.shape[0] >= self.wide_rows:
+            y = torch.nn.functional.linear(x2, self.wide)
+        elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
+        wide = "" if self.wide_rows is None else f", bfloat16 from {self.wide_rows} rows"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{wide}"
 
 
 def quantizable(linear: nn.Linear, bits: int) -> bool:
-    return bits == 8 or linear.in_features % GROUP == 0
+    return bits != 4 or linear.in_features % GROUP == 0
 
 
 QUANT_MODES = QUANT_CHOICES  # the one home: models/__init__.py
@@ -96,17 +113,21 @@ def resolve_mode(model: nn.Module, mode: str) -> str:
     return "int4" if linears and on_grid >= 0.9 * len(linears) else "none"
 
 
-def quantize_linears(model: nn.Module, mode: str) -> nn.Module:
+def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None) -> nn.Module:
     """Replace every eligible nn.Linear of `model` in place (CPU, float32 in and out).
 
     "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
     head int8: the head is shared with the embedding, which GGUF files keep at higher precision.
-    "auto": the fastest allowed format measured on this machine (`calibrate.choose_auto`; without
-    a measurement, `resolve_mode`)."""
+    "bf16": all linears bfloat16 (AMX through oneDNN where the CPU has it: for prefill, chunked
+    evaluation and batches, not for one-token decode). `wide_rows` (int4/int8): inputs of that
+    many rows or more use a bfloat16 copy of the weights (`QuantLinear`). "auto": the fastest
+    allowed format and `wide_rows` measured on this machine (`calibrate.choose_auto`; without a
+    measurement, `resolve_mode` and no wide path)."""
     if mode == "auto":
         from .calibrate import choose_auto
 
         mode = choose_auto(model)
+        wide_rows = model.config.streaming_llm_quant_calibration.get("wide_rows")
     if mode == "none":
         return model
     if mode not in QUANT_MODES:
@@ -115,8 +136,9 @@ def quantize_linears(model: nn.Module, mode: str) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                bits = 8 if mode == "int8" or child is head else 4
+                bits = 16 if mode == "bf16" else 8 if mode == "int8" or child is head else 4
                 if quantizable(child, bits):
-                    setattr(parent, name, QuantLinear(child, bits))
+                    setattr(parent, name, QuantLinear(child, bits, wide_rows))
     model.config.streaming_llm_quant = mode
+    model.config.streaming_llm_wide_rows = wide_rows if mode != "bf16" else None
     return model
