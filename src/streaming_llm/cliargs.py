@@ -20,8 +20,11 @@ def add_load_arguments(p, quant_default: str = "none") -> None:
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quant", default=quant_default, choices=QUANT_CHOICES,
-                   help="weight-only quantization of the linear layers for CPU decoding speed; auto: int4 "
-                   "when the weights are already 4-bit (Q4 GGUF models), else none (default: %(default)s)")
+                   help="weight format of the linear layers for CPU decoding speed; auto: int4 when the weights are "
+                   "already 4-bit (Q4 GGUF models), else none, chosen by a cached per-machine calibration that "
+                   "also picks from how many rows a bfloat16 copy takes over; bf16: bfloat16 weights (AMX "
+                   "through oneDNN where the CPU has it); with a quantized format the KV cache is bfloat16 "
+                   "(default: %(default)s)")
 
 
 def add_streaming_arguments(p) -> None:

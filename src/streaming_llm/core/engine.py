@@ -98,7 +98,7 @@ class StreamingLLM:
     def __init__(self, model, tokenizer=None, config: StreamingConfig | None = None, start_position: int = 0,
                  recall_dir: str | None = None, kv_dtype: str | torch.dtype | None = "auto"):
         self.model = attention.enable(model.eval())
-        self.recall_dir = recall_dir  # where the recall memory's (unlinked, memory-mapped) files go; None: tmp
+        self.recall_dir = recall_dir  # where the recall memory's (unlinked, pread/pwrite) block files go; None: tmp
         self.tokenizer = tokenizer
         self.config = config or StreamingConfig()
         self.start_position = start_position
