@@ -85,3 +85,38 @@ def test_busy_mode_passive_keeps_the_threads_and_sleeps(clean_env):
     clean_env.setenv(threads.BUSY_ENV, "sometimes")
     with pytest.raises(UserError, match="fewer, passive"):
         threads.pick_threads(limit=n, busy=float(n))
+
+
+def test_single_threaded_limits_only_the_calling_thread():
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+
+        def helper():
+            threads.single_threaded()
+            seen["helper"] = torch.get_num_threads()
+
+        t = threading.Thread(target=helper)
+        t.start()
+        t.join()
+        assert seen["helper"] == 1
+        assert torch.get_num_threads() == 2  # the calling thread and torch's own count are untouched
+        later = {}
+        t = threading.Thread(target=lambda: later.update(n=torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later["n"] == 2  # threads started afterwards still get torch's count
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_in_passing_thread_returns_and_raises_on_the_caller():
+    import threading
+
+    assert threads.run_in_passing_thread(lambda x, y=1: (x + y, threading.current_thread().name), 2, y=3)[0] == 5
+    assert threads.run_in_passing_thread(lambda: threading.current_thread()) is not threading.current_thread()
+    with pytest.raises(ValueError, match="boom"):
+        threads.run_in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))

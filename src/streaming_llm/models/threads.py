@@ -171,3 +171,41 @@ def apply(requested: int | str | None = None) -> ThreadChoice:
         if torch.get_num_threads() != choice.threads:
             torch.set_num_threads(choice.threads)
     return choice
+
+
+# ---- one OpenMP team per process --------------------------------------------------------------
+# libgomp keeps a team of worker threads for every thread that has run a parallel region, and once
+# a process holds more OpenMP threads than there are CPUs it throttles every team's spin-wait to a
+# few hundred iterations: a decode step then runs as if OMP_WAIT_POLICY were PASSIVE. Measured on
+# the default model at cache 1024, 2 threads (`benchmarks/omp_teams.py`, output in
+# benchmarks/results/omp_teams.txt): 20.8 ms per token on a second thread once the loading thread
+# had exited, 43.9 ms on it while the main thread held a team too. So a process that decodes on a
+# thread of its own
+# (the server) loads the model on a thread that then exits (`run_in_passing_thread`), and its
+# other threads, which only sample, copy and serialise, run torch single-threaded
+# (`single_threaded`), so the decoding thread's team is the only one.
+
+
+def run_in_passing_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a new thread that exits when it returns, so the OpenMP team it started
+    is released with it (exceptions are re-raised here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def single_threaded() -> None:
+    """Make torch's parallel regions on the CALLING thread run on that thread alone (a thread-pool
+    initializer): OpenMP's per-thread team size, set after torch has set it up for this thread, so
+    torch's process-wide thread count, which later threads start from, is left as it is. A no-op
+    where torch's OpenMP runtime cannot be reached."""
+    import ctypes
+
+    import torch
+
+    torch.get_num_threads()  # torch's lazy per-thread set-up first, or it would override the call below
+    try:
+        ctypes.CDLL(None).omp_set_num_threads(1)
+    except (OSError, AttributeError):
+        pass

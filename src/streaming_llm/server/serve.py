@@ -200,6 +200,7 @@ def run(args) -> int:
 
 def _serve(args, api_key, store, store_kind, store_target) -> int:
     from ..cliargs import config_from_args, load_model_from_args
+    from ..models import threads
 
     config = config_from_args(args)
     import uvicorn
@@ -209,7 +210,11 @@ def _serve(args, api_key, store, store_kind, store_target) -> int:
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer = load_model_from_args(args)  # honours --quant
+    # loaded on a thread that exits, and this thread runs torch single-threaded from here on, so the
+    # one thread that decodes holds the process's only OpenMP team (models/threads.py: with two,
+    # every decode step ran about 2x slower)
+    model, tokenizer = threads.run_in_passing_thread(load_model_from_args, args)  # honours --quant
+    threads.single_threaded()
     app, manager = build(
         model, tokenizer, config, model_name=args.served_model_name or args.model, data_dir=None, api_key=api_key,
         max_sessions=args.max_sessions, max_tokens_limit=args.max_tokens_limit,

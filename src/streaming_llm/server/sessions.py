@@ -46,6 +46,7 @@ import torch
 from ..core.config import StreamingConfig
 from ..core.engine import StreamingLLM, Token
 from ..errors import UserError
+from ..models import threads
 from ..core.sampling import SamplingParams
 from .conversations import TextConversation, unpack_state
 from .scheduler import Scheduler
@@ -63,8 +64,9 @@ class SessionConflict(Exception):
 class ModelWorker:
     """A single thread that runs every model call, in submission order."""
 
-    def __init__(self, name: str = "model"):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, name: str = "model", single_threaded: bool = False):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                        initializer=threads.single_threaded if single_threaded else None)
         self.pending = 0
 
     async def call(self, fn: Callable, *args):
@@ -120,13 +122,16 @@ class SessionManager:
         self.chat_factory = chat_factory  # () -> ChatConversation
         self.model_dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # the KV cache's dtype
         self.device = next(model.parameters()).device
-        self.worker = ModelWorker("model")
-        self.io = ModelWorker("store-io")
         # recall sessions (one memory per stream) run unbatched, like dense and recompute
         batched = config.method in ("streaming", "window") and not config.recall_blocks and max_batch > 1
+        # only the thread that runs the forwards keeps torch's thread count (models/threads.py: one
+        # OpenMP team per process); batched, that is the scheduler's, else the model worker's
+        self.worker = ModelWorker("model", single_threaded=batched)
+        self.io = ModelWorker("store-io", single_threaded=True)
         self.scheduler = Scheduler(StreamingLLM(model, tokenizer, config), max_batch) if batched else None
         # one producer per running reply, plus starts and clean-ups of others
-        self.turn_pool = ThreadPoolExecutor(max_workers=2 * max_batch + 2, thread_name_prefix="turn") if batched else None
+        self.turn_pool = ThreadPoolExecutor(max_workers=2 * max_batch + 2, thread_name_prefix="turn",
+                                            initializer=threads.single_threaded) if batched else None
         self.max_batch = max_batch
         self._rows = asyncio.Semaphore(max_batch) if batched else None
         self.live: OrderedDict[str, Live] = OrderedDict()
