@@ -87,12 +87,34 @@ class Sampler:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the token that crosses top_p
-            logits[order[drop]] = float("-inf")
+            logits = nucleus(logits, p.top_p)
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+NUCLEUS_CANDIDATES = 64  # first guess of the nucleus size: a top-k of 64 costs 0.08 ms, a sort of 49K 2.8 ms
+
+
+def nucleus(logits: "torch.Tensor", top_p: float) -> "torch.Tensor":
+    """logits (V,) with every token outside the top-p nucleus set to -inf: the most likely tokens
+    whose probabilities, before each one, sum to less than top_p (so the token that crosses top_p
+    stays). The nucleus is found among the top-k probabilities, k growing 8x until they cover
+    top_p, instead of sorting the whole vocabulary: the same set as a full sort (up to ties)."""
+    import torch
+
+    probs = torch.softmax(logits, dim=-1)
+    n = probs.numel()
+    k = min(NUCLEUS_CANDIDATES, n)
+    while True:
+        top, order = torch.topk(probs, k)  # descending
+        cum = top.cumsum(-1)
+        if k == n or cum[-1] >= top_p:
+            break
+        k = min(n, k * 8)
+    keep = order[cum - top < top_p]
+    out = torch.full_like(logits, float("-inf"))
+    out[keep] = logits[keep]
+    return out
 
 
 def token_logprobs(logits: "torch.Tensor", token: int, k: int = 0) -> tuple[float, list[tuple[int, float]]]:
