@@ -25,8 +25,8 @@ from typing import Callable
 from ..core.config import DEFAULT_SINKS, StreamingConfig
 from ..core.sampling import SamplingParams
 from ..errors import UserError
+from ..models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 # results of another model go to <out>/<name><suffix>/ (the default model's to <out>/<name>/)
 DIR_SUFFIX = {DEFAULT_MODEL: "", "gemma3-270m": "_gemma3"}
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
