@@ -208,6 +208,19 @@ def test_long_messages_and_every_method_stay_within_the_cache(tiny):
             assert st.evicted == st.tokens_seen - st.cache_tokens > 0
 
 
+def test_status_line_reports_the_recall_memory(tiny):
+    plain = make_session(tiny, window=30)
+    s = make_session(tiny, window=30, recall_blocks=2, block_size=8)
+    for session in (plain, s):
+        for _ in range(3):
+            list(session.reply("a long message " * 8, max_new_tokens=6, sampling=GREEDY))
+    st = s.stats()
+    memory = s.engine.cache.memories[0]
+    assert st.recall_tokens == memory.stored_tokens > 0 and st.recalled_tokens == 2 * 8
+    assert f"recall memory {st.recall_tokens:,} (16 recalled)" in st.line()
+    assert plain.stats().recall_tokens is None and "recall" not in plain.stats().line()
+
+
 def test_reset_and_bad_arguments(tiny):
     s = make_session(tiny)
     list(s.reply("hi", max_new_tokens=3, sampling=GREEDY))

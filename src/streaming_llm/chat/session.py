@@ -86,11 +86,15 @@ class SessionStats:
     prefill_tok_s: float  # of the last turn
     gen_tok_s: float  # of the last turn
     ms_per_token: float  # of the last turn
+    recall_tokens: int | None = None  # evicted tokens the recall memory holds (None: recall off)
+    recalled_tokens: int | None = None  # of them, what the last forward attended to (first global layer)
 
     def line(self) -> str:
         cap = f"{self.capacity:,}" if self.capacity is not None else "unbounded"
+        recall = ("" if self.recall_tokens is None else
+                  f"recall memory {self.recall_tokens:,} ({self.recalled_tokens:,} recalled) | ")
         return (
-            f"tokens seen {self.tokens_seen:,} | cache {self.cache_tokens:,}/{cap} | evicted {self.evicted:,} | "
+            f"tokens seen {self.tokens_seen:,} | cache {self.cache_tokens:,}/{cap} | {recall}evicted {self.evicted:,} | "
             f"prefill {self.prefill_tok_s:,.0f} tok/s | gen {self.gen_tok_s:,.1f} tok/s"
         )
 
@@ -275,6 +279,7 @@ class ChatSession:
         self._close_active()
         e = self.engine
         last = self.turns[-1] if self.turns else TurnStats()
+        memory = next((m for m in getattr(e.cache, "memories", ()) if m is not None), None)
         return SessionStats(
             turns=len(self.turns),
             messages=len(self.messages),
@@ -288,6 +293,8 @@ class ChatSession:
             prefill_tok_s=last.prefill_tok_s,
             gen_tok_s=last.gen_tok_s,
             ms_per_token=last.ms_per_token,
+            recall_tokens=None if memory is None else memory.stored_tokens,
+            recalled_tokens=None if memory is None else len(memory.chosen) * memory.block,
         )
 
     # ---- persistence -------------------------------------------------------------------------
