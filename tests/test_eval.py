@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from streaming_llm.eval import ppl as ppl_mod
-from streaming_llm.cli import main
 from streaming_llm.core.config import StreamingConfig
 from streaming_llm.core.engine import StreamingLLM
-from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 METHODS = ["streaming", "window", "dense", "recompute"]
 
@@ -90,22 +89,11 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
         ppl_mod.evaluate(engine(model, chunk_size=8, window=9), ids, checkpoint=ck, resume=True, fingerprint="b")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama")
-
-
-def _cli(capsys, *argv):
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def test_ppl_cli_text_contract_and_corpus_books(tiny_dir, tmp_path, capsys):
+def test_ppl_cli_text_contract_and_corpus_books(tiny_dir, tmp_path, cli):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     per = tmp_path / "nll.jsonl"
-    rc, out, _ = _cli(capsys, "ppl", "--model", tiny_dir, "--text", str(text), "--window", "20", "--sinks", "4",
+    rc, out, _ = cli("ppl", "--model", tiny_dir, "--text", str(text), "--window", "20", "--sinks", "4",
                       "--max-tokens", "300", "--per-token-out", str(per), "--no-progress", "--chunk-size", "64")
     assert rc == 0 and "perplexity:" in out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -116,7 +104,7 @@ def test_ppl_cli_text_contract_and_corpus_books(tiny_dir, tmp_path, capsys):
     folder.mkdir()
     (folder / "a.txt").write_text("alpha beta gamma. " * 10)
     (folder / "b.txt").write_text("delta epsilon. " * 10)
-    rc, out, _ = _cli(capsys, "ppl", "--model", tiny_dir, "--corpus", str(folder), "--window", "20",
+    rc, out, _ = cli("ppl", "--model", tiny_dir, "--corpus", str(folder), "--window", "20",
                       "--no-progress", "--out", str(tmp_path / "r.json"))
     summary = json.loads(out.strip().splitlines()[-1])
     assert rc == 0 and [t for t, _ in summary["per_book_ppl"]] == ["a", "b"]
@@ -130,7 +118,7 @@ def test_ppl_cli_text_contract_and_corpus_books(tiny_dir, tmp_path, capsys):
     (["--corpus", "EMPTYDIR"], "no .txt files|empty"),
     (["--corpus", "BLANKDIR"], "empty"),
 ])
-def test_ppl_bad_inputs_are_clear_errors(tiny_dir, tmp_path, capsys, argv, match):
+def test_ppl_bad_inputs_are_clear_errors(tiny_dir, tmp_path, cli, argv, match):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "ok.txt").write_text("hello world")
     (tmp_path / "ed").mkdir()
@@ -138,7 +126,7 @@ def test_ppl_bad_inputs_are_clear_errors(tiny_dir, tmp_path, capsys, argv, match
     (tmp_path / "bd" / "x.txt").write_text("\n\n")
     subst = {"EMPTY": str(tmp_path / "empty.txt"), "OK": str(tmp_path / "ok.txt"), "EMPTYDIR": str(tmp_path / "ed"),
              "BLANKDIR": str(tmp_path / "bd")}
-    rc, _, err = _cli(capsys, "ppl", "--model", tiny_dir, *[subst.get(a, a) for a in argv])
+    rc, _, err = cli("ppl", "--model", tiny_dir, *[subst.get(a, a) for a in argv])
     assert rc == 2 and "error:" in err
     import re
 
@@ -211,18 +199,18 @@ def test_table_plots_render_from_small_result_files(tmp_path):
     assert plot("table2", tmp_path / "table2") and plot("table6", tmp_path / "table6")
 
 
-def test_reproduce_and_plot_bad_inputs(tmp_path, capsys):
-    rc, _, err = _cli(capsys, "plot", "fig3", "--results", str(tmp_path / "nothing"))
+def test_reproduce_and_plot_bad_inputs(tmp_path, cli):
+    rc, _, err = cli("plot", "fig3", "--results", str(tmp_path / "nothing"))
     assert rc == 2 and "no result files" in err
-    rc, _, err = _cli(capsys, "reproduce", "fig3", "--tokens", "0")
+    rc, _, err = cli("reproduce", "fig3", "--tokens", "0")
     assert rc == 2 and "at least 2" in err
 
 
-def test_attention_map_on_tiny_model(tiny_dir, tmp_path, capsys):
+def test_attention_map_on_tiny_model(tiny_dir, tmp_path, cli):
     text = tmp_path / "t.txt"
     text.write_text("one two three four five six seven eight nine ten. " * 10)
     out = tmp_path / "am"
-    rc, stdout, _ = _cli(capsys, "attention-map", "--model", tiny_dir, "--text", str(text), "--tokens", "64",
+    rc, stdout, _ = cli("attention-map", "--model", tiny_dir, "--text", str(text), "--tokens", "64",
                          "--samples", "2", "--layers", "0,1", "--out", str(out))
     assert rc == 0
     summary = json.loads(stdout.strip().splitlines()[-1])

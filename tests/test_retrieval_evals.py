@@ -10,12 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from streaming_llm.cli import main
 from streaming_llm.errors import UserError
 from streaming_llm.eval import passkey as pk
 from streaming_llm.eval import retrieval as rt
 from streaming_llm.eval import streameval as se
-from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 TEXT = "\n".join(f"Line {i} of a long and quiet book about rivers, hills and the weather." for i in range(400))
 
@@ -23,17 +22,6 @@ TEXT = "\n".join(f"Line {i} of a long and quiet book about rivers, hills and the
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama")
-
-
-def _cli(capsys, *argv):
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 @pytest.mark.parametrize("variant", list(pk.VARIANTS))
@@ -164,12 +152,12 @@ def _csv(path):
         yield from csv.DictReader(f)
 
 
-def test_both_experiments_end_to_end_through_the_cli(tiny_dir, tmp_path, capsys, monkeypatch):
+def test_both_experiments_end_to_end_through_the_cli(tiny_dir, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("STREAMING_LLM_THREADS", "1")
     corpus = tmp_path / "book.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "results"
-    rc, stdout, err = _cli(capsys, "reproduce", "passkey", "--model", tiny_dir, "--corpus", str(corpus),
+    rc, stdout, err = cli("reproduce", "passkey", "--model", tiny_dir, "--corpus", str(corpus),
                            "--lengths", "300,360", "--depths", "0.1,0.9", "--windows", "24,40", "--recall", "2x16",
                            "--out", str(out), "--no-progress", "--plot")
     assert rc == 0, err
@@ -187,7 +175,7 @@ def test_both_experiments_end_to_end_through_the_cli(tiny_dir, tmp_path, capsys,
         assert (d / name).stat().st_size > 1000
     assert "length depth" in stdout
 
-    rc, stdout, err = _cli(capsys, "reproduce", "streameval", "--model", tiny_dir, "--distances", "2,5",
+    rc, stdout, err = cli("reproduce", "streameval", "--model", tiny_dir, "--distances", "2,5",
                            "--queries", "2", "--windows", "30", "--recall", "2x16", "--out", str(out),
                            "--no-progress", "--plot")
     assert rc == 0, err
@@ -199,7 +187,7 @@ def test_both_experiments_end_to_end_through_the_cli(tiny_dir, tmp_path, capsys,
     assert len(rows) == 4 * 2 * 2 and {r["line"] for r in rows} == {"0", "10"}
     assert all(r["evicted"] == "False" for r in rows if r["method"] == "dense")
     assert len(list(_csv(d / "table.csv"))) == 8 and (d / "streameval.png").stat().st_size > 1000
-    rc, stdout, _ = _cli(capsys, "plot", "streameval", "--results", str(tmp_path / "nothing"))
+    rc, stdout, _ = cli("plot", "streameval", "--results", str(tmp_path / "nothing"))
     assert rc == 2
 
 
@@ -212,8 +200,8 @@ def test_both_experiments_end_to_end_through_the_cli(tiny_dir, tmp_path, capsys,
     (["streameval", "--distances", "0"], "distances"),
     (["streameval", "--windows", "0"], "windows"),
 ])
-def test_bad_inputs_fail_clearly_before_loading(capsys, argv, match):
-    rc, _, err = _cli(capsys, "reproduce", *argv, "--model", "no-such-model")
+def test_bad_inputs_fail_clearly_before_loading(cli, argv, match):
+    rc, _, err = cli("reproduce", *argv, "--model", "no-such-model")
     assert rc == 2 and re.search(match, err), err
 
 
