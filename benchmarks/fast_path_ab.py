@@ -112,7 +112,9 @@ def main(argv=None) -> int:
         r["over_first"] = round(r["p50_ms"] / base_p50[(r["cache_size"], r["batch_size"])], 3)
         print(f"{r['variant']:<6} {r['cache_size']:>6} {r['batch_size']:>5} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
               f"{r['tok_s']:>8.1f} {r['over_first']:>8.3f}")
-    summary = {"model": args.model, "threads": torch.get_num_threads(), "wide_rows": args.wide_rows,
+    from streaming_llm.bench.hardware import cpu_model
+
+    summary = {"model": args.model, "cpu": cpu_model(), "threads": torch.get_num_threads(), "wide_rows": args.wide_rows,
                "steps": args.steps, "load_avg": round(__import__("os").getloadavg()[0], 2), "results": rows_out}
     if args.json:
         with open(args.json, "w") as f:

@@ -105,7 +105,9 @@ def main(argv=None) -> int:
         r["speedup_over_token_by_token"] = round(r["tok_s"] / ref_tok_s, 2)
         print(f"{fmt:<10} {r['kv_dtype']:>9} {r['tok_s']:>9.1f} {r['speedup_over_token_by_token']:>17.2f} {r['ppl']:>10.4f} "
               f"{r['max_abs_nll_diff']:>10.3g} {r['mean_abs_nll_diff']:>11.3g}")
-    summary = {"model": args.model, "chunk": args.chunk, "threads": torch.get_num_threads(),
+    from streaming_llm.bench.hardware import cpu_model
+
+    summary = {"model": args.model, "cpu": cpu_model(), "chunk": args.chunk, "threads": torch.get_num_threads(),
                "reference_tok_s": round(ref_tok_s, 2), "reference_tokens": n, "results": rows}
     if args.json:
         with open(args.json, "w") as f:

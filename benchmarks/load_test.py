@@ -261,7 +261,10 @@ def main(argv=None) -> int:
             s["tokens_per_s_over_first"] = round(s["completion_tokens_per_s"] / base, 2) if base else None
             print(f"{s['sessions']:>8} {s['completion_tokens_per_s']:>8} {s['tokens_per_s_over_first']:>8} "
                   f"{s['ttft_ms']['p50']:>9} {s['ttft_ms']['p95']:>9} {s['per_token_ms']['p50']:>8} {s['per_token_ms']['p95']:>8}")
+    from streaming_llm.bench.hardware import cpu_model
+
     result = summaries[0] if len(summaries) == 1 else {"levels": summaries}
+    result = {"cpu": cpu_model(), **result}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

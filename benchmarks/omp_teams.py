@@ -64,7 +64,9 @@ def main() -> None:
     res["second thread, main holds a team"] = on_thread(lambda: p50_ms(lambda: eng.feed(one), a.steps))
     for k, v in res.items():
         print(f"{k:40s} {v:8.2f} ms")
-    print(json.dumps({"model": a.model, "cache": a.cache, "threads": a.threads, "p50_ms": res}))
+    from streaming_llm.bench.hardware import cpu_model
+
+    print(json.dumps({"model": a.model, "cpu": cpu_model(), "cache": a.cache, "threads": a.threads, "p50_ms": res}))
 
 
 if __name__ == "__main__":

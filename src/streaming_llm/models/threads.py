@@ -178,8 +178,8 @@ def apply(requested: int | str | None = None) -> ThreadChoice:
 # a process holds more OpenMP threads than there are CPUs it throttles every team's spin-wait to a
 # few hundred iterations: a decode step then runs as if OMP_WAIT_POLICY were PASSIVE. Measured on
 # the default model at cache 1024, 2 threads (`benchmarks/omp_teams.py`, output in
-# benchmarks/results/omp_teams.txt): 20.8 ms per token on a second thread once the loading thread
-# had exited, 43.9 ms on it while the main thread held a team too. So a process that decodes on a
+# benchmarks/results/omp_teams.txt, two runs): 20.8 / 21.9 ms per token on a second thread once the
+# loading thread had exited, 43.9 / 42.8 ms on it while the main thread held a team too. So a process that decodes on a
 # thread of its own
 # (the server) loads the model on a thread that then exits (`run_in_passing_thread`), and its
 # other threads, which only sample, copy and serialise, run torch single-threaded
