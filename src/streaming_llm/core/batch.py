@@ -49,8 +49,9 @@ class StreamBatch:
         if not self._free:
             raise UserError(f"all {self.slots} batch slots are in use")
         row = min(self._free)
-        self.cache.reset_row(row)
-        if state is not None:
+        if state is None:
+            self.cache.reset_row(row)
+        else:  # every buffer and counter of the row is overwritten
             self.load(row, state)
         self._free.remove(row)
         return row
@@ -67,7 +68,7 @@ class StreamBatch:
         self._check([src])
         if dst in self.active or not 0 <= dst < self.slots:
             raise UserError(f"row {dst} is not free")
-        self.cache.load_row_state(dst, self.cache.row_state(src))
+        self.cache.copy_row(src, dst)
         self.cache.reset_row(src)
         self._free.remove(dst)
         self._free.append(src)

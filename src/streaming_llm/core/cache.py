@@ -211,12 +211,17 @@ class SinkWindowLayer(CacheLayerMixin):
         if p.written:  # decode, rows at different stages: sinks viewed per row, one masked softmax
             self._set_sink_view(p.rows, p.seen)
             filled = torch.clamp(seen + 1 - s, min=0, max=w)  # ring slots in use (the ring fills in order)
+            # only the slots some row uses: rows that have not filled their ring yet (a served
+            # session's first ~1,000 tokens) attend over what they hold, not over the whole buffer
+            used = w if self.zero_slot else min(w, max(max(n + 1 - s, 0) for n in p.seen))
             mask = torch.cat([
                 torch.arange(s, device=dev)[None, :] <= seen[:, None],
-                torch.arange(w, device=dev)[None, :] < filled[:, None],
+                torch.arange(used, device=dev)[None, :] < filled[:, None],
                 torch.ones(len(p.rows), int(self.zero_slot), dtype=torch.bool, device=dev),
             ], dim=1)[:, None, :]  # (B, 1, N)
-            return AttentionPlan(self.keys[sel], self.values[sel], mask)
+            if used == w:
+                return AttentionPlan(self.keys[sel], self.values[sel], mask)
+            return AttentionPlan(self.keys[sel][:, :, : s + used], self.values[sel][:, :, : s + used], mask)
         t = seen[:, None] + torch.arange(c, device=dev)[None, :]  # (B, C) query stream indices
         ring_start = torch.clamp(seen - w, min=s)  # oldest stream index the ring still holds
         last = (seen - 1)[:, None]
@@ -327,6 +332,16 @@ class SinkWindowLayer(CacheLayerMixin):
             "view_delta": self.view_delta[r],
             **({} if self.memory is None else {"recall": self.memory.state()}),
         }
+
+    @torch.inference_mode()
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (one copy of its buffers, no snapshot in between)."""
+        if self.memory is not None:
+            raise RuntimeError("a recall memory belongs to one stream: rows with recall cannot be copied")
+        if self.is_initialized:
+            for buf in (self.keys, self.values, self.sink_keys):
+                buf[dst] = buf[src]
+        self.seen[dst], self.sink_shift[dst], self.view_delta[dst] = self.seen[src], self.sink_shift[src], self.view_delta[src]
 
     @torch.inference_mode()
     def load_row_state(self, r: int, st: dict) -> None:
@@ -474,6 +489,11 @@ class StreamingCache(Cache):
     # ---- snapshots -------------------------------------------------------------------------------
     def row_state(self, r: int = 0) -> dict:
         return {"pos_shift": self.pos_shift[r], "layers": [layer.row_state(r) for layer in self.layers]}
+
+    def copy_row(self, src: int, dst: int) -> None:
+        self.pos_shift[dst] = self.pos_shift[src]
+        for layer in self.layers:
+            layer.copy_row(src, dst)
 
     def load_row_state(self, r: int, state: dict) -> None:
         self.pos_shift[r] = state["pos_shift"]

@@ -88,7 +88,8 @@ class Scheduler:
         self._last_forward = 0.0
         self._running = True
         self.stats = {"forwards": 0, "decode_steps": 0, "decode_tokens": 0, "prefill_chunks": 0,
-                      "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0, "row_moves": 0}
+                      "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0, "row_moves": 0,
+                      "decode_s": 0.0, "prefill_s": 0.0, "calls_s": 0.0}  # model-thread seconds by kind
         self._thread = threading.Thread(target=self._loop, name="batch-model", daemon=True)
         self._thread.start()
 
@@ -209,18 +210,28 @@ class Scheduler:
             calls, decodes, prefill = self._take()
             if not self._running and not calls and not decodes and prefill is None:
                 break
+            t0 = time.perf_counter()
             for fn, args, fut in calls:
                 try:
                     fut.set_result(fn(*args))
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(e)
+            t1 = time.perf_counter()
             try:
                 if decodes:
                     self._compact()
                     self._decode(decodes)
+                t2 = time.perf_counter()
                 if prefill is not None:
                     self._prefill_chunk(prefill)
             finally:
+                t3 = time.perf_counter()
+                s = self.stats
+                s["calls_s"] += t1 - t0
+                if decodes:
+                    s["decode_s"] += t2 - t1
+                if prefill is not None:
+                    s["prefill_s"] += t3 - t2
                 self._last_forward = time.perf_counter()
         with self._cv:
             for r in self._pending:

@@ -159,7 +159,8 @@ class SessionManager:
             return {"enabled": False, "max_batch": 1}
         s = self.scheduler
         return {"enabled": True, "max_batch": self.max_batch, "active_rows": s.active_rows,
-                "queued_requests": s.queue_length, **s.stats}
+                "queued_requests": s.queue_length,
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in s.stats.items()}}
 
     # ---- conversations -----------------------------------------------------------------------
     def new_conversation(self, kind: str):
