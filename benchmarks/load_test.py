@@ -131,17 +131,48 @@ async def run_session(http, model, index, args, deadline, results, level=0):
         messages.append({"role": "assistant", "content": res["text"]})
 
 
-async def run_load(args, sessions: int) -> dict:
+def client(args, connections: int) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=sessions + 2)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(args.time_cap_s), limits=limits) as http:
+    return httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(args.time_cap_s),
+                             limits=httpx.Limits(max_connections=connections))
+
+
+async def warm_up(args) -> None:
+    """`--warmup` requests on a session of their own, one at a time; nothing of them is counted."""
+    async with client(args, 2) as http:
         model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
+        for i in range(args.warmup):
+            messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+            res = await one_request(http, model, f"load-{args.run_id}-warmup", messages, args.max_tokens,
+                                    time.monotonic() + args.time_cap_s)
+            if not res["ok"]:
+                sys.exit(f"load_test: the warm-up request failed: {res['error']}")
+
+
+BATCH_COUNTERS = ("forwards", "decode_steps", "decode_tokens", "prefill_chunks", "prefill_tokens", "row_moves",
+                  "decode_s", "prefill_s", "calls_s")
+
+
+def level_batch(before: dict, after: dict) -> dict | None:
+    """The scheduler's counters over one level (the server's are cumulative), and rows per decode forward."""
+    b0, b1 = before.get("batch") or {}, after.get("batch") or {}
+    if not b1.get("enabled"):
+        return None
+    d = {k: round(b1.get(k, 0) - b0.get(k, 0), 3) for k in BATCH_COUNTERS}
+    d["rows_per_decode_forward"] = round(d["decode_tokens"] / d["decode_steps"], 2) if d["decode_steps"] else None
+    return d
+
+
+async def run_load(args, sessions: int) -> dict:
+    async with client(args, sessions + 2) as http:
+        model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
+        before = (await http.get("/health")).json()
         results: list[dict] = []
         t0, deadline = time.perf_counter(), time.monotonic() + args.time_cap_s
         await asyncio.gather(*(run_session(http, model, i, args, deadline, results, sessions) for i in range(sessions)))
         wall = time.perf_counter() - t0
         health = (await http.get("/health")).json()
-    return summarize(results, wall, model, args, health, sessions)
+    return {**summarize(results, wall, model, args, health, sessions), "level_batch": level_batch(before, health)}
 
 
 def summarize(results, wall, model, args, health, sessions) -> dict:
@@ -186,6 +217,8 @@ def print_table(s: dict) -> None:
           f"{s['prefilled_tokens_after_turn1_mean']} tokens; persisting a turn p50 {s['persist_ms']['p50']} ms, "
           f"max {s['persist_ms']['max']} ms")
     print(f"server counters {s['server']}")
+    if s.get("level_batch"):
+        print(f"this level's model thread {s['level_batch']}")
     for e in s["errors"]:
         print(f"error: {e}")
 
@@ -231,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--time-cap-s", type=float, default=DEFAULT_TIME_CAP_S, help="no request runs past this")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="requests on a throwaway session before the first level, not counted (a new server's first "
+                   "forwards allocate its buffers and initialise the kernels)")
     args = p.parse_args(argv)
     try:
         levels = [int(x) for x in args.sessions.split(",") if x.strip()]
@@ -238,8 +274,8 @@ def main(argv=None) -> int:
         p.error(f"--sessions: {args.sessions!r} is not a comma list of integers")
     if not levels or not all(1 <= n <= 256 for n in levels):
         p.error("need 1 <= --sessions <= 256")
-    if not (1 <= args.turns <= 1000 and 1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0):
-        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0")
+    if not (1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0 and 0 <= args.warmup <= 100):
+        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0, 0 <= --warmup <= 100")
     args.run_id = f"{int(time.time())}-{os.getpid()}"
     proc = None
     if args.serve:
@@ -247,6 +283,8 @@ def main(argv=None) -> int:
     check_loopback(args.url)
     summaries = []
     try:
+        if args.warmup:
+            asyncio.run(warm_up(args))
         for n in levels:
             summaries.append(asyncio.run(run_load(args, n)))
             print_table(summaries[-1])
