@@ -43,6 +43,11 @@ FACTS = {
     "town": ("I grew up in a small town called Valdoria.", "What is the name of the town I grew up in?", "Valdoria"),
     "name": ("Hi! My name is Oskar, nice to meet you.", "What is my name?", "Oskar"),
     "colour": ("My favourite colour is turquoise.", "What is my favourite colour?", "turquoise"),
+    # a five-digit key, the kind of fact the pass-key evaluation shows the model retrieves best
+    "passkey": ("Here is a pass key, remember it: 71432. I will ask you for it later.",
+                "I gave you a pass key earlier. What is the pass key?", "71432"),
+    "passkey-repeat": ("Here is a pass key, remember it: 71432. I will ask you for it later.",
+                       "Repeat, word for word, the first message I sent you.", "71432"),
     # the same facts, asked with a cue to the earlier turn
     "locker-cue": ("Please remember this for later: my locker code is 4817.",
                    "Earlier in our chat I told you my locker code. What is my locker code?", "4817"),
