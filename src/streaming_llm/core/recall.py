@@ -18,20 +18,21 @@ summed over every query head and every query of the forward (one selection per l
 all its heads; a chunk's queries all see the same blocks). With `select="head"` each KV head
 chooses its own `recall_blocks` blocks instead, by the bound of its own summary summed over its own
 query heads (its GQA group) and the forward's queries only; `chosen` is then a tuple of one
-choice per KV head. Since max(q*mn, q*mx) = q+ * mx + q- *
-mn, the sum over queries is (sum q+) . mx + (sum q-) . mn: one matrix-vector product over all
-held blocks. Scores are taken at the true text distance, in one frame for every block: the
-summaries are of the keys rotated to their stream index (storage position minus the rebase shift
-of their frame), and the query, as the model rotated it, is rotated the same way (one small
+choice per KV head. Since max(q*mn, q*mx) = q+ * mx + q- * mn, the sum over queries is
+(sum q+) . mx + (sum q-) . mn: one matrix-vector product over all held blocks (per head: one
+batched product, one vector per KV head). Scores are taken at the true text distance, in one
+frame for every block: the summaries are of the keys rotated to their stream index (storage
+position minus the rebase shift of their frame), and the query, as the model rotated it, is rotated the same way (one small
 matrix product, cached between rebases), so blocks stored before and after ring rebases are
 scored by one product. Ties go to the older block. Only blocks complete before the forward are
 eligible.
 
 The chosen blocks, in stream order, join the sink segment of the layer's attention: block i's
 token m is rotated (one delta per block; per KV head and block with `select="head"`, each head
-laying out its own blocks) to cache position `sinks + i*block_size + m` in the sinks' frame, and the query's sink delta grows by R (the recalled tokens), so sinks sit at cache
-positions 0..S-1, recalled tokens at S..S+R-1, the window after them and the query right after
-the window (never beyond S + recall_blocks*block_size + W). Chunks use the plan's
+laying out its own blocks) to cache position `sinks + i*block_size + m` in the sinks' frame, and
+the query's sink delta grows by R (the recalled tokens; the same R for every head), so sinks sit
+at cache positions 0..S-1, recalled tokens at S..S+R-1, the window after them and the query right
+after the window (never beyond S + recall_blocks*block_size + W). Chunks use the plan's
 sink_keys/sink_values/sink_mask path. A decoded token attends through one fused SDPA over a mirror
 of the layer's buffer with room for the recalled blocks ([sinks | ring | zero slot | recalled]):
 the mirror copies the one ring slot the token wrote (the whole ring after a chunk or a rebase),
@@ -227,7 +228,8 @@ class RecallMemory:
         pos = q.clamp(min=0).sum(1)  # (Hkv, D)
         neg = q.sum(1) - pos
         if self.per_head:  # (Hkv, n, D) @ (Hkv, D, 1): each KV head against its own summaries
-            out = (self.maxs[:n].transpose(0, 1) @ pos[:, :, None] + self.mins[:n].transpose(0, 1) @ neg[:, :, None])[..., 0]
+            by_head = lambda x, v: (x[:n].transpose(0, 1) @ v[:, :, None])[..., 0]  # noqa: E731
+            out = by_head(self.maxs, pos) + by_head(self.mins, neg)
         else:
             out = maxs @ pos.flatten() + mins @ neg.flatten()
         if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
