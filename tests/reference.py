@@ -98,7 +98,9 @@ class RecallReference(PaperReference):
     every step, the query at L-1. It keeps the pre-RoPE keys of the whole stream and takes the
     chosen block ids from the engine: `traces[layer]` is a list of (first stream index, tokens,
     block ids) per engine forward (block b = stream tokens S + b*B .. S + (b+1)*B - 1); token t
-    uses the last record covering it. Sliding-window layers are plain sliding windows."""
+    uses the last record covering it. With per-KV-head selection the record holds one tuple of
+    block ids per KV head, and each KV head's cache is [sinks, its own blocks in stream order,
+    window], positioned the same way. Sliding-window layers are plain sliding windows."""
 
     def __init__(self, model, sinks: int, window: int, block_size: int, rotary_module, traces: dict):
         super().__init__(model, sinks, window, rotary_module)
@@ -123,7 +125,13 @@ class RecallReference(PaperReference):
         ks, vs = torch.cat([ks, k_pre], 2), torch.cat([vs, value.double()], 2)
         self.history[module.layer_idx] = (ks, vs)
         window = list(range(max(s, t - w + 1), t + 1))
-        recalled = [s + i * b + m for i in sorted(self.chosen(module.layer_idx, t)) for m in range(b)]
-        assert not recalled or max(recalled) < window[0], "a recalled token is still in the window"
-        keep = torch.tensor(list(range(min(s, t + 1))) + recalled + window)
-        return self._attend(module, query, q_pre, ks[:, :, keep], vs[:, :, keep], inv, scaling, softcap)
+        chosen = self.chosen(module.layer_idx, t)
+        per_head = chosen if chosen and isinstance(chosen[0], tuple) else (chosen,) * ks.shape[1]
+        keeps = []
+        for ids in per_head:  # one cache per KV head: sinks, its blocks in stream order, the window
+            recalled = [s + i * b + m for i in sorted(ids) for m in range(b)]
+            assert not recalled or max(recalled) < window[0], "a recalled token is still in the window"
+            keeps.append(torch.tensor(list(range(min(s, t + 1))) + recalled + window))
+        kh = torch.stack([ks[:, h, keep] for h, keep in enumerate(keeps)], 1)
+        vh = torch.stack([vs[:, h, keep] for h, keep in enumerate(keeps)], 1)
+        return self._attend(module, query, q_pre, kh, vh, inv, scaling, softcap)

@@ -16,6 +16,7 @@ from streaming_llm.errors import UserError
 from tiny_models import tiny_model
 
 S, W, B, K = 3, 12, 4, 2
+SELECTS = ["layer", "head"]  # StreamingConfig.recall_select: one choice per layer, or per KV head
 
 
 def ids_for(n, seed=1, vocab=96):
@@ -36,6 +37,12 @@ def traced(e):
     return traces
 
 
+def heads_differ(traces) -> bool:
+    """Whether some forward's per-head choices differ between the KV heads (per-head selection is
+    not vacuous on that stream)."""
+    return any(ids and isinstance(ids[0], tuple) and len(set(ids)) > 1 for t in traces.values() for _, _, ids in t)
+
+
 def close(a, b, atol):
     assert a.shape == b.shape
     err = (a - b).abs().max().item()
@@ -52,12 +59,13 @@ def test_recall_off_is_bit_identical_to_streaming(chunk):
     assert all(m is None for m in engine(model, sinks=S, window=W).cache.memories)
 
 
+@pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
 @pytest.mark.parametrize("chunk", [1, 7])
-def test_recall_matches_the_literal_rule(arch, chunk):
+def test_recall_matches_the_literal_rule(arch, chunk, select):
     model = tiny_model(arch)
     ids = ids_for(110)
-    e = engine(model, sinks=S, window=W, chunk_size=chunk, recall_blocks=K, block_size=B)
+    e = engine(model, sinks=S, window=W, chunk_size=chunk, recall_blocks=K, block_size=B, recall_select=select)
     traces = traced(e)
     out = e.feed(ids)
     mems = [m for m in e.cache.memories if m is not None]
@@ -66,6 +74,9 @@ def test_recall_matches_the_literal_rule(arch, chunk):
         assert [m is not None for m in e.cache.memories] == [False, True, False]
     chosen = {ids for trace in traces.values() for _, _, ids in trace}
     assert len(chosen) > 2  # the selection really changes along the stream
+    if select == "head" and arch != "gemma3":  # (the tiny gemma3 has one KV head)
+        assert heads_differ(traces)
+    assert all(m.recalled_tokens == K * B for m in mems)  # per head too: each head recalls K blocks
     ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
     close(out, ref, atol=1e-4)
     # and the recall changes the logits (not a vacuous rule)
@@ -73,51 +84,61 @@ def test_recall_matches_the_literal_rule(arch, chunk):
     assert (plain[-30:] - out[-30:]).abs().max() > 1e-3
 
 
-def test_recall_is_exact_across_rebases_and_uneven_feeds():
+@pytest.mark.parametrize("select", SELECTS)
+def test_recall_is_exact_across_rebases_and_uneven_feeds(select):
     model = tiny_model("llama")
     ids = ids_for(160)
-    e = engine(model, sinks=S, window=W, chunk_size=6, recall_blocks=K, block_size=B, start_position=1000)
+    e = engine(model, sinks=S, window=W, chunk_size=6, recall_blocks=K, block_size=B, start_position=1000,
+               recall_select=select)
     e.cache.position_limit = 1050  # a rebase every few chunks, blocks stored in several frames
     traces = traced(e)
     out = torch.cat([e.feed(ids[a:b]) for a, b in [(0, 1), (1, 40), (40, 41), (41, 42), (42, 160)]])
     assert len(set(e.cache.memories[0].frames.tolist())) > 1
+    assert select == "layer" or heads_differ(traces)
     ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
     close(out, ref, atol=1e-4)
 
 
-def test_generate_with_recall_matches_the_rule_and_off_by_one():
+@pytest.mark.parametrize("select", SELECTS)
+def test_generate_with_recall_matches_the_rule_and_off_by_one(select):
     model = tiny_model("llama")
     model.config.softmax_off_by_one = True
-    e = engine(model, sinks=2, window=8, chunk_size=16, recall_blocks=3, block_size=3)
+    e = engine(model, sinks=2, window=8, chunk_size=16, recall_blocks=3, block_size=3, recall_select=select)
     traces = traced(e)
     prompt = ids_for(40)
     from streaming_llm.core.sampling import SamplingParams
 
     toks = [t.id for t in e.generate(prompt, max_new_tokens=30, sampling=SamplingParams(temperature=0))]
     stream = torch.cat([prompt, torch.tensor(toks)])
+    assert select == "layer" or heads_differ(traces)
     ref = RecallReference(model, 2, 8, 3, find_rotary_module(model), traces).feed(stream[:-1])
     assert ref[39:].argmax(-1).tolist() == toks
 
 
 def _naive_choice(mem, query, pos_shift, inv_freq):
     """Top-K blocks by the documented bound, from every stored key of every held block: keys and
-    query both rotated to stream indices (storage position minus their frame's shift)."""
+    query both rotated to stream indices (storage position minus their frame's shift). The bound
+    is summed over every head (one choice), or, for a per-head memory, per KV head over its own
+    query heads (one choice per KV head)."""
     hkv = mem.store.shape[2]
     q = _rotate(query[0].double(), torch.full((query.shape[2],), -pos_shift), inv_freq)  # (Hq, C, D)
     qf = q.reshape(hkv, -1, q.shape[-1])
-    scores = []
+    scores = []  # per block: (H,) bound of each KV head's own queries
     for b in mem.eligible():
         keys, frame = mem.block_keys(b)  # (H, block, D)
         keys = _rotate(keys.double(), torch.full((keys.shape[1],), -frame), inv_freq)
         lo, hi = keys.amin(1), keys.amax(1)  # (H, D)
-        bound = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum()
-        scores.append((-bound.item(), b))
-    return tuple(sorted(b for _, b in sorted(scores)[: mem.k]))
+        scores.append((torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum((1, 2)), b))
+    top = lambda pick: tuple(sorted(b for _, b in sorted((-pick(s).item(), b) for s, b in scores)[: mem.k]))  # noqa: E731
+    if mem.per_head:
+        return tuple(top(lambda s, h=h: s[h]) for h in range(hkv))
+    return top(lambda s: s.sum())
 
 
-def test_selection_equals_brute_force_over_all_keys():
+@pytest.mark.parametrize("select", SELECTS)
+def test_selection_equals_brute_force_over_all_keys(select):
     model = tiny_model("qwen3")
-    e = engine(model, sinks=S, window=W, chunk_size=5, recall_blocks=3, block_size=B)
+    e = engine(model, sinks=S, window=W, chunk_size=5, recall_blocks=3, block_size=B, recall_select=select)
     e.cache.position_limit = 60  # blocks in several frames
     seen = []
     for k in range(6):
@@ -133,14 +154,33 @@ def test_selection_equals_brute_force_over_all_keys():
             seen.append(got)
     assert len(set(seen)) > 3
     assert len(set(e.cache.memories[0].frames.tolist())) > 1
+    if select == "head":
+        assert all(len(got) == 2 and len({len(h) for h in got}) == 1 for got in seen)  # 2 KV heads, min(K, held) each
+        assert any(len(got[0]) == 3 for got in seen)
+        assert any(len(set(got)) > 1 for got in seen)
 
 
-def test_engine_selection_uses_the_forwards_queries(monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 7])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_per_head_selection_with_one_kv_head_is_the_layer_selection(arch, chunk):
+    """With one KV head its own bound is the layer's bound: the same blocks, identical logits."""
+    model = tiny_model(arch, **({"num_key_value_heads": 1} if arch == "llama" else {}))
+    ids = ids_for(100)
+    kw = dict(sinks=S, window=W, chunk_size=chunk, recall_blocks=K, block_size=B)
+    a, b = engine(model, **kw), engine(model, recall_select="head", **kw)
+    ta, tb = traced(a), traced(b)
+    assert torch.equal(a.feed(ids), b.feed(ids))
+    assert {i: [(f, n, c) for f, n, c in t] for i, t in ta.items()} == \
+        {i: [(f, n, c[0] if c else c) for f, n, c in t] for i, t in tb.items()}
+
+
+@pytest.mark.parametrize("select", SELECTS)
+def test_engine_selection_uses_the_forwards_queries(monkeypatch, select):
     """What the attention chose is what select() gives for the forward's own query."""
     from streaming_llm.core import recall
 
     model = tiny_model("llama")
-    e = engine(model, sinks=S, window=W, chunk_size=4, recall_blocks=K, block_size=B)
+    e = engine(model, sinks=S, window=W, chunk_size=4, recall_blocks=K, block_size=B, recall_select=select)
     calls = []
     real = recall.choose
 
@@ -189,10 +229,12 @@ def test_bfloat16_store_stays_close_to_float32():
     assert (a - b).abs().max() < 0.5
 
 
-def test_state_dict_with_recall_continues_identically_and_reset_forgets():
+@pytest.mark.parametrize("select", SELECTS)
+def test_state_dict_with_recall_continues_identically_and_reset_forgets(select):
     model = tiny_model("llama")
     ids = ids_for(140)
-    kw = dict(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B, recall_memory_tokens=6 * B)
+    kw = dict(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B, recall_memory_tokens=6 * B,
+              recall_select=select)
     a = engine(model, **kw)
     a.feed(ids[:90])
     state = a.state_dict()
@@ -224,6 +266,8 @@ def test_batches_refuse_recall_clearly():
     (dict(recall_blocks=2, method="window"), "--method streaming"),
     (dict(recall_blocks=2, method="dense"), "--method streaming"),
     (dict(recall_blocks=2, positions="absolute"), "--positions cache"),
+    (dict(recall_blocks=2, recall_select="heads"), "--recall-select must be one of layer, head"),
+    (dict(recall_select=None), "--recall-select"),
 ])
 def test_bad_recall_config_values_are_user_errors(bad, words):
     with pytest.raises(UserError, match=words):
@@ -243,13 +287,16 @@ def test_recall_flags_parse_into_the_config(verb):
     parser = build_parser()
     extra = ["--text", "x.txt"] if verb == "ppl" else []
     args = parser.parse_args([verb, *extra, "--recall-blocks", "4", "--block-size", "16", "--recall-memory-tokens", "4096",
-                              "--recall-dtype", "bfloat16"])
+                              "--recall-dtype", "bfloat16", "--recall-select", "head"])
     c = config_from_args(args)
-    assert (c.recall_blocks, c.block_size, c.recall_memory_tokens, c.recall_dtype) == (4, 16, 4096, "bfloat16")
+    assert (c.recall_blocks, c.block_size, c.recall_memory_tokens, c.recall_dtype, c.recall_select) == (
+        4, 16, 4096, "bfloat16", "head")
     default = config_from_args(parser.parse_args([verb, *extra]))
     base = StreamingConfig()
-    assert (default.recall_blocks, default.block_size, default.recall_memory_tokens, default.recall_dtype) == (
-        0, base.block_size, base.recall_memory_tokens, base.recall_dtype)
+    assert (default.recall_blocks, default.block_size, default.recall_memory_tokens, default.recall_dtype,
+            default.recall_select) == (0, base.block_size, base.recall_memory_tokens, base.recall_dtype, "layer")
+    with pytest.raises(SystemExit):  # argparse refuses other values
+        parser.parse_args([verb, *extra, "--recall-select", "heads"])
 
 
 def test_server_snapshot_of_a_recall_session_continues_identically():

@@ -92,6 +92,20 @@ def test_methods_and_recall_specs():
         rt.method_list([], [])
 
 
+
+def test_recall_specs_name_the_selection():
+    """'4x32h': per-KV-head selection, side by side with '4x32' (one choice per layer)."""
+    assert rt.recall_list("4x32,4x32h, 8X16H") == [(4, 32), (4, 32, "head"), (8, 16, "head")]
+    ms = rt.method_list([124], rt.recall_list("4x32,4x32h"))
+    assert [m.label for m in ms] == ["dense", "streaming 4+124", "streaming 4+124 + recall 4x32",
+                                     "streaming 4+124 + recall 4x32h"]
+    assert [m.config().recall_select for m in ms] == ["layer", "layer", "layer", "head"]
+    assert ms[3].config().cache_size == ms[2].config().cache_size == 256
+    for bad in ("4x32x", "4x32hh", "h4x32"):
+        with pytest.raises(UserError, match="KxB"):
+            rt.parse_recall(bad)
+
+
 def test_target_rule():
     assert rt.target(1.0, 0.0, 0.8, True) == {"counts": True, "met": True, "recall_over_dense": 0.8}
     assert rt.target(1.0, 0.0, 0.75, True)["met"] is False

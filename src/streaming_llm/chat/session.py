@@ -294,7 +294,7 @@ class ChatSession:
             gen_tok_s=last.gen_tok_s,
             ms_per_token=last.ms_per_token,
             recall_tokens=None if memory is None else memory.stored_tokens,
-            recalled_tokens=None if memory is None else len(memory.chosen) * memory.block,
+            recalled_tokens=None if memory is None else memory.recalled_tokens,
         )
 
     # ---- persistence -------------------------------------------------------------------------

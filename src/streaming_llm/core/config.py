@@ -24,6 +24,8 @@ DEFAULT_BLOCK_SIZE = 32
 # 6 GB in float32 for smollm2-135m (30 layers x 3 KV heads x 64 channels), half in bfloat16.
 DEFAULT_RECALL_MEMORY_TOKENS = 131_072
 RECALL_DTYPES = ("float32", "bfloat16")
+# How a layer chooses its recalled blocks: one choice shared by all heads, or one per KV head.
+RECALL_SELECTS = ("layer", "head")
 # How model weights may be held: the one home of these choices (loading, quantize, the CLI, bench).
 
 
@@ -44,6 +46,8 @@ class StreamingConfig:
       plain streaming); `block_size` tokens per block; `recall_memory_tokens` caps the tokens kept
       in the memory (oldest blocks dropped); `recall_dtype` is how the stored blocks are held.
       With recall a query attends to at most sinks + recall_blocks*block_size + window tokens.
+      `recall_select`: `layer` (one choice per layer and forward, shared by all heads) or `head`
+      (each KV head chooses its own blocks by the bound of its own query heads).
     """
 
     method: str = "streaming"
@@ -55,6 +59,7 @@ class StreamingConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     recall_memory_tokens: int = DEFAULT_RECALL_MEMORY_TOKENS
     recall_dtype: str = "float32"
+    recall_select: str = "layer"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +81,8 @@ class StreamingConfig:
                             f"(got {self.recall_memory_tokens!r})")
         if self.recall_dtype not in RECALL_DTYPES:
             raise UserError(f"unknown recall dtype {self.recall_dtype!r}; choose one of {', '.join(RECALL_DTYPES)}")
+        if self.recall_select not in RECALL_SELECTS:
+            raise UserError(f"--recall-select must be one of {', '.join(RECALL_SELECTS)} (got {self.recall_select!r})")
         if self.recall_blocks and self.method != "streaming":
             raise UserError(f"--recall-blocks needs --method streaming (got --method {self.method})")
         if self.recall_blocks and self.positions != "cache":

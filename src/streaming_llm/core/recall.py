@@ -15,20 +15,24 @@ Before each forward (`select`), the layer chooses the `recall_blocks` blocks wit
 Quest-style upper bound of the query-key scores: for one query q and a block with per-channel key
 minimum mn and maximum mx, bound = sum_c max(q_c*mn_c, q_c*mx_c); the selection score is this bound
 summed over every query head and every query of the forward (one selection per layer, shared by
-all its heads; a chunk's queries all see the same blocks). Since max(q*mn, q*mx) = q+ * mx + q- *
-mn, the sum over queries is (sum q+) . mx + (sum q-) . mn: one matrix-vector product over all
-held blocks. Scores are taken at the true text distance, in one frame for every block: the
-summaries are of the keys rotated to their stream index (storage position minus the rebase shift
-of their frame), and the query, as the model rotated it, is rotated the same way (one small
+all its heads; a chunk's queries all see the same blocks). With `select="head"` each KV head
+chooses its own `recall_blocks` blocks instead, by the bound of its own summary summed over its own
+query heads (its GQA group) and the forward's queries only; `chosen` is then a tuple of one
+choice per KV head. Since max(q*mn, q*mx) = q+ * mx + q- * mn, the sum over queries is
+(sum q+) . mx + (sum q-) . mn: one matrix-vector product over all held blocks (per head: one
+batched product, one vector per KV head). Scores are taken at the true text distance, in one
+frame for every block: the summaries are of the keys rotated to their stream index (storage
+position minus the rebase shift of their frame), and the query, as the model rotated it, is rotated the same way (one small
 matrix product, cached between rebases), so blocks stored before and after ring rebases are
 scored by one product. Ties go to the older block. Only blocks complete before the forward are
 eligible.
 
 The chosen blocks, in stream order, join the sink segment of the layer's attention: block i's
-token m is rotated (one delta per block) to cache position `sinks + i*block_size + m` in the
-sinks' frame, and the query's sink delta grows by R (the recalled tokens), so sinks sit at cache
-positions 0..S-1, recalled tokens at S..S+R-1, the window after them and the query right after
-the window (never beyond S + recall_blocks*block_size + W). Chunks use the plan's
+token m is rotated (one delta per block; per KV head and block with `select="head"`, each head
+laying out its own blocks) to cache position `sinks + i*block_size + m` in the sinks' frame, and
+the query's sink delta grows by R (the recalled tokens; the same R for every head), so sinks sit
+at cache positions 0..S-1, recalled tokens at S..S+R-1, the window after them and the query right
+after the window (never beyond S + recall_blocks*block_size + W). Chunks use the plan's
 sink_keys/sink_values/sink_mask path. A decoded token attends through one fused SDPA over a mirror
 of the layer's buffer with room for the recalled blocks ([sinks | ring | zero slot | recalled]):
 the mirror copies the one ring slot the token wrote (the whole ring after a chunk or a rebase),
@@ -99,12 +103,13 @@ class RecallMemory:
     """The evicted-token memory of one global attention layer of a single-stream cache."""
 
     def __init__(self, recall_blocks: int, block_size: int, memory_tokens: int, dtype: str, sinks: int,
-                 rope: LayerRope, directory: str | None = None):
+                 rope: LayerRope, directory: str | None = None, select: str = "layer"):
         self.k, self.block = recall_blocks, block_size
+        self.per_head = select == "head"  # one choice per KV head (else one per layer)
         self.slots = max(1, memory_tokens // block_size)  # block slots in the store
         self.store_dtype = DTYPES[dtype]
         self.sinks, self.rope, self.directory = sinks, rope, directory
-        self.trace: list | None = None  # for tests: a list gets (first index, n queries, chosen ids) per forward
+        self.trace: list | None = None  # for tests: a list gets (first index, n queries, chosen) per forward
         self.gathers = 0  # times `recalled` read blocks from the store (a new choice); never reset (bench reads it)
         self.store: BlockFile | None = None  # (slots, 2, H, block, D) on disk, created with the first block
         self.reset()
@@ -117,7 +122,7 @@ class RecallMemory:
         self.mins = self.maxs = None  # (allocated slots, H, D) float32 key summaries, by slot
         self.frames = torch.zeros(0, dtype=torch.long)  # pos_shift each slot's block was stored with
         self.hold = None  # (stream index, key, value): a decoded token's evicted token, until commit
-        self.chosen: tuple[int, ...] = ()
+        self.chosen: tuple = ()  # block ids in stream order; per head: one such tuple per KV head
         self._recalled = None  # (ids, sink_shift, dtype, keys, values) of the last chosen blocks
         self._unshift = None  # (pos_shift, (D, D) matrix): x @ matrix rotates x by -pos_shift (to stream indices)
         self.mirror_k = self.mirror_v = None  # (1, H, ring + k*block, D): the decode path's buffer, derived
@@ -210,7 +215,9 @@ class RecallMemory:
         """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
         the model at storage positions (stream index + pos_shift): rotated to stream indices, as the
         summaries are, then one float32 matrix-vector product per bound term over the summaries in
-        place (no per-block or per-frame Python work)."""
+        place (no per-block or per-frame Python work): (n,) summed over all heads, or with
+        `select="head"` (Hkv, n), each KV head's bound summed over its own query heads (a batched
+        product per head)."""
         n = self.stored
         mins, maxs = self.mins[:n].flatten(1), self.maxs[:n].flatten(1)  # by slot
         hkv, d = self.mins.shape[1], self.mins.shape[2]
@@ -220,17 +227,27 @@ class RecallMemory:
         q = q.reshape(hkv, -1, d)  # (Hkv, G*C, D)
         pos = q.clamp(min=0).sum(1)  # (Hkv, D)
         neg = q.sum(1) - pos
-        out = maxs @ pos.flatten() + mins @ neg.flatten()
+        if self.per_head:  # (Hkv, n, D) @ (Hkv, D, 1): each KV head against its own summaries
+            by_head = lambda x, v: (x[:n].transpose(0, 1) @ v[:, :, None])[..., 0]  # noqa: E731
+            out = by_head(self.maxs, pos) + by_head(self.mins, neg)
+        else:
+            out = maxs @ pos.flatten() + mins @ neg.flatten()
         if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
-            out = torch.roll(out, -(self.n_blocks % self.slots))
+            out = torch.roll(out, -(self.n_blocks % self.slots), dims=-1)
         return out
 
-    def select(self, query: torch.Tensor, pos_shift: int) -> tuple[int, ...]:
+    def select(self, query: torch.Tensor, pos_shift: int) -> tuple:
         """The ids of the chosen blocks, in stream order: the top `recall_blocks` by `scores`
-        (all of them when fewer are held; ties to the older block)."""
+        (all of them when fewer are held; ties to the older block); with `select="head"` one such
+        tuple per KV head. () when nothing is held."""
         if self.stored == 0 or self.k == 0:
             return ()
         s = self.scores(query, pos_shift)
+        if self.per_head:
+            return tuple(self._top(row) for row in s)
+        return self._top(s)
+
+    def _top(self, s: torch.Tensor) -> tuple[int, ...]:
         first = self.n_blocks - self.stored
         if s.numel() <= self.k:
             return tuple(range(first, first + s.numel()))
@@ -239,29 +256,45 @@ class RecallMemory:
             top = torch.argsort(-s, stable=True)
         return tuple(sorted(first + i for i in top[: self.k].tolist()))
 
-    def recalled(self, ids: tuple[int, ...], sink_shift: int, like: torch.Tensor):
-        """Keys/values (1, H, R, D) of blocks `ids`, block i's keys rotated to storage position
-        `sinks + i*block + m + sink_shift` (the sinks' frame: cache position + sink_shift)."""
+    def recalled(self, ids: tuple, sink_shift: int, like: torch.Tensor):
+        """Keys/values (1, H, R, D) of the chosen blocks `ids` (one tuple, or one per KV head),
+        each head's block i's keys rotated to storage position `sinks + i*block + m + sink_shift`
+        (the sinks' frame: cache position + sink_shift). The union of the heads' blocks is read
+        from the store once; each head then takes its own blocks (the same ones for every head
+        with one shared choice)."""
         c = self._recalled
         if c is not None and c[0] == ids and c[1] == sink_shift and c[2] == like.dtype:
             return c[3], c[4]
         self.gathers += 1
-        slots = torch.tensor([b % self.slots for b in ids], dtype=torch.long)
-        data = self.store.read(slots.tolist()).to(device=like.device, dtype=like.dtype)  # (k, 2, H, block, D)
-        keys = data[:, 0].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
-        values = data[:, 1].permute(1, 0, 2, 3).reshape(1, data.shape[2], -1, data.shape[-1])
-        frames = self.frames[slots].tolist()
-        stored_at = torch.tensor([self.sinks + b * self.block + f for b, f in zip(ids, frames)])
-        target = torch.tensor([self.sinks + i * self.block + sink_shift for i in range(len(ids))])
-        delta = (target - stored_at).repeat_interleave(self.block).to(like.device)
-        keys = self.rope.rotate(keys, delta)
+        per_head = ids if self.per_head else (ids,)  # P = Hkv choices, or 1 shared by every head
+        union = sorted(set().union(*per_head))
+        at = {b: j for j, b in enumerate(union)}
+        data = self.store.read([b % self.slots for b in union]).to(device=like.device, dtype=like.dtype)
+        h, d = data.shape[2], data.shape[-1]  # data: (len(union), 2, H, block, D)
+        pick = torch.tensor([[at[b] for b in chosen] for chosen in per_head], device=like.device)  # (P, k)
+        heads = torch.arange(h, device=like.device)[:, None]  # broadcast with pick: (H, k)
+        keys = data[:, 0][pick, heads].reshape(1, h, -1, d)  # (H, k, block, D) -> (1, H, k*block, D)
+        values = data[:, 1][pick, heads].reshape(1, h, -1, data.shape[-1])
+        frames = self.frames[[b % self.slots for b in union]].tolist()
+        stored_at = torch.tensor([[self.sinks + b * self.block + frames[at[b]] for b in chosen] for chosen in per_head])
+        target = torch.tensor([self.sinks + i * self.block + sink_shift for i in range(len(per_head[0]))])
+        delta = (target - stored_at).repeat_interleave(self.block, dim=-1).to(like.device)  # (P, R)
+        cos, sin = self.rope.cos_sin(delta.flatten(), keys.dtype)
+        rot = (len(per_head), delta.shape[-1], cos.shape[-1])  # (P, R, rot dims): broadcast over heads
+        keys = apply_rotation(keys, cos.reshape(rot), sin.reshape(rot), self.rope.interleaved)
         self._recalled = (ids, sink_shift, like.dtype, keys, values)
         return keys, values
 
-    def mirror(self, layer, n: int, ids: tuple[int, ...], rv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def recalled_tokens(self) -> int:
+        """Tokens the last forward recalled (per head: each head recalls that many)."""
+        return len(self.chosen[0] if self.per_head and self.chosen else self.chosen) * self.block
+
+    def mirror(self, layer, n: int, ids: tuple, rv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode buffers (1, H, ring + k*block, D) of a decoded token with stream index n: the
         layer's ring (one slot copied per decoded token, all of it after a chunk or a rebase) and
-        the values of blocks `ids` after it; the caller writes the sink and recalled keys."""
+        the recalled values `rv` (1, H, R, D: per head with per-head choices) of blocks `ids` after
+        it, copied when the choice changes; the caller writes the sink and recalled keys."""
         ring = layer.keys.shape[-2]  # sinks + window (+ the zero slot of softmax-off-by-one)
         if self.mirror_k is None or self.mirror_k.dtype != layer.keys.dtype or self.mirror_k.device != layer.keys.device:
             h, d, dv = layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]

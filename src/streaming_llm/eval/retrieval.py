@@ -39,11 +39,12 @@ DENSE_ANSWERS, RATIO, NEAR_ZERO = 0.5, 0.8, 0.1
 @dataclass(frozen=True)
 class Method:
     """One compared method. `window` is W of the 4+W cache (None for dense); a `window` method has
-    the same total cache, 0+(4+W); `recall` is (blocks, block size) on top of 4+W."""
+    the same total cache, 0+(4+W); `recall` is (blocks, block size) on top of 4+W, or (blocks,
+    block size, "head") for per-KV-head selection (label `KxBh`)."""
 
     kind: str  # dense | window | streaming | recall
     window: int | None = None
-    recall: tuple[int, int] | None = None
+    recall: tuple | None = None
     sinks: int = DEFAULT_SINKS
 
     @property
@@ -53,7 +54,14 @@ class Method:
         if self.kind == "window":
             return f"window 0+{self.window + self.sinks}"
         base = f"streaming {self.sinks}+{self.window}"
-        return base if self.recall is None else f"{base} + recall {self.recall[0]}x{self.recall[1]}"
+        if self.recall is None:
+            return base
+        return f"{base} + recall {self.recall[0]}x{self.recall[1]}" + ("h" if self.select == "head" else "")
+
+    @property
+    def select(self) -> str:
+        """How the recall method chooses its blocks: `layer` or `head` (`StreamingConfig.recall_select`)."""
+        return self.recall[2] if self.recall is not None and len(self.recall) > 2 else "layer"
 
     @property
     def cache(self) -> str:
@@ -65,8 +73,9 @@ class Method:
             return StreamingConfig(method="dense", chunk_size=chunk)
         if self.kind == "window":
             return StreamingConfig(method="window", sinks=0, window=self.window + self.sinks, chunk_size=chunk)
-        k, b = self.recall or (0, StreamingConfig.block_size)
-        return StreamingConfig(sinks=self.sinks, window=self.window, recall_blocks=k, block_size=b, chunk_size=chunk)
+        k, b = self.recall[:2] if self.recall else (0, StreamingConfig.block_size)
+        return StreamingConfig(sinks=self.sinks, window=self.window, recall_blocks=k, block_size=b, chunk_size=chunk,
+                               recall_select=self.select)
 
     def in_window(self, distance: int) -> bool:
         """Whether a token `distance` tokens before the next one (1: the last token fed) is still in
@@ -74,16 +83,18 @@ class Method:
         return self.window is None or distance <= (self.window + self.sinks if self.kind == "window" else self.window)
 
 
-def parse_recall(spec: str) -> tuple[int, int]:
-    """'4x32' -> (4, 32): K recalled blocks of B tokens."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", spec)
+def parse_recall(spec: str) -> tuple:
+    """'4x32' -> (4, 32): K recalled blocks of B tokens, one choice per layer; '4x32h' ->
+    (4, 32, "head"): the same, each KV head choosing its own blocks."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*", spec)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise UserError(f"--recall takes KxB specs such as 4x32 (blocks x block size), got {spec!r}")
-    return int(m.group(1)), int(m.group(2))
+        raise UserError(f"--recall takes KxB specs such as 4x32 (blocks x block size; 4x32h: per-head "
+                        f"selection), got {spec!r}")
+    return (int(m.group(1)), int(m.group(2))) + (("head",) if m.group(3) else ())
 
 
 def recall_list(s: str) -> list[tuple[int, int]]:
-    """'4x32,8x16' -> [(4, 32), (8, 16)] ('' or 'none': no recall methods)."""
+    """'4x32,8x16,4x32h' -> [(4, 32), (8, 16), (4, 32, "head")] ('' or 'none': no recall methods)."""
     if s.strip().lower() in ("", "none"):
         return []
     return [parse_recall(x) for x in s.split(",") if x.strip()]
