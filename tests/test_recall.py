@@ -136,6 +136,44 @@ def _naive_choice(mem, query, pos_shift, inv_freq):
 
 
 @pytest.mark.parametrize("select", SELECTS)
+def test_recall_every_reuses_a_decoded_tokens_choice_and_still_matches_the_rule(select, monkeypatch):
+    """recall_every=4: a decoded token reuses the choice made up to 3 tokens before it (fewer
+    scans), the logits still equal the literal rule with the blocks the trace records, a chunk
+    always chooses, and a state saved between two choices continues identically."""
+    from streaming_llm.core.recall import RecallMemory
+
+    calls = []
+    real = RecallMemory.select
+    monkeypatch.setattr(RecallMemory, "select", lambda self, q, shift: calls.append(1) or real(self, q, shift))
+    model = tiny_model("llama")
+    ids = ids_for(120)
+    kw = dict(sinks=S, window=W, chunk_size=9, recall_blocks=K, block_size=B, recall_select=select, recall_every=4)
+    e = engine(model, **kw)
+    traces = traced(e)
+    out = torch.cat([e.feed(ids[:40]), *(e.feed(ids[i : i + 1]) for i in range(40, 120))])  # a chunk, then decode
+    ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
+    close(out, ref, atol=1e-4)
+    mems = [m for m in e.cache.memories if m is not None]
+    decoded_with_memory = sum(1 for trace in traces.values() for first, n, ids_ in trace if n == 1 and ids_)
+    assert 0 < len(calls) < 0.5 * decoded_with_memory + 10 * len(mems)  # about one scan per 4 decode steps
+    for trace in traces.values():  # between two choices the blocks do not change
+        decoded = [(first, ids_) for first, n, ids_ in trace if n == 1 and ids_]
+        changes = sum(a[1] != b[1] for a, b in zip(decoded, decoded[1:]))
+        assert 0 < changes <= len(decoded) // 4 + 1
+    assert torch.equal(engine(model, **{**kw, "recall_every": 1}).feed(ids[:40]), out[:40])  # chunks: no reuse
+    a, b = engine(model, **kw), engine(model, **kw)
+    a.feed(ids[:40])
+    for i in range(40, 62):
+        a.feed(ids[i : i + 1])
+    assert any(m is not None and m.chosen_at is not None and m.chosen_at < 61 for m in a.cache.memories)
+    b.load_state_dict(a.state_dict())  # mid-way between two choices
+    for i in range(62, 75):
+        assert torch.equal(b.feed(ids[i : i + 1]), a.feed(ids[i : i + 1]))
+    with pytest.raises(UserError, match="recall-every"):
+        StreamingConfig(recall_every=0)
+
+
+@pytest.mark.parametrize("select", SELECTS)
 def test_selection_equals_brute_force_over_all_keys(select):
     model = tiny_model("qwen3")
     e = engine(model, sinks=S, window=W, chunk_size=5, recall_blocks=3, block_size=B, recall_select=select)

@@ -53,7 +53,7 @@ def add_recall_select_argument(p) -> None:
 
 
 def add_recall_arguments(p) -> None:
-    """--recall-blocks, --block-size, --recall-memory-tokens, --recall-dtype (also on their own, for
+    """--recall-blocks, --block-size, --recall-memory-tokens, --recall-dtype, --recall-every (also on their own, for
     verbs such as bench that own their cache-size flags)."""
     from .core.config import DEFAULT_BLOCK_SIZE, DEFAULT_RECALL_MEMORY_TOKENS, RECALL_DTYPES
 
@@ -67,6 +67,9 @@ def add_recall_arguments(p) -> None:
                    "default: %(default)s)")
     p.add_argument("--recall-dtype", default="float32", choices=RECALL_DTYPES,
                    help="how the recall memory stores the blocks' keys and values (default: %(default)s)")
+    p.add_argument("--recall-every", type=int, default=1,
+                   help="decode steps one choice of recalled blocks lasts (1: every step chooses; chunks always "
+                   "choose; default: %(default)s)")
 
 
 def add_model_arguments(p, quant_default: str = "none") -> None:
@@ -106,4 +109,5 @@ def config_from_args(args):
         recall_memory_tokens=getattr(args, "recall_memory_tokens", DEFAULT_RECALL_MEMORY_TOKENS),
         recall_dtype=getattr(args, "recall_dtype", "float32"),
         recall_select=getattr(args, "recall_select", "layer"),
+        recall_every=getattr(args, "recall_every", 1),
     )

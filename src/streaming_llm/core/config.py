@@ -47,7 +47,10 @@ class StreamingConfig:
       in the memory (oldest blocks dropped); `recall_dtype` is how the stored blocks are held.
       With recall a query attends to at most sinks + recall_blocks*block_size + window tokens.
       `recall_select`: `layer` (one choice per layer and forward, shared by all heads) or `head`
-      (each KV head chooses its own blocks by the bound of its own query heads).
+      (each KV head chooses its own blocks by the bound of its own query heads). `recall_every`:
+      decode steps one choice lasts (1: every forward chooses; N: a decoded token reuses the
+      choice of the last decode step that chose, for N-1 steps, while its blocks are held; a chunk
+      always chooses).
     """
 
     method: str = "streaming"
@@ -60,6 +63,7 @@ class StreamingConfig:
     recall_memory_tokens: int = DEFAULT_RECALL_MEMORY_TOKENS
     recall_dtype: str = "float32"
     recall_select: str = "layer"
+    recall_every: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -83,6 +87,8 @@ class StreamingConfig:
             raise UserError(f"unknown recall dtype {self.recall_dtype!r}; choose one of {', '.join(RECALL_DTYPES)}")
         if self.recall_select not in RECALL_SELECTS:
             raise UserError(f"--recall-select must be one of {', '.join(RECALL_SELECTS)} (got {self.recall_select!r})")
+        if not isinstance(self.recall_every, int) or self.recall_every < 1:
+            raise UserError(f"--recall-every must be an integer >= 1 (got {self.recall_every!r})")
         if self.recall_blocks and self.method != "streaming":
             raise UserError(f"--recall-blocks needs --method streaming (got --method {self.method})")
         if self.recall_blocks and self.positions != "cache":

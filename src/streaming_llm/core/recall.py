@@ -25,7 +25,10 @@ frame for every block: the summaries are of the keys rotated to their stream ind
 position minus the rebase shift of their frame), and the query, as the model rotated it, is rotated the same way (one small
 matrix product, cached between rebases), so blocks stored before and after ring rebases are
 scored by one product. Ties go to the older block. Only blocks complete before the forward are
-eligible.
+eligible. With `every` = N > 1 a decoded token reuses the choice of the last decoded token that
+chose, if that was fewer than N tokens back and its blocks are all still held (the scan over the
+summaries, which grows with the memory, then runs once per N decode steps; blocks completed in
+between wait for the next choice); a chunk always chooses.
 
 The chosen blocks, in stream order, join the sink segment of the layer's attention: block i's
 token m is rotated (one delta per block; per KV head and block with `select="head"`, each head
@@ -103,8 +106,8 @@ class RecallMemory:
     """The evicted-token memory of one global attention layer of a single-stream cache."""
 
     def __init__(self, recall_blocks: int, block_size: int, memory_tokens: int, dtype: str, sinks: int,
-                 rope: LayerRope, directory: str | None = None, select: str = "layer"):
-        self.k, self.block = recall_blocks, block_size
+                 rope: LayerRope, directory: str | None = None, select: str = "layer", every: int = 1):
+        self.k, self.block, self.every = recall_blocks, block_size, every
         self.per_head = select == "head"  # one choice per KV head (else one per layer)
         self.slots = max(1, memory_tokens // block_size)  # block slots in the store
         self.store_dtype = DTYPES[dtype]
@@ -123,6 +126,7 @@ class RecallMemory:
         self.frames = torch.zeros(0, dtype=torch.long)  # pos_shift each slot's block was stored with
         self.hold = None  # (stream index, key, value): a decoded token's evicted token, until commit
         self.chosen: tuple = ()  # block ids in stream order; per head: one such tuple per KV head
+        self.chosen_at: int | None = None  # stream index of the decoded token that chose `chosen` (None: a chunk did)
         self._recalled = None  # (ids, sink_shift, dtype, keys, values) of the last chosen blocks
         self._unshift = None  # (pos_shift, (D, D) matrix): x @ matrix rotates x by -pos_shift (to stream indices)
         self.mirror_k = self.mirror_v = None  # (1, H, ring + k*block, D): the decode path's buffer, derived
@@ -247,6 +251,15 @@ class RecallMemory:
             return tuple(self._top(row) for row in s)
         return self._top(s)
 
+    def reuses(self, n: int) -> bool:
+        """Whether the decoded token with stream index n keeps the current choice (`every` > 1): a
+        decoded token made it fewer than `every` tokens before n, and all of its blocks are still
+        held. (By stream index, so a forward that is interrupted and fed again decides the same.)"""
+        if self.every == 1 or self.chosen_at is None or not 0 <= n - self.chosen_at < self.every or not self.chosen:
+            return False
+        ids = [b for head in self.chosen for b in head] if self.per_head else list(self.chosen)
+        return min(ids) >= self.n_blocks - self.stored
+
     def _top(self, s: torch.Tensor) -> tuple[int, ...]:
         first = self.n_blocks - self.stored
         if s.numel() <= self.k:
@@ -324,6 +337,7 @@ class RecallMemory:
             "frames": self.frames[:n].clone(), "hold": None if self.hold is None else
             (self.hold[0], self.hold[1].clone(), self.hold[2].clone()),
             "store": None if self.store is None else self.store.read(range(min(self.stored, self.slots))),
+            "chosen": self.chosen, "chosen_at": self.chosen_at,  # a decoded token may reuse the last choice
         }
 
     def load_state(self, st: dict) -> None:
@@ -332,6 +346,7 @@ class RecallMemory:
         self.stage_k, self.stage_v = st["stage_k"], st["stage_v"]
         self.mins, self.maxs, self.frames = st["mins"], st["maxs"], st["frames"].clone()
         self.hold = st["hold"]
+        self.chosen, self.chosen_at = st.get("chosen", ()), st.get("chosen_at")  # older states: the next token chooses
         if st["store"] is not None:
             data = st["store"]
             if self.store is None or self.store.shape[2:] != data.shape[2:]:
@@ -381,7 +396,9 @@ def choose(layer, query: torch.Tensor | None) -> bool:
     mem, p = layer.memory, layer._pending
     if query is None:
         raise RuntimeError("recall needs the forward's queries: call plan(query)")
-    mem.chosen = mem.select(query, layer.owner.pos_shift[0])
+    if not (p.written and mem.reuses(p.seen[0])):
+        mem.chosen = mem.select(query, layer.owner.pos_shift[0])
+        mem.chosen_at = p.seen[0] if p.written else None
     if mem.trace is not None:
         mem.trace.append((p.seen[0], p.keys.shape[-2], mem.chosen))
     return bool(mem.chosen)
