@@ -349,3 +349,12 @@ def test_server_snapshot_of_a_recall_session_continues_identically():
     b = engine(model, **kw)
     b.load_state_dict(unpack_state(pack_state(a.state_dict()), torch.float32, "cpu"))
     assert torch.equal(b.feed(ids[80:]), a.feed(ids[80:]))
+
+
+def test_health_names_the_recall_settings():
+    from streaming_llm.server.app import _recall_info
+
+    assert _recall_info(StreamingConfig()) == {"enabled": False}
+    info = _recall_info(StreamingConfig(recall_blocks=4, block_size=16, recall_select="head", recall_every=4))
+    assert (info["recall_blocks"], info["block_size"], info["select"], info["every"]) == (4, 16, "head", 4)
+    assert info["persisted_with_session"] is True and info["batched"] is False

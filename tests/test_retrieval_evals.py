@@ -101,9 +101,13 @@ def test_recall_specs_name_the_selection():
                                      "streaming 4+124 + recall 4x32h"]
     assert [m.config().recall_select for m in ms] == ["layer", "layer", "layer", "head"]
     assert ms[3].config().cache_size == ms[2].config().cache_size == 256
-    for bad in ("4x32x", "4x32hh", "h4x32"):
+    for bad in ("4x32x", "4x32hh", "h4x32", "4x32e0", "4x32e"):
         with pytest.raises(UserError, match="KxB"):
             rt.parse_recall(bad)
+    every = rt.method_list([124], rt.recall_list("4x32e4,4x32he8,4x32e1"))[2:]  # 'eN': a choice lasts N decode steps
+    assert [m.label for m in every] == ["streaming 4+124 + recall 4x32e4", "streaming 4+124 + recall 4x32he8",
+                                        "streaming 4+124 + recall 4x32"]
+    assert [(m.config().recall_every, m.config().recall_select) for m in every] == [(4, "layer"), (8, "head"), (1, "layer")]
 
 
 def test_target_rule():

@@ -82,7 +82,8 @@ class _EngineDecoder:
 def _recall_fields(recall: dict) -> dict:
     """The `StreamingConfig` recall fields of a bench spec's `recall` entry."""
     return {"recall_blocks": recall["blocks"], "block_size": recall["block_size"],
-            "recall_memory_tokens": recall["memory_tokens"], "recall_dtype": recall["dtype"]}
+            "recall_memory_tokens": recall["memory_tokens"], "recall_dtype": recall["dtype"],
+            "recall_every": recall.get("every", 1)}
 
 
 class _HFDecoder:
@@ -311,7 +312,8 @@ def measure(spec: dict) -> dict:
     if recall:
         row.update(recall_blocks=recall["blocks"], block_size=recall["block_size"], recall_fill=fill,
                    recall_fill_text=recall["fill_text"] if fill else None, recall_dtype=recall["dtype"],
-                   recall_memory_tokens=recall["memory_tokens"], rss_after_fill_mb=round(after_fill_rss, 1),
+                   recall_memory_tokens=recall["memory_tokens"], recall_every=recall.get("every", 1),
+                   rss_after_fill_mb=round(after_fill_rss, 1),
                    fill_s=round(fill_s, 2) if fill else None, fill_rss=fill_rss if fill else [],
                    recall_gathers_per_layer_step=round((state["recall_gathers"] - before["recall_gathers"])
                                                        / (state["recall_layers"] * (warmup + steps)), 4))

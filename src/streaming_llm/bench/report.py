@@ -65,11 +65,12 @@ def plot_data(data: dict, out: str) -> str:
 
 def row_label(r: dict, batch: bool = True) -> str:
     """A result row's method, with its batch size when it decoded several streams per forward; recall
-    rows as `streaming+recallKxB`, with their fill (tokens streamed into the memory first) when any."""
+    rows as `streaming+recallKxB` (`every N` when a choice lasts N decode steps), with their fill (tokens streamed into the memory first) when any."""
     b = r.get("batch_size", 1)
     name = r["method"]
     if name == "recall":
         name = f"streaming+recall{r.get('recall_blocks', '?')}x{r.get('block_size', '?')}"
+        name += f" every {r['recall_every']}" if r.get("recall_every", 1) > 1 else ""
         name += f" fill {r['recall_fill']}" if r.get("recall_fill") else ""
     return name + (f" x{b}" if b > 1 and batch else "")
 

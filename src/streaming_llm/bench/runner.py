@@ -154,7 +154,8 @@ def check_recall(args, methods: list[str], sizes: list[int]) -> None:
     for size in sizes:  # the config's own checks, before anything is loaded
         StreamingConfig(sinks=args.sinks, window=size - args.sinks, chunk_size=args.chunk_size,
                         recall_blocks=args.recall_blocks, block_size=args.block_size,
-                        recall_memory_tokens=args.recall_memory_tokens, recall_dtype=args.recall_dtype)
+                        recall_memory_tokens=args.recall_memory_tokens, recall_dtype=args.recall_dtype,
+                        recall_every=args.recall_every)
 
 
 def _check_positive(args, names: list[str], minimum: int = 1) -> None:
@@ -232,7 +233,8 @@ def print_table(results: list[dict], ratios: dict, floor: bool) -> None:
 
 def _spec(args, method: str, size: int, batch: int = 1, fill: int = 0) -> dict:
     recall = ({"blocks": args.recall_blocks, "block_size": args.block_size, "memory_tokens": args.recall_memory_tokens,
-               "dtype": args.recall_dtype, "fill": fill, "fill_text": args.recall_fill_text} if method == "recall" else None)
+               "dtype": args.recall_dtype, "every": args.recall_every, "fill": fill, "fill_text": args.recall_fill_text}
+              if method == "recall" else None)
     return {"batch_size": batch, "recall": recall,
         "model": args.model, "dtype": args.dtype, "quant": args.quant, "device": args.device, "threads": args.threads,
         "method": method, "cache_size": size, "sinks": args.sinks, "steps": args.steps, "warmup": args.warmup,

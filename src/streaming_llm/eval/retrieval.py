@@ -40,7 +40,8 @@ DENSE_ANSWERS, RATIO, NEAR_ZERO = 0.5, 0.8, 0.1
 class Method:
     """One compared method. `window` is W of the 4+W cache (None for dense); a `window` method has
     the same total cache, 0+(4+W); `recall` is (blocks, block size) on top of 4+W, or (blocks,
-    block size, "head") for per-KV-head selection (label `KxBh`)."""
+    block size, "head") for per-KV-head selection (label `KxBh`), or (blocks, block size, select,
+    N) for a choice that lasts N decode steps (label `KxBeN`, `KxBheN`)."""
 
     kind: str  # dense | window | streaming | recall
     window: int | None = None
@@ -56,12 +57,18 @@ class Method:
         base = f"streaming {self.sinks}+{self.window}"
         if self.recall is None:
             return base
-        return f"{base} + recall {self.recall[0]}x{self.recall[1]}" + ("h" if self.select == "head" else "")
+        return (f"{base} + recall {self.recall[0]}x{self.recall[1]}" + ("h" if self.select == "head" else "")
+                + (f"e{self.every}" if self.every > 1 else ""))
 
     @property
     def select(self) -> str:
         """How the recall method chooses its blocks: `layer` or `head` (`StreamingConfig.recall_select`)."""
         return self.recall[2] if self.recall is not None and len(self.recall) > 2 else "layer"
+
+    @property
+    def every(self) -> int:
+        """Decode steps one choice of blocks lasts (`StreamingConfig.recall_every`)."""
+        return self.recall[3] if self.recall is not None and len(self.recall) > 3 else 1
 
     @property
     def cache(self) -> str:
@@ -75,7 +82,7 @@ class Method:
             return StreamingConfig(method="window", sinks=0, window=self.window + self.sinks, chunk_size=chunk)
         k, b = self.recall[:2] if self.recall else (0, StreamingConfig.block_size)
         return StreamingConfig(sinks=self.sinks, window=self.window, recall_blocks=k, block_size=b, chunk_size=chunk,
-                               recall_select=self.select)
+                               recall_select=self.select, recall_every=self.every)
 
     def in_window(self, distance: int) -> bool:
         """Whether a token `distance` tokens before the next one (1: the last token fed) is still in
@@ -85,12 +92,16 @@ class Method:
 
 def parse_recall(spec: str) -> tuple:
     """'4x32' -> (4, 32): K recalled blocks of B tokens, one choice per layer; '4x32h' ->
-    (4, 32, "head"): the same, each KV head choosing its own blocks."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*", spec)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+    (4, 32, "head"): the same, each KV head choosing its own blocks; '4x32e4' -> (4, 32, "layer",
+    4), '4x32he4' -> (4, 32, "head", 4): a choice lasts 4 decode steps."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*(?:[eE](\d+))?\s*", spec)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1 or (m.group(4) is not None and int(m.group(4)) < 1):
         raise UserError(f"--recall takes KxB specs such as 4x32 (blocks x block size; 4x32h: per-head "
-                        f"selection), got {spec!r}")
-    return (int(m.group(1)), int(m.group(2))) + (("head",) if m.group(3) else ())
+                        f"selection; 4x32e4: a choice lasts 4 decode steps), got {spec!r}")
+    k, b, select = int(m.group(1)), int(m.group(2)), "head" if m.group(3) else "layer"
+    if m.group(4) is not None and int(m.group(4)) > 1:
+        return k, b, select, int(m.group(4))
+    return (k, b) + (("head",) if m.group(3) else ())
 
 
 def recall_list(s: str) -> list[tuple[int, int]]:

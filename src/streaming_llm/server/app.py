@@ -468,7 +468,8 @@ def _recall_info(config) -> dict:
     if not config.recall_blocks:
         return {"enabled": False}
     return {"enabled": True, "recall_blocks": config.recall_blocks, "block_size": config.block_size,
-            "memory_tokens": config.recall_memory_tokens, "dtype": config.recall_dtype, "batched": False,
+            "memory_tokens": config.recall_memory_tokens, "dtype": config.recall_dtype,
+            "select": config.recall_select, "every": config.recall_every, "batched": False,
             "persisted_with_session": True}
 
 
