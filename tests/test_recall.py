@@ -358,3 +358,26 @@ def test_health_names_the_recall_settings():
     info = _recall_info(StreamingConfig(recall_blocks=4, block_size=16, recall_select="head", recall_every=4))
     assert (info["recall_blocks"], info["block_size"], info["select"], info["every"]) == (4, 16, "head", 4)
     assert info["persisted_with_session"] is True and info["batched"] is False
+
+
+def test_a_stream_saved_before_the_newer_config_fields_still_loads():
+    """A state saved before `recall_select`/`recall_every` existed has no such keys: it was saved
+    with their defaults and loads (engine and batch); a field this build does not know is refused."""
+    from streaming_llm.core.batch import StreamBatch
+
+    model = tiny_model("llama")
+    ids = ids_for(40)
+    a = engine(model, sinks=S, window=W)
+    a.feed(ids[:30])
+    state = a.state_dict()
+    for key in ("recall_select", "recall_every"):
+        del state["config"][key]
+    b = engine(model, sinks=S, window=W)
+    b.load_state_dict(state)
+    assert torch.equal(b.feed(ids[30:]), a.feed(ids[30:]))
+    StreamBatch(engine(model, sinks=S, window=W), slots=2).add(state)
+    assert not StreamingConfig(sinks=S, window=W).matches({**state["config"], "from_a_newer_build": 1})
+    with pytest.raises(UserError, match="does not know"):
+        StreamingConfig.from_dict({**state["config"], "from_a_newer_build": 1})
+    with pytest.raises(UserError, match="saved stream used"):
+        engine(model, sinks=S, window=W + 1).load_state_dict(state)

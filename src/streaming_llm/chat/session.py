@@ -333,11 +333,11 @@ class ChatSession:
             raise UserError(f"session format version {state.get('version')}; this build reads {SAVE_VERSION}")
         if state["model"] != self._model_fingerprint():
             raise UserError(f"saved with another model ({state['model']}); load it with that model")
-        if state["config"] != self.engine.config.to_dict():
+        if not self.engine.config.matches(state["config"]):
             from ..core.engine import StreamingLLM
 
             e = self.engine
-            self.engine = StreamingLLM(e.model, e.tokenizer, StreamingConfig(**state["config"]), e.start_position)
+            self.engine = StreamingLLM(e.model, e.tokenizer, StreamingConfig.from_dict(state["config"]), e.start_position)
         self.engine.load_state_dict(state["engine"])
         self.messages = [dict(m) for m in state["messages"]]
         self.turns = [TurnStats(**t) for t in state["turns"]]

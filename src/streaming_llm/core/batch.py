@@ -80,7 +80,7 @@ class StreamBatch:
                 "cache": self.cache.row_state(row)}
 
     def load(self, row: int, state: dict) -> None:
-        if state["config"] != self.engine.config.to_dict():
+        if not self.engine.config.matches(state["config"]):
             raise UserError(f"saved stream used {state['config']}, this batch uses {self.engine.config.to_dict()}")
         self.cache.load_row_state(row, state["cache"])
 

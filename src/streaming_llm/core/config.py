@@ -6,7 +6,7 @@ knows nothing about models, tensors or files.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import UserError
 
@@ -107,3 +107,20 @@ class StreamingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "StreamingConfig":
+        """A config saved with `to_dict`; fields added since it was saved take their defaults (a
+        stream saved before `recall_select` existed was saved with its default). UserError for
+        fields this build does not know or values it refuses."""
+        unknown = set(saved) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"the saved stream's settings have fields this build does not know: {sorted(unknown)}")
+        return cls(**saved)
+
+    def matches(self, saved: dict) -> bool:
+        """Whether a saved `to_dict()` describes this config (missing newer fields at their defaults)."""
+        try:
+            return StreamingConfig.from_dict(saved) == self
+        except (UserError, TypeError):
+            return False

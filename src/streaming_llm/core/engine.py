@@ -219,7 +219,7 @@ class StreamingLLM:
         return {"config": self.config.to_dict(), **self.stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.config.to_dict():
+        if not self.config.matches(state["config"]):
             raise UserError(f"saved stream used {state['config']}, this engine uses {self.config.to_dict()}")
         self.reset()
         self.stream.load_state_dict(state)

@@ -174,7 +174,7 @@ class SessionManager:
         """(model thread) A record back into a live conversation: snapshot, else replay."""
         conv = self.new_conversation(record.kind)
         source, chain = "replay", None
-        if record.snapshot is not None and record.model == self.model_name and record.config == self.config.to_dict():
+        if record.snapshot is not None and record.model == self.model_name and self.config.matches(record.config):
             try:
                 state = unpack_state(record.snapshot, self.model_dtype, self.device)
                 for delta in record.deltas:  # the chain of turns stored since the full snapshot
