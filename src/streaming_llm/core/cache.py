@@ -213,7 +213,7 @@ class SinkWindowLayer(CacheLayerMixin):
             filled = torch.clamp(seen + 1 - s, min=0, max=w)  # ring slots in use (the ring fills in order)
             # only the slots some row uses: rows that have not filled their ring yet (a served
             # session's first ~1,000 tokens) attend over what they hold, not over the whole buffer
-            used = w if self.zero_slot else min(w, max(max(n + 1 - s, 0) for n in p.seen))
+            used = w if self.zero_slot else int(filled.max())
             mask = torch.cat([
                 torch.arange(s, device=dev)[None, :] <= seen[:, None],
                 torch.arange(used, device=dev)[None, :] < filled[:, None],

@@ -257,8 +257,11 @@ class RecallMemory:
         held. (By stream index, so a forward that is interrupted and fed again decides the same.)"""
         if self.every == 1 or self.chosen_at is None or not 0 <= n - self.chosen_at < self.every or not self.chosen:
             return False
-        ids = [b for head in self.chosen for b in head] if self.per_head else list(self.chosen)
-        return min(ids) >= self.n_blocks - self.stored
+        return min(b for head in self._heads(self.chosen) for b in head) in self.eligible()
+
+    def _heads(self, ids: tuple) -> tuple:
+        """A choice as one tuple of block ids per choosing unit: per KV head, or the one shared tuple."""
+        return ids if self.per_head else (ids,)
 
     def _top(self, s: torch.Tensor) -> tuple[int, ...]:
         first = self.n_blocks - self.stored
@@ -279,7 +282,7 @@ class RecallMemory:
         if c is not None and c[0] == ids and c[1] == sink_shift and c[2] == like.dtype:
             return c[3], c[4]
         self.gathers += 1
-        per_head = ids if self.per_head else (ids,)  # P = Hkv choices, or 1 shared by every head
+        per_head = self._heads(ids)  # P = Hkv choices, or 1 shared by every head
         union = sorted(set().union(*per_head))
         at = {b: j for j, b in enumerate(union)}
         data = self.store.read([b % self.slots for b in union]).to(device=like.device, dtype=like.dtype)
@@ -301,7 +304,7 @@ class RecallMemory:
     @property
     def recalled_tokens(self) -> int:
         """Tokens the last forward recalled (per head: each head recalls that many)."""
-        return len(self.chosen[0] if self.per_head and self.chosen else self.chosen) * self.block
+        return len(self._heads(self.chosen)[0]) * self.block if self.chosen else 0
 
     def mirror(self, layer, n: int, ids: tuple, rv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode buffers (1, H, ring + k*block, D) of a decoded token with stream index n: the
