@@ -4,6 +4,7 @@ Variants of the default model, all int4 decoder + int8 head (`--quant int4`):
   base   float32 KV ring, no wide path (the engine before issue 17's bfloat16 round)
   kv     bfloat16 KV ring (`kv_dtype`, what `auto` now picks for quantized models)
   fast   bfloat16 KV ring + the bfloat16 wide path for inputs of `--wide-rows` rows or more
+  fp16   float32 KV ring + the float16 (FBGEMM) wide path for inputs of `--wide-rows` rows or more
 For each cache size and batch size, one stream is prefilled (chunked) once per variant and copied
 into every row of a `StreamBatch` (batch 1: the single-stream engine), so every row decodes with a
 full cache (every step evicts); then the variants take turns, step by step, for `--steps` steps
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 
-VARIANTS = {"base": (None, None), "kv": ("bfloat16", None), "fast": ("bfloat16", "wide")}
+VARIANTS = {"base": (None, None), "kv": ("bfloat16", None), "fast": ("bfloat16", "bf16"), "fp16": (None, "fp16")}  # (ring, wide copy)
 
 
 def ints(text: str) -> list[int]:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-sizes", default="1024")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--wide-rows", type=int, default=4, help="rows from which `fast` uses the bfloat16 copy")
+    p.add_argument("--wide-rows", type=int, default=4, help="rows from which `fast` and `fp16` use their wide copy")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     models = {}
     for v in variants:
         wide = args.wide_rows if VARIANTS[v][1] else None
-        models[v] = quantize_linears(copy.deepcopy(base), "int4", wide_rows=wide)
+        models[v] = quantize_linears(copy.deepcopy(base), "int4", wide_rows=wide, wide_kind=VARIANTS[v][1] or "bf16")
     del base
     vocab = models[variants[0]].config.get_text_config(decoder=True).vocab_size
     gen = torch.Generator().manual_seed(0)

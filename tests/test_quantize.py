@@ -1,11 +1,12 @@
 """Weight-only int8/int4 linears: exact on 4-bit-grid weights, close otherwise, usable by the engine."""
 
+import pytest
 import torch
 from torch import nn
 
 from streaming_llm.core.config import StreamingConfig
 from streaming_llm.core.engine import StreamingLLM
-from streaming_llm.models.quantize import GROUP, QuantLinear, quantize_linears
+from streaming_llm.models.quantize import GROUP, QuantLinear, fp16_gemm_available, quantize_linears
 from tiny_models import tiny_model
 
 
@@ -81,7 +82,7 @@ def test_auto_calibration_is_measured_once_cached_and_forced_again(tmp_path, mon
     model = _grid_model()
     first = calibrate.calibrate(model)
     assert first["source"] == "measured" and set(first["timings_ms"]) == {"int4", "int8", "none"}
-    assert first["wide_rows"] == calibrate.wide_rows_from(first["wide_timings_ms"])
+    assert (first["wide_rows"], first["wide_kind"]) == calibrate.choose_wide(first["wide_timings_ms"])
     assert first["choice"] in ("int4", "none") and first["allowed"] == ["int4", "none"]  # int8 is never chosen
     files = list((tmp_path / "calibration").glob("quant-*.json"))
     assert [str(f) for f in files] == [first["path"]]
@@ -96,6 +97,7 @@ def test_auto_calibration_is_measured_once_cached_and_forced_again(tmp_path, mon
     q = quantize_linears(_grid_model(), "auto")
     info = q.config.streaming_llm_quant_calibration
     assert info["source"] == "cache" and getattr(q.config, "streaming_llm_quant", "none") == info["choice"]
+    assert info["wide_kind"] == first["wide_kind"]  # the wide copy's kind travels with its row count
 
 
 def test_calibration_taken_while_busy_is_redone_when_quiet(tmp_path, monkeypatch):
@@ -158,28 +160,57 @@ def test_bf16_format_and_wide_path_are_close_and_switch_on_rows():
     assert torch.equal(wide(x), bf16)  # from 4 rows on: the bfloat16 copy
     assert torch.equal(wide(x[None]), bf16[None])  # any leading shape
     assert QuantLinear(lin, 16, wide_rows=4).wide is None  # nothing to widen
+    with pytest.raises(ValueError, match="wide_kind"):
+        QuantLinear(lin, 4, wide_rows=4, wide_kind="fp8")
+
+
+@pytest.mark.skipif(not fp16_gemm_available(), reason="this torch build has no FBGEMM float16 linear")
+def test_fp16_wide_path_is_float16_weights_on_bfloat16_rounded_inputs():
+    lin = grid_linear()
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(1))
+    packed, wide = QuantLinear(lin, 4), QuantLinear(lin, 4, wide_rows=4, wide_kind="fp16")
+    assert torch.equal(wide(x[:3]), packed(x[:3]))  # fewer rows than wide_rows: the int4 kernel
+    # from 4 rows on: float16 weights, float32 arithmetic, the input rounded as the kernels round it
+    want = x.to(torch.bfloat16).float() @ lin.weight.detach().half().float().T + lin.bias.detach()
+    assert torch.allclose(wide(x), want, atol=1e-4, rtol=1e-4)
+    assert (wide(x) - packed(x)).abs().max() < 0.01 * want.abs().max()  # both are the same grid weights
+    rows = torch.cat([wide(x[i:i + 4]) for i in (0, 2)])  # a row's numbers do not depend on its neighbours
+    assert torch.allclose(rows[:4], wide(x)[:4], atol=1e-5) and torch.allclose(rows[4:], wide(x)[2:], atol=1e-5)
+    assert "fp16 from 4 rows" in repr(wide)
 
 
 def test_quantize_linears_bf16_and_wide_rows_stream_close():
     model = tiny_model("llama")
     ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))
     ref = StreamingLLM(model, None, StreamingConfig(sinks=2, window=8)).feed(ids)
-    for mode, wide in (("bf16", None), ("int8", 2)):
-        q = quantize_linears(tiny_model("llama"), mode, wide_rows=wide)
+    cases = [("bf16", None, "bf16"), ("int8", 2, "bf16")] + [("int8", 2, "fp16")] * fp16_gemm_available()
+    for mode, wide, kind in cases:
+        q = quantize_linears(tiny_model("llama"), mode, wide_rows=wide, wide_kind=kind)
         assert q.config.streaming_llm_wide_rows == wide
+        assert q.config.streaming_llm_wide_kind == (kind if wide else None)
         assert all(m.bits == (16 if mode == "bf16" else 8) for m in q.modules() if isinstance(m, QuantLinear))
         out = StreamingLLM(q, None, StreamingConfig(sinks=2, window=8, chunk_size=5)).feed(ids)
         assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_wide_rows_is_the_start_of_the_run_where_bf16_wins():
-    from streaming_llm.models.calibrate import wide_rows_from, time_wide
+    from streaming_llm.models.calibrate import choose_wide, time_wide, wide_rows_from
 
     assert wide_rows_from({1: [1, 3], 2: [1, 2], 4: [2, 1], 8: [4, 1]}) == 4
     assert wide_rows_from({1: [1, 3], 4: [2, 1], 8: [1, 2]}) is None  # not faster at the largest count
     assert wide_rows_from({1: [1, 0.5], 2: [1, 2], 4: [2, 1]}) == 4  # a lone early win does not count
+    # the kind that wins from the fewest rows; a tie goes to the faster at the most rows; JSON keys
+    t = {"2": {"packed": 1, "bf16": 3, "fp16": 0.5}, "8": {"packed": 4, "bf16": 1, "fp16": 2}}
+    assert choose_wide(t) == (2, "fp16")
+    t["2"]["fp16"] = 2
+    assert choose_wide(t) == (8, "bf16")
+    t["8"]["bf16"] = 4
+    assert choose_wide(t) == (8, "fp16")
+    t["8"]["fp16"] = 4
+    assert choose_wide(t) == (None, None) and choose_wide({}) == (None, None)
     timings = time_wide(_grid_model(), "int4", rows=(1, 8), reps=1)
-    assert set(timings) == {1, 8} and all(len(v) == 2 and min(v) > 0 for v in timings.values())
+    kinds = {"packed", "bf16"} | ({"fp16"} if fp16_gemm_available() else set())
+    assert set(timings) == {1, 8} and all(set(v) == kinds and min(v.values()) > 0 for v in timings.values())
 
 
 def test_the_wide_copy_is_not_counted_as_weights_a_decode_step_reads():

@@ -18,13 +18,15 @@ device other than the CPU, or a failed measurement gets the rule auto had before
 existed (`quantize.resolve_mode`): int4 for 4-bit-grid weights, else none.
 
 Many-row inputs (batched decode of several streams, chunked prefill and evaluation): the int4 and
-int8 kernels' cost grows with the rows, while a bfloat16 matmul (oneDNN, AMX where the CPU has it)
-stays almost flat. So the same first load also times forwards of 2, 4, ... 32 tokens through a copy of the
-model in the chosen format, its linears switched between the packed kernels and a bfloat16 copy
-of their weights, interleaved, and records `wide_rows`: the fewest rows from which bfloat16 is faster at every larger count measured
-(None: never, e.g. without AMX). `quantize_linears` then gives every linear that wide path
-(`QuantLinear.wide_rows`; it costs a bfloat16 copy of the weights in memory). Single-token decode
-is untouched by it.
+int8 kernels' cost grows with the rows, while a matmul over a wider copy of the weights stays
+almost flat: bfloat16 through oneDNN (AMX where the CPU has it) or float16 through FBGEMM (x86
+builds of torch; the flat one on AVX2-only CPUs). So the same first load also times forwards of
+2, 4, ... 32 tokens through a copy of the model in the chosen format, its linears switched
+between the packed kernels and each wide copy, interleaved, and records `wide_rows` and
+`wide_kind`: for each copy, the fewest rows from which it is faster at every larger count
+measured; the copy with the fewest such rows wins (ties: the faster at 32 rows); None: neither
+ever wins. `quantize_linears` then gives every linear that wide path (`QuantLinear.wide_rows`;
+it costs a copy of the weights in memory, 2 bytes a weight). Single-token decode is untouched by it.
 
 This module measures and caches; it does not quantize the model it is given (it times copies).
 """
@@ -41,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_VERSION = 2  # 2: entries record wide_rows
+CACHE_VERSION = 3  # 2: entries record wide_rows; 3: wide_kind, and the timings of each kind
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
 TIMED = ("int4", "int8", "none")
@@ -136,36 +138,41 @@ def time_modes(model, modes=TIMED, prefill: int = PREFILL, steps: int = STEPS, w
     return {mode: round(statistics.median(s), 3) for mode, (_, _, s) in runs.items()}
 
 
-def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS) -> dict:
+def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS, kinds=None) -> dict:
     """ms of one forward of `rows` tokens (every position's logits: the head sees as many rows as
-    the decoder) through a `mode` copy of the model, its linears switched between the packed kernel
-    and their bfloat16 copy, interleaved: {rows: [ms packed, ms bfloat16]}. The real weights, so
-    the bfloat16 copy pays its real memory traffic."""
+    the decoder) through `mode` copies of the model, their linears switched between the packed
+    kernel and each wide copy in `kinds` (default: every one this torch build has), interleaved:
+    {rows: {"packed": ms, kind: ms, ...}}. The real weights, so each copy pays its real memory
+    traffic."""
     import torch
 
-    from .quantize import QuantLinear, quantize_linears
+    from .quantize import WIDE_KINDS, QuantLinear, fp16_gemm_available, quantize_linears
 
-    m = quantize_linears(copy.deepcopy(model), mode, wide_rows=1)
-    linears = [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
+    kinds = kinds or [k for k in WIDE_KINDS if k != "fp16" or fp16_gemm_available()]
+    copies = {k: quantize_linears(copy.deepcopy(model), mode, wide_rows=1, wide_kind=k) for k in kinds}
+    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
+               for k, m in copies.items()}
+    runs = [("packed", kinds[0], None)] + [(k, k, 1) for k in kinds]
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, max(rows)), generator=torch.Generator().manual_seed(0))
     out = {}
     with torch.no_grad():
         for n in rows:
-            t = [[], []]
+            t = {name: [] for name, _, _ in runs}
             for _ in range(reps + 1):  # the first pass warms up
-                for j, wide in enumerate((None, 1)):
-                    for q in linears:
+                for name, kind, wide in runs:
+                    for q in linears[kind]:
                         q.wide_rows = wide
                     t0 = time.perf_counter()
-                    m(input_ids=ids[:, :n], use_cache=False)
-                    t[j].append((time.perf_counter() - t0) * 1000)
-            out[n] = [round(statistics.median(x[1:]), 3) for x in t]
+                    copies[kind](input_ids=ids[:, :n], use_cache=False)
+                    t[name].append((time.perf_counter() - t0) * 1000)
+            out[n] = {name: round(statistics.median(x[1:]), 3) for name, x in t.items()}
     return out
 
 
 def wide_rows_from(timings: dict) -> int | None:
-    """The fewest rows from which the bfloat16 copy beats the packed kernel at every larger count."""
+    """The fewest rows from which the wide copy beats the packed kernel at every larger count
+    ({rows: [ms packed, ms wide]})."""
     best = None
     for m_rows in sorted(timings, key=int, reverse=True):
         packed, wide = timings[m_rows]
@@ -173,6 +180,21 @@ def wide_rows_from(timings: dict) -> int | None:
             break
         best = int(m_rows)
     return best
+
+
+def choose_wide(timings: dict) -> tuple[int | None, str | None]:
+    """(wide_rows, wide_kind) from `time_wide`'s timings: the copy that wins from the fewest rows
+    (ties: the faster at the most rows); (None, None) where none wins."""
+    if not timings:
+        return None, None
+    top = max(timings, key=int)
+    kinds = [k for k in timings[top] if k != "packed"]
+    starts = {k: wide_rows_from({n: [t["packed"], t[k]] for n, t in timings.items()}) for k in kinds}
+    won = [k for k in kinds if starts[k] is not None]
+    if not won:
+        return None, None
+    kind = min(won, key=lambda k: (starts[k], timings[top][k]))
+    return starts[kind], kind
 
 
 def _quiet(threads: int) -> tuple[bool, float | None]:
@@ -219,8 +241,9 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     if entry is not None:
         timings = entry["timings_ms"]
         choice = min((m for m in allowed if m in timings), key=timings.get, default="none")
-        wide_rows = entry.get("wide_rows") if choice == entry.get("choice") else None
-        return {**entry, "choice": choice, "allowed": allowed, "wide_rows": wide_rows, "source": "cache",
+        same = choice == entry.get("choice")
+        return {**entry, "choice": choice, "allowed": allowed, "wide_rows": entry.get("wide_rows") if same else None,
+                "wide_kind": entry.get("wide_kind") if same else None, "source": "cache",
                 "path": str(path)}
     quiet, busy = _quiet(key["threads"])
     print(f"streaming-llm: timing int4, int8 and float32 decode steps for --quant auto (once per machine, "
@@ -229,8 +252,9 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     timings = time_modes(model)
     choice = min(allowed, key=timings.get)
     wide = time_wide(model, choice) if choice in ("int4", "int8") else {}
+    wide_rows, wide_kind = choose_wide(wide)
     entry = {"version": CACHE_VERSION, "key": key, "timings_ms": timings, "choice": choice, "allowed": allowed,
-             "wide_timings_ms": wide, "wide_rows": wide_rows_from(wide),
+             "wide_timings_ms": wide, "wide_rows": wide_rows, "wide_kind": wide_kind,
              "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": quiet, "busy_cores": busy,
              "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     written = _write(path, entry)
@@ -254,5 +278,5 @@ def choose_auto(model) -> str:
         model.config.streaming_llm_quant_calibration = {"source": "rule", "choice": fallback, "error": str(e)}
         return fallback
     model.config.streaming_llm_quant_calibration = {k: entry.get(k) for k in ("source", "choice", "timings_ms",
-                                                                          "wide_rows", "path")}
+                                                                          "wide_rows", "wide_kind", "path")}
     return entry["choice"]

@@ -7,6 +7,12 @@ float32 paths are 20-90x slower on this CPU) and returns float32 (`_weight_int8p
 asymmetric groups of 32 with a scale and a zero point, the same layout as GGUF Q4_1, so the
 default model's 4-bit weights map onto it almost exactly). Embedding lookups stay as they are.
 
+Many-row inputs (batched decode, chunked prefill) can take a *wide* copy of the weights instead,
+whose cost stays almost flat in the rows: bfloat16 through oneDNN (AMX where the CPU has it) or
+float16 through FBGEMM's packed float16 GEMM (`quantized::linear_dynamic_fp16`: float16 weights,
+float32 arithmetic; x86 builds of torch, fast on AVX2). Its input is rounded to bfloat16 like the
+packed kernels' input, so a row gives nearly the same numbers on either path.
+
 `--quant auto` is chosen by timing the formats on the machine at hand (`calibrate.py`).
 This changes the model's numbers slightly; `streaming-llm ppl` measures by how much. It does not
 touch attention or the cache.
@@ -21,6 +27,12 @@ from . import QUANT_CHOICES
 
 GROUP = 32
 COMPUTE = torch.bfloat16  # the kernels' fast input dtype; outputs are cast back
+WIDE_KINDS = ("bf16", "fp16")  # the wide copies (see the module docstring)
+
+
+def fp16_gemm_available() -> bool:
+    """Whether this torch build has FBGEMM's packed float16 linear (x86 builds do; ARM ones do not)."""
+    return hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 class QuantLinear(nn.Module):
@@ -28,19 +40,26 @@ class QuantLinear(nn.Module):
     bfloat16 (bits=16: oneDNN's bfloat16 matmul, AMX where the CPU has it).
 
     `wide_rows`: inputs of at least this many rows (batched decode, chunked prefill and
-    evaluation) go through a bfloat16 copy of the weights instead of the int4/int8 kernel, whose
-    cost grows with the rows while a bfloat16 matmul on AMX stays almost flat; None: never.
-    `--quant auto` measures where that pays on the machine at hand (`calibrate.py`)."""
+    evaluation) go through a `wide_kind` copy of the weights ("bf16": a bfloat16 matmul, flat on
+    AMX; "fp16": FBGEMM's packed float16 GEMM, flat on AVX2) instead of the int4/int8 kernel,
+    whose cost grows with the rows; None: never. `--quant auto` measures where that pays and which
+    copy on the machine at hand (`calibrate.py`)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, wide_rows: int | None = None):
+    def __init__(self, linear: nn.Linear, bits: int, wide_rows: int | None = None, wide_kind: str = "bf16"):
         super().__init__()
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        if wide_kind not in WIDE_KINDS:
+            raise ValueError(f"wide_kind must be one of {WIDE_KINDS}, got {wide_kind!r}")
         self.wide_rows = None if bits == 16 else wide_rows
-        # (N, K) bfloat16, read only by many-row inputs: a plain attribute, not a buffer, so that what
-        # counts a decode step's weight bytes (bench's bandwidth floor) does not count it
-        self.wide = None if self.wide_rows is None else w.to(COMPUTE)
+        self.wide_kind = wide_kind
+        # read only by many-row inputs: a plain attribute, not a buffer, so that what counts a decode
+        # step's weight bytes (bench's bandwidth floor) does not count it. bf16: the (N, K) tensor;
+        # fp16: FBGEMM's packed weights (an opaque torch object)
+        self.wide = None
+        if self.wide_rows is not None:
+            self.wide = w.to(COMPUTE) if wide_kind == "bf16" else torch.ops.quantized.linear_prepack_fp16(w, None)
         if bits == 16:
             self.register_buffer("qweight", w.to(COMPUTE))
             self.register_buffer("scales", None)
@@ -66,7 +85,10 @@ class QuantLinear(nn.Module):
         if self.bits == 16:
             y = torch.nn.functional.linear(x2, self.qweight)
         elif self.wide_rows is not None and x2.shape[0] >= self.wide_rows:
-            y = torch.nn.functional.linear(x2, self.wide)
+            if self.wide_kind == "bf16":
+                y = torch.nn.functional.linear(x2, self.wide)
+            else:  # float32 in and out; x2 is already rounded to bfloat16 as the packed kernels see it
+                y = torch.ops.quantized.linear_dynamic_fp16(x2.float(), self.wide)
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
@@ -77,7 +99,7 @@ class QuantLinear(nn.Module):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        wide = "" if self.wide_rows is None else f", bfloat16 from {self.wide_rows} rows"
+        wide = "" if self.wide_rows is None else f", {self.wide_kind} from {self.wide_rows} rows"
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{wide}"
 
 
@@ -113,21 +135,22 @@ def resolve_mode(model: nn.Module, mode: str) -> str:
     return "int4" if linears and on_grid >= 0.9 * len(linears) else "none"
 
 
-def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None) -> nn.Module:
+def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None, wide_kind: str = "bf16") -> nn.Module:
     """Replace every eligible nn.Linear of `model` in place (CPU, float32 in and out).
 
     "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
     head int8: the head is shared with the embedding, which GGUF files keep at higher precision.
     "bf16": all linears bfloat16 (AMX through oneDNN where the CPU has it: for prefill, chunked
     evaluation and batches, not for one-token decode). `wide_rows` (int4/int8): inputs of that
-    many rows or more use a bfloat16 copy of the weights (`QuantLinear`). "auto": the fastest
-    allowed format and `wide_rows` measured on this machine (`calibrate.choose_auto`; without a
-    measurement, `resolve_mode` and no wide path)."""
+    many rows or more use a `wide_kind` copy of the weights (`QuantLinear`). "auto": the fastest
+    allowed format, `wide_rows` and `wide_kind` measured on this machine (`calibrate.choose_auto`;
+    without a measurement, `resolve_mode` and no wide path)."""
     if mode == "auto":
         from .calibrate import choose_auto
 
         mode = choose_auto(model)
         wide_rows = model.config.streaming_llm_quant_calibration.get("wide_rows")
+        wide_kind = model.config.streaming_llm_quant_calibration.get("wide_kind") or "bf16"
     if mode == "none":
         return model
     if mode not in QUANT_MODES:
@@ -138,7 +161,8 @@ def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None) 
             if isinstance(child, nn.Linear):
                 bits = 16 if mode == "bf16" else 8 if mode == "int8" or child is head else 4
                 if quantizable(child, bits):
-                    setattr(parent, name, QuantLinear(child, bits, wide_rows))
+                    setattr(parent, name, QuantLinear(child, bits, wide_rows, wide_kind))
     model.config.streaming_llm_quant = mode
     model.config.streaming_llm_wide_rows = wide_rows if mode != "bf16" else None
+    model.config.streaming_llm_wide_kind = wide_kind if model.config.streaming_llm_wide_rows else None
     return model
