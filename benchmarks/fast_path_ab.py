@@ -5,6 +5,7 @@ Variants of the default model, all int4 decoder + int8 head (`--quant int4`):
   kv     bfloat16 KV ring (`kv_dtype`, what `auto` now picks for quantized models)
   fast   bfloat16 KV ring + the bfloat16 wide path for inputs of `--wide-rows` rows or more
   fp16   float32 KV ring + the float16 (FBGEMM) wide path for inputs of `--wide-rows` rows or more
+  auto   what `--quant auto` gives on this machine (its calibrated wide paths; the ring `auto` picks)
 For each cache size and batch size, one stream is prefilled (chunked) once per variant and copied
 into every row of a `StreamBatch` (batch 1: the single-stream engine), so every row decodes with a
 full cache (every step evicts); then the variants take turns, step by step, for `--steps` steps
@@ -24,7 +25,8 @@ import statistics
 import sys
 import time
 
-VARIANTS = {"base": (None, None), "kv": ("bfloat16", None), "fast": ("bfloat16", "bf16"), "fp16": (None, "fp16")}  # (ring, wide copy)
+VARIANTS = {"base": (None, None), "kv": ("bfloat16", None), "fast": ("bfloat16", "bf16"), "fp16": (None, "fp16"),
+            "auto": ("auto", "auto")}  # (ring, wide copy)
 
 
 def ints(text: str) -> list[int]:
@@ -72,7 +74,12 @@ def main(argv=None) -> int:
     models = {}
     for v in variants:
         wide = args.wide_rows if VARIANTS[v][1] else None
-        models[v] = quantize_linears(copy.deepcopy(base), "int4", wide_rows=wide, wide_kind=VARIANTS[v][1] or "bf16")
+        if v == "auto":
+            models[v] = quantize_linears(copy.deepcopy(base), "auto")
+            print(f"auto: {models[v].config.streaming_llm_quant_calibration}", file=sys.stderr)
+        else:
+            models[v] = quantize_linears(copy.deepcopy(base), "int4", wide_rows=wide,
+                                         wide_kind=VARIANTS[v][1] or "bf16")
     del base
     vocab = models[variants[0]].config.get_text_config(decoder=True).vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -98,6 +98,11 @@ def test_auto_calibration_is_measured_once_cached_and_forced_again(tmp_path, mon
     info = q.config.streaming_llm_quant_calibration
     assert info["source"] == "cache" and getattr(q.config, "streaming_llm_quant", "none") == info["choice"]
     assert info["wide_kind"] == first["wide_kind"]  # the wide copy's kind travels with its row count
+    assert (first["head_wide_rows"], first["head_wide_kind"]) == calibrate.choose_wide(first["head_timings_ms"])
+    head = q.get_output_embeddings()
+    if info["choice"] != "none":  # the tiny model may time fastest as it is
+        assert info["head_wide_rows"] == head.wide_rows
+        assert head.wide_rows is None or head.wide_kind == info["head_wide_kind"]
 
 
 def test_calibration_taken_while_busy_is_redone_when_quiet(tmp_path, monkeypatch):
@@ -211,6 +216,29 @@ def test_wide_rows_is_the_start_of_the_run_where_bf16_wins():
     timings = time_wide(_grid_model(), "int4", rows=(1, 8), reps=1)
     kinds = {"packed", "bf16"} | ({"fp16"} if fp16_gemm_available() else set())
     assert set(timings) == {1, 8} and all(set(v) == kinds and min(v.values()) > 0 for v in timings.values())
+
+
+def test_the_head_has_its_own_wide_path_timed_alone_from_one_row():
+    from streaming_llm.models.calibrate import time_head, wide_kinds
+
+    kind = wide_kinds()[-1]
+    q = quantize_linears(_grid_model(), "int4", wide_rows=8, wide_kind="bf16", head_wide=(1, kind))
+    head = q.get_output_embeddings()
+    assert (head.wide_rows, head.wide_kind) == (1, kind) and head.bits == 8
+    assert {(m.wide_rows, m.wide_kind) for m in q.modules() if isinstance(m, QuantLinear) and m is not head} == {(8, "bf16")}
+    timings = time_head(_grid_model(), "int4", rows=(1, 4), reps=1)
+    assert set(timings) == {1, 4} and all(set(v) == {"packed", *wide_kinds()} for v in timings.values())
+    assert time_head(_grid_model(), "bf16", rows=(1,), reps=1) == {}  # nothing packed to compare with
+
+
+def test_a_wide_copy_that_serves_every_input_is_counted_instead_of_the_packed_weights():
+    from streaming_llm.bench.hardware import weight_bytes
+
+    plain = weight_bytes(quantize_linears(_grid_model(), "int4"))["weight_bytes"]
+    m = quantize_linears(_grid_model(), "int4", head_wide=(1, "bf16"))
+    head = m.get_output_embeddings()
+    packed = sum(t.numel() * t.element_size() for t in head.buffers())
+    assert weight_bytes(m)["weight_bytes"] == plain - packed + 2 * head.in_features * head.out_features
 
 
 def test_the_wide_copy_is_not_counted_as_weights_a_decode_step_reads():

@@ -173,8 +173,13 @@ def weight_bytes(model) -> dict:
     """Bytes of weights a decode step reads, in their stored dtype: every parameter and buffer
     once (tied tensors count once; int8/int4 packed weights held as buffers count as stored),
     except the input embedding table, of which a step reads one row, unless it is tied to the
-    output head (then the head reads all of it)."""
+    output head (then the head reads all of it). A quantized linear whose wide copy serves every
+    input (`QuantLinear.wide_rows == 1`) counts that copy, 2 bytes a weight, instead of its buffers."""
     seen, total = set(), 0
+    for m in model.modules():
+        if getattr(m, "wide_rows", None) == 1 and getattr(m, "wide", None) is not None:
+            seen.update(t.data_ptr() for t in m.buffers(recurse=False))  # a decode step does not read these
+            total += 2 * m.in_features * m.out_features
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed_w = getattr(embed, "weight", None)

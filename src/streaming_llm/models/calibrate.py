@@ -25,8 +25,14 @@ builds of torch; the flat one on AVX2-only CPUs). So the same first load also ti
 between the packed kernels and each wide copy, interleaved, and records `wide_rows` and
 `wide_kind`: for each copy, the fewest rows from which it is faster at every larger count
 measured; the copy with the fewest such rows wins (ties: the faster at 32 rows); None: neither
-ever wins. `quantize_linears` then gives every linear that wide path (`QuantLinear.wide_rows`;
-it costs a copy of the weights in memory, 2 bytes a weight). Single-token decode is untouched by it.
+ever wins. `quantize_linears` then gives every decoder linear that wide path
+(`QuantLinear.wide_rows`; it costs a copy of the weights in memory, 2 bytes a weight).
+Single-token decode is untouched by it.
+
+The output head is timed on its own (`time_head`: one linear of 49152x576 on the default model,
+too big for any cache, so timing it alone is what it costs in a forward), from 1 row up, and gets
+its own `head_wide_rows` / `head_wide_kind` by the same rule: on the AVX2 EPYC the float16 head
+beats the int8 kernel from one row on, so even single-token decode uses it there.
 
 This module measures and caches; it does not quantize the model it is given (it times copies).
 """
@@ -41,9 +47,11 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
-CACHE_VERSION = 3  # 2: entries record wide_rows; 3: wide_kind, and the timings of each kind
+CACHE_VERSION = 3  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice
+_WIDE_KEYS = ("wide_rows", "wide_kind", "head_wide_rows", "head_wide_kind")
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
 TIMED = ("int4", "int8", "none")
@@ -52,7 +60,9 @@ WARMUP = 2
 STEPS = 8
 WIDE_ROWS = (2, 4, 8, 16, 32)  # tokens per timed forward (single-token decode never takes the wide path)
 WIDE_REPS = 2
-WIDE_MARGIN = 0.9  # bfloat16 must be at least 10% faster to be used
+WIDE_MARGIN = 0.9  # a wide copy must be at least 10% faster to be used
+HEAD_ROWS = (1,) + WIDE_ROWS  # rows per timed call of the head alone
+HEAD_REPS = 7
 _SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 
@@ -143,15 +153,15 @@ def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS, kinds=Non
     the decoder) through `mode` copies of the model, their linears switched between the packed
     kernel and each wide copy in `kinds` (default: every one this torch build has), interleaved:
     {rows: {"packed": ms, kind: ms, ...}}. The real weights, so each copy pays its real memory
-    traffic."""
+    traffic. The head keeps its packed kernel here (`time_head` times it)."""
     import torch
 
-    from .quantize import WIDE_KINDS, QuantLinear, fp16_gemm_available, quantize_linears
+    from .quantize import QuantLinear, quantize_linears
 
-    kinds = kinds or [k for k in WIDE_KINDS if k != "fp16" or fp16_gemm_available()]
+    kinds = kinds or wide_kinds()
     copies = {k: quantize_linears(copy.deepcopy(model), mode, wide_rows=1, wide_kind=k) for k in kinds}
-    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
-               for k, m in copies.items()}
+    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None
+                   and q is not m.get_output_embeddings()] for k, m in copies.items()}  # the head: time_head
     runs = [("packed", kinds[0], None)] + [(k, k, 1) for k in kinds]
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, max(rows)), generator=torch.Generator().manual_seed(0))
@@ -167,6 +177,47 @@ def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS, kinds=Non
                     copies[kind](input_ids=ids[:, :n], use_cache=False)
                     t[name].append((time.perf_counter() - t0) * 1000)
             out[n] = {name: round(statistics.median(x[1:]), 3) for name, x in t.items()}
+    return out
+
+
+def wide_kinds() -> list[str]:
+    from .quantize import WIDE_KINDS, fp16_gemm_available
+
+    return [k for k in WIDE_KINDS if k != "fp16" or fp16_gemm_available()]
+
+
+def time_head(model, mode: str, rows=HEAD_ROWS, reps: int = HEAD_REPS, kinds=None) -> dict:
+    """ms of one call of the output head alone, `mode`'s packed kernel against each wide copy, on
+    inputs of `rows` rows, interleaved: {rows: {"packed": ms, kind: ms, ...}}; {} if the head is
+    not quantized in `mode`."""
+    import torch
+
+    from .quantize import QuantLinear, quantize_linears
+
+    head = model.get_output_embeddings()
+    one = torch.nn.Sequential(torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None))
+    with torch.no_grad():
+        one[0].weight.copy_(head.weight)
+        if head.bias is not None:
+            one[0].bias.copy_(head.bias)
+    one.get_output_embeddings = lambda: one[0]  # so that quantize_linears applies the head's rule to it
+    one.config = types.SimpleNamespace()  # where quantize_linears records what it did
+    heads = {k: quantize_linears(copy.deepcopy(one), mode, wide_rows=1, wide_kind=k)[0] for k in kinds or wide_kinds()}
+    if not all(isinstance(q, QuantLinear) and q.wide is not None for q in heads.values()):
+        return {}
+    out = {}
+    with torch.no_grad():
+        for n in rows:
+            x = torch.randn(n, head.in_features, generator=torch.Generator().manual_seed(n))
+            t = {"packed": [], **{k: [] for k in heads}}
+            for _ in range(reps + 1):  # the first pass warms up
+                for name in t:
+                    q = heads[name] if name != "packed" else next(iter(heads.values()))
+                    q.wide_rows = None if name == "packed" else 1
+                    t0 = time.perf_counter()
+                    q(x)
+                    t[name].append((time.perf_counter() - t0) * 1000)
+            out[n] = {name: round(statistics.median(v[1:]), 3) for name, v in t.items()}
     return out
 
 
@@ -242,8 +293,8 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
         timings = entry["timings_ms"]
         choice = min((m for m in allowed if m in timings), key=timings.get, default="none")
         same = choice == entry.get("choice")
-        return {**entry, "choice": choice, "allowed": allowed, "wide_rows": entry.get("wide_rows") if same else None,
-                "wide_kind": entry.get("wide_kind") if same else None, "source": "cache",
+        wide = {k: entry.get(k) if same else None for k in _WIDE_KEYS}
+        return {**entry, **wide, "choice": choice, "allowed": allowed, "source": "cache",
                 "path": str(path)}
     quiet, busy = _quiet(key["threads"])
     print(f"streaming-llm: timing int4, int8 and float32 decode steps for --quant auto (once per machine, "
@@ -252,9 +303,12 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     timings = time_modes(model)
     choice = min(allowed, key=timings.get)
     wide = time_wide(model, choice) if choice in ("int4", "int8") else {}
+    head = time_head(model, choice) if choice in ("int4", "int8") else {}
     wide_rows, wide_kind = choose_wide(wide)
+    head_rows, head_kind = choose_wide(head)
     entry = {"version": CACHE_VERSION, "key": key, "timings_ms": timings, "choice": choice, "allowed": allowed,
              "wide_timings_ms": wide, "wide_rows": wide_rows, "wide_kind": wide_kind,
+             "head_timings_ms": head, "head_wide_rows": head_rows, "head_wide_kind": head_kind,
              "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": quiet, "busy_cores": busy,
              "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     written = _write(path, entry)
@@ -278,5 +332,5 @@ def choose_auto(model) -> str:
         model.config.streaming_llm_quant_calibration = {"source": "rule", "choice": fallback, "error": str(e)}
         return fallback
     model.config.streaming_llm_quant_calibration = {k: entry.get(k) for k in ("source", "choice", "timings_ms",
-                                                                          "wide_rows", "wide_kind", "path")}
+                                                                          *_WIDE_KEYS, "path")}
     return entry["choice"]

@@ -135,22 +135,26 @@ def resolve_mode(model: nn.Module, mode: str) -> str:
     return "int4" if linears and on_grid >= 0.9 * len(linears) else "none"
 
 
-def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None, wide_kind: str = "bf16") -> nn.Module:
+def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None, wide_kind: str = "bf16",
+                     head_wide: tuple[int | None, str] | None = None) -> nn.Module:
     """Replace every eligible nn.Linear of `model` in place (CPU, float32 in and out).
 
     "int8": all linears int8 per channel. "int4": decoder linears int4 (groups of 32), the output
     head int8: the head is shared with the embedding, which GGUF files keep at higher precision.
     "bf16": all linears bfloat16 (AMX through oneDNN where the CPU has it: for prefill, chunked
     evaluation and batches, not for one-token decode). `wide_rows` (int4/int8): inputs of that
-    many rows or more use a `wide_kind` copy of the weights (`QuantLinear`). "auto": the fastest
-    allowed format, `wide_rows` and `wide_kind` measured on this machine (`calibrate.choose_auto`;
-    without a measurement, `resolve_mode` and no wide path)."""
+    many rows or more use a `wide_kind` copy of the weights (`QuantLinear`); `head_wide`
+    (rows, kind) gives the output head its own (None: as the others). "auto": the fastest allowed
+    format and both wide paths measured on this machine (`calibrate.choose_auto`; without a
+    measurement, `resolve_mode` and no wide path)."""
     if mode == "auto":
         from .calibrate import choose_auto
 
         mode = choose_auto(model)
         wide_rows = model.config.streaming_llm_quant_calibration.get("wide_rows")
         wide_kind = model.config.streaming_llm_quant_calibration.get("wide_kind") or "bf16"
+        head_wide = (model.config.streaming_llm_quant_calibration.get("head_wide_rows"),
+                     model.config.streaming_llm_quant_calibration.get("head_wide_kind") or "bf16")
     if mode == "none":
         return model
     if mode not in QUANT_MODES:
@@ -160,9 +164,11 @@ def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None, 
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 bits = 16 if mode == "bf16" else 8 if mode == "int8" or child is head else 4
+                rows, kind = head_wide if child is head and head_wide is not None else (wide_rows, wide_kind)
                 if quantizable(child, bits):
-                    setattr(parent, name, QuantLinear(child, bits, wide_rows, wide_kind))
+                    setattr(parent, name, QuantLinear(child, bits, rows, kind))
     model.config.streaming_llm_quant = mode
     model.config.streaming_llm_wide_rows = wide_rows if mode != "bf16" else None
     model.config.streaming_llm_wide_kind = wide_kind if model.config.streaming_llm_wide_rows else None
+    model.config.streaming_llm_head_wide = head_wide if mode != "bf16" else None
     return model
