@@ -201,10 +201,10 @@ class SinkWindowLayer(CacheLayerMixin):
             # early decode): ordinary causal attention over the tokens so far, no empty ring slots.
             # The ring has not wrapped, so slot i holds stream token i.
             if p.written:
-                keys, values = self.keys[sel][:, :, : n0 + c], self.values[sel][:, :, : n0 + c]
+                keys, values = self.keys[:, :, : n0 + c][sel], self.values[:, :, : n0 + c][sel]
             else:
-                keys = torch.cat([self.keys[sel][:, :, :n0], p.keys], dim=-2)
-                values = torch.cat([self.values[sel][:, :, :n0], p.values], dim=-2)
+                keys = torch.cat([self.keys[:, :, :n0][sel], p.keys], dim=-2)
+                values = torch.cat([self.values[:, :, :n0][sel], p.values], dim=-2)
             return AttentionPlan(keys, values, None, zero_slot=self.zero_slot, causal=True)
         dev = p.keys.device
         seen = torch.tensor(p.seen, device=dev)  # (B,)
@@ -221,7 +221,7 @@ class SinkWindowLayer(CacheLayerMixin):
             ], dim=1)[:, None, :]  # (B, 1, N)
             if used == w:
                 return AttentionPlan(self.keys[sel], self.values[sel], mask)
-            return AttentionPlan(self.keys[sel][:, :, : s + used], self.values[sel][:, :, : s + used], mask)
+            return AttentionPlan(self.keys[:, :, : s + used][sel], self.values[:, :, : s + used][sel], mask)
         t = seen[:, None] + torch.arange(c, device=dev)[None, :]  # (B, C) query stream indices
         ring_start = torch.clamp(seen - w, min=s)  # oldest stream index the ring still holds
         last = (seen - 1)[:, None]
@@ -231,8 +231,8 @@ class SinkWindowLayer(CacheLayerMixin):
         u_win = torch.cat([u_ring, u_chunk], dim=1)[:, None, :]  # (B, 1, w + C)
         tt = t[:, :, None]
         mask = (u_win >= 0) & (u_win <= tt) & (u_win > tt - w)  # (B, C, w + C)
-        keys = torch.cat([self.keys[sel][:, :, s : s + w], p.keys], dim=-2)
-        values = torch.cat([self.values[sel][:, :, s : s + w], p.values], dim=-2)
+        keys = torch.cat([self.keys[:, :, s : s + w][sel], p.keys], dim=-2)
+        values = torch.cat([self.values[:, :, s : s + w][sel], p.values], dim=-2)
         n_sinks = min(s, max(p.seen) + c)
         shift = torch.tensor([self._shift(r) for r in p.rows], device=dev)[:, None]
         if self.owner.positions == "absolute":
@@ -243,8 +243,8 @@ class SinkWindowLayer(CacheLayerMixin):
             keys,
             values,
             mask,
-            sink_keys=self.sink_keys[sel][:, :, :n_sinks],
-            sink_values=self.values[sel][:, :, :n_sinks].to(p.values.dtype),
+            sink_keys=self.sink_keys[:, :, :n_sinks][sel],
+            sink_values=self.values[:, :, :n_sinks][sel].to(p.values.dtype),
             sink_mask=torch.arange(n_sinks, device=dev)[None, None, :] <= tt,
             sink_delta=delta,
             rope=self.rope,
