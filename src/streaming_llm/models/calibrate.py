@@ -47,7 +47,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 CACHE_VERSION = 3  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice
@@ -159,9 +158,10 @@ def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS, kinds=Non
     from .quantize import QuantLinear, quantize_linears
 
     kinds = kinds or wide_kinds()
-    copies = {k: quantize_linears(copy.deepcopy(model), mode, wide_rows=1, wide_kind=k) for k in kinds}
-    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None
-                   and q is not m.get_output_embeddings()] for k, m in copies.items()}  # the head: time_head
+    copies = {k: quantize_linears(copy.deepcopy(model), mode, wide_rows=1, wide_kind=k, head_wide=(None, k))
+              for k in kinds}  # the head without a wide copy: time_head times it
+    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
+               for k, m in copies.items()}
     runs = [("packed", kinds[0], None)] + [(k, k, 1) for k in kinds]
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, max(rows)), generator=torch.Generator().manual_seed(0))
@@ -188,32 +188,24 @@ def wide_kinds() -> list[str]:
 
 def time_head(model, mode: str, rows=HEAD_ROWS, reps: int = HEAD_REPS, kinds=None) -> dict:
     """ms of one call of the output head alone, `mode`'s packed kernel against each wide copy, on
-    inputs of `rows` rows, interleaved: {rows: {"packed": ms, kind: ms, ...}}; {} if the head is
-    not quantized in `mode`."""
+    inputs of `rows` rows, interleaved: {rows: {"packed": ms, kind: ms, ...}}; {} if `mode` gives
+    the head no wide copy."""
     import torch
 
-    from .quantize import QuantLinear, quantize_linears
+    from .quantize import QuantLinear, format_bits
 
     head = model.get_output_embeddings()
-    one = torch.nn.Sequential(torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None))
-    with torch.no_grad():
-        one[0].weight.copy_(head.weight)
-        if head.bias is not None:
-            one[0].bias.copy_(head.bias)
-    one.get_output_embeddings = lambda: one[0]  # so that quantize_linears applies the head's rule to it
-    one.config = types.SimpleNamespace()  # where quantize_linears records what it did
-    heads = {k: quantize_linears(copy.deepcopy(one), mode, wide_rows=1, wide_kind=k)[0] for k in kinds or wide_kinds()}
-    if not all(isinstance(q, QuantLinear) and q.wide is not None for q in heads.values()):
+    bits = format_bits(mode, True)
+    if bits == 16:
         return {}
+    heads = {"packed": QuantLinear(head, bits), **{k: QuantLinear(head, bits, 1, k) for k in kinds or wide_kinds()}}
     out = {}
     with torch.no_grad():
         for n in rows:
             x = torch.randn(n, head.in_features, generator=torch.Generator().manual_seed(n))
-            t = {"packed": [], **{k: [] for k in heads}}
+            t = {name: [] for name in heads}
             for _ in range(reps + 1):  # the first pass warms up
-                for name in t:
-                    q = heads[name] if name != "packed" else next(iter(heads.values()))
-                    q.wide_rows = None if name == "packed" else 1
+                for name, q in heads.items():
                     t0 = time.perf_counter()
                     q(x)
                     t[name].append((time.perf_counter() - t0) * 1000)

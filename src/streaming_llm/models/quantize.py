@@ -103,6 +103,11 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{wide}"
 
 
+def format_bits(mode: str, is_head: bool) -> int:
+    """The bits `quantize_linears` gives a linear in `mode` (the head: int8 in int4 mode)."""
+    return 16 if mode == "bf16" else 8 if mode == "int8" or is_head else 4
+
+
 def quantizable(linear: nn.Linear, bits: int) -> bool:
     return bits != 4 or linear.in_features % GROUP == 0
 
@@ -163,7 +168,7 @@ def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None, 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                bits = 16 if mode == "bf16" else 8 if mode == "int8" or child is head else 4
+                bits = format_bits(mode, child is head)
                 rows, kind = head_wide if child is head and head_wide is not None else (wide_rows, wide_kind)
                 if quantizable(child, bits):
                     setattr(parent, name, QuantLinear(child, bits, rows, kind))
