@@ -228,16 +228,18 @@ def test_bfloat16_kv_ring_stays_close_to_float32_in_every_path(arch):
 def test_kv_dtype_auto_follows_quantization_and_rejects_unknown_names():
     from streaming_llm.models.quantize import quantize_linears
 
-    from streaming_llm.core.engine import cpu_has_native_bfloat16, resolve_kv_dtype
+    from streaming_llm.core.engine import resolve_kv_dtype
 
     assert engine(tiny_model("llama")).kv_dtype is None
     quantized = quantize_linears(tiny_model("llama"), "int8")
-    native = torch.bfloat16 if cpu_has_native_bfloat16() else None  # AVX2-only CPUs keep float32
-    assert engine(quantized).kv_dtype == native
-    for has_bf16, want in ((True, torch.bfloat16), (False, None)):
-        assert resolve_kv_dtype(quantized, StreamingConfig(), "auto", native_bf16=has_bf16) == want
-        assert resolve_kv_dtype(tiny_model("llama"), StreamingConfig(), "auto", native_bf16=has_bf16) is None
-        assert resolve_kv_dtype(quantized, StreamingConfig(recall_blocks=2), "auto", native_bf16=has_bf16) is None
+    recorded = quantized.config.streaming_llm_kv_ring  # what models.kv_ring chose on this machine
+    assert recorded in ("bfloat16", "float32")
+    assert engine(quantized).kv_dtype == (torch.bfloat16 if recorded == "bfloat16" else None)
+    for ring, want in (("bfloat16", torch.bfloat16), ("float32", None)):
+        quantized.config.streaming_llm_kv_ring = ring
+        assert resolve_kv_dtype(quantized, StreamingConfig(), "auto") == want
+        assert resolve_kv_dtype(tiny_model("llama"), StreamingConfig(), "auto") is None
+        assert resolve_kv_dtype(quantized, StreamingConfig(recall_blocks=2), "auto") is None
     assert engine(quantized, recall_blocks=2).kv_dtype is None
     with pytest.raises(UserError):
         StreamingLLM(tiny_model("llama"), None, StreamingConfig(), kv_dtype="int3")

@@ -78,7 +78,7 @@ def test_auto_calibration_is_measured_once_cached_and_forced_again(tmp_path, mon
 
     monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
     monkeypatch.delenv(calibrate.RECALIBRATE_ENV, raising=False)
-    monkeypatch.setattr(calibrate, "_quiet", lambda threads: (True, 0.0))
+    monkeypatch.setattr(calibrate, "quiet", lambda threads: (True, 0.0))
     model = _grid_model()
     first = calibrate.calibrate(model)
     assert first["source"] == "measured" and set(first["timings_ms"]) == {"int4", "int8", "none"}
@@ -111,10 +111,10 @@ def test_calibration_taken_while_busy_is_redone_when_quiet(tmp_path, monkeypatch
     monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
     monkeypatch.delenv(calibrate.RECALIBRATE_ENV, raising=False)
     model = _grid_model()
-    monkeypatch.setattr(calibrate, "_quiet", lambda threads: (False, 2.0))
+    monkeypatch.setattr(calibrate, "quiet", lambda threads: (False, 2.0))
     assert calibrate.calibrate(model)["source"] == "measured"
     assert calibrate.calibrate(model)["source"] == "cache"  # still busy: the busy result is reused
-    monkeypatch.setattr(calibrate, "_quiet", lambda threads: (True, 0.0))
+    monkeypatch.setattr(calibrate, "quiet", lambda threads: (True, 0.0))
     entry = calibrate.calibrate(model)
     assert entry["source"] == "measured" and entry["quiet"] is True
     assert calibrate.calibrate(model)["source"] == "cache"
@@ -136,6 +136,46 @@ def test_auto_without_calibration_keeps_the_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "time_modes", broken)
     assert calibrate.choose_auto(_grid_model()) == "int4"  # a failed measurement: the rule
     assert not list(tmp_path.glob("calibration/*.json"))
+
+
+# ---- the ring dtype that pays on this CPU (models/kv_ring.py) --------------------------------
+def test_kv_ring_picks_bfloat16_only_where_its_attention_is_faster():
+    from streaming_llm.models import kv_ring
+
+    assert kv_ring.pick({"bfloat16": {"1": 0.1, "8": 0.5}, "float32": {"1": 0.2, "8": 0.9}}) == "bfloat16"
+    # the AMD EPYC with AVX512-BF16 and no AMX: bfloat16 4.5x slower at 8 rows
+    assert kv_ring.pick({"bfloat16": {"1": 0.51, "8": 4.46}, "float32": {"1": 0.1, "8": 1.0}}) == "float32"
+    t = kv_ring.time_rings(tiny_model("llama"), slots=64, reps=2, warmup=1)
+    assert set(t) == {"bfloat16", "float32"} and all(set(v) == {"1", "8"} for v in t.values())
+    assert all(ms > 0 for v in t.values() for ms in v.values())
+
+
+def test_kv_ring_is_measured_once_cached_and_recorded_by_quantize(tmp_path, monkeypatch):
+    from streaming_llm.models import calibrate, kv_ring
+
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(calibrate.RECALIBRATE_ENV, raising=False)
+    monkeypatch.setattr(calibrate, "quiet", lambda threads: (True, 0.0))
+    monkeypatch.setattr(kv_ring, "cpu_has_native_bfloat16", lambda: True)
+    timed = []
+    fake = {"bfloat16": {"1": 1.0, "8": 9.0}, "float32": {"1": 0.5, "8": 2.0}}
+    monkeypatch.setattr(kv_ring, "time_rings", lambda model: timed.append(1) or fake)
+    model = tiny_model("llama")
+    first = kv_ring.choose(model)
+    assert first["source"] == "measured" and first["choice"] == "float32" and first["timings_ms"] == fake
+    assert [str(f) for f in (tmp_path / "calibration").glob("kv-*.json")] == [first["path"]]
+    assert kv_ring.choose(model)["source"] == "cache" and len(timed) == 1
+    monkeypatch.setenv(calibrate.RECALIBRATE_ENV, "1")
+    assert kv_ring.choose(model)["source"] == "measured" and len(timed) == 2
+    monkeypatch.delenv(calibrate.RECALIBRATE_ENV)
+    q = quantize_linears(tiny_model("llama"), "int8")  # reads the cached choice
+    assert q.config.streaming_llm_kv_ring == "float32" and q.config.streaming_llm_kv_ring_calibration["source"] == "cache"
+    assert StreamingLLM(q, None, StreamingConfig(sinks=2, window=8)).kv_dtype is None  # what was measured
+    monkeypatch.setenv(calibrate.CALIBRATE_ENV, "0")  # off: the flag rule, nothing timed
+    assert kv_ring.choose(model) == {"choice": "bfloat16", "source": "rule"} and len(timed) == 2
+    monkeypatch.delenv(calibrate.CALIBRATE_ENV)
+    monkeypatch.setattr(kv_ring, "cpu_has_native_bfloat16", lambda: False)  # AVX2 only: float32, untimed
+    assert kv_ring.choose(model) == {"choice": "float32", "source": "rule"} and len(timed) == 2
 
 
 def test_calibration_key_depends_on_threads_and_shapes(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ one interface (`streams.py`): `streaming` and `window` use `StreamingCache`; `de
 transformers' `DynamicCache` (absolute positions, no eviction); `recompute` keeps only the last
 sinks+window token ids and recomputes every token from scratch over them. Many streams in one
 forward: `batch.StreamBatch`. The streaming cache's storage dtype is `kv_dtype` (`resolve_kv_dtype`:
-bfloat16 for models whose linears were quantized for CPU speed, on CPUs with native bfloat16
-arithmetic, else the model's own).
+bfloat16 for models whose linears were quantized for CPU speed, on CPUs where attention over a
+bfloat16 ring was measured faster (`models.kv_ring`), else the model's own).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from . import attention
 from .cache import StreamingCache
 from .config import StreamingConfig
 from ..errors import UnsupportedModelError, UserError
+from ..models import kv_ring
 from .rope import find_rotary_module, layer_ropes
 from .sampling import SamplingParams, Sampler, TextDecoder, token_logprobs
 from .streams import DenseStream, RecomputeStream, SinkStream
@@ -70,28 +71,19 @@ def layer_shapes(model, config: StreamingConfig) -> list[tuple[int, int]]:
 KV_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 dot products in hardware (AVX512-BF16 or AMX). Without
-    them torch converts every bfloat16 element to float32 first: a bfloat16 ring then costs more
-    time than the bytes it saves (AMD EPYC, AVX2 only, 2 threads, cache 1024: 78.5 against 54.9 ms
-    per step at batch 1, 297 against 152 at batch 8; `benchmarks/fast_path_ab.py`, BENCHMARKS.md)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
-def resolve_kv_dtype(model, config: StreamingConfig, kv_dtype, native_bf16: bool | None = None) -> torch.dtype | None:
-    """The streaming cache's storage dtype; None: the model's own. "auto": bfloat16 where the
-    model's linears were quantized for CPU speed (`models.quantize`: that fast path already
-    trades float32 exactness for speed, within its measured perplexity budget, and a bfloat16
-    ring halves the bytes each decode step reads) on a CPU with native bfloat16 arithmetic
-    (`native_bf16`, default `cpu_has_native_bfloat16()`), else the model's dtype, so the float32
-    path stays exact. Recall keeps the model's dtype (its store copies the ring's keys)."""
+def resolve_kv_dtype(model, config: StreamingConfig, kv_dtype) -> torch.dtype | None:
+    """The streaming cache's storage dtype; None: the model's own. "auto": the ring dtype recorded
+    for a model whose linears were quantized for CPU speed (`models.kv_ring`: bfloat16 where this
+    CPU's attention over it was measured faster; that fast path already trades float32 exactness
+    for speed, within its measured perplexity budget), else the model's dtype, so the float32 path
+    stays exact. Recall keeps the model's dtype (its store copies the ring's keys)."""
     if kv_dtype == "auto":
         quantized = getattr(model.config, "streaming_llm_quant", "none") not in (None, "none")
         on_cpu = next(model.parameters()).device.type == "cpu"
         if not (quantized and on_cpu and not config.recall_blocks):
             return None
-        return torch.bfloat16 if (cpu_has_native_bfloat16() if native_bf16 is None else native_bf16) else None
+        ring = getattr(model.config, "streaming_llm_kv_ring", None) or kv_ring.rule()
+        return torch.bfloat16 if ring == "bfloat16" else None
     if kv_dtype is None or isinstance(kv_dtype, torch.dtype):
         return kv_dtype
     if kv_dtype not in KV_DTYPES:

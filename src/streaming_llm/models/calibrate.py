@@ -240,7 +240,7 @@ def choose_wide(timings: dict) -> tuple[int | None, str | None]:
     return starts[kind], kind
 
 
-def _quiet(threads: int) -> tuple[bool, float | None]:
+def quiet(threads: int) -> tuple[bool, float | None]:
     """Whether the machine has `threads` free cores now (other processes' load, sampled)."""
     from .threads import busy_cores
 
@@ -248,7 +248,7 @@ def _quiet(threads: int) -> tuple[bool, float | None]:
     return (busy is None or (os.cpu_count() or 1) - busy >= threads - 0.5), busy
 
 
-def _read(path: Path) -> dict | None:
+def read_entry(path: Path) -> dict | None:
     try:
         entry = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -256,10 +256,10 @@ def _read(path: Path) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("version") == CACHE_VERSION and "timings_ms" in entry else None
 
 
-def _write(path: Path, entry: dict) -> bool:
+def write_entry(path: Path, entry: dict, prefix: str = ".quant-") -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".quant-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f, indent=1)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
@@ -276,10 +276,9 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     allowed = allowed_modes(model)
     key = machine_key(model)
     path = cache_path(key)
-    entry = None if recalibrate else _read(path)
+    entry = None if recalibrate else read_entry(path)
     if entry is not None and not entry.get("quiet", True):
-        quiet, _ = _quiet(key["threads"])
-        if quiet:  # measured on a busy machine, and this one is quiet: measure again
+        if quiet(key["threads"])[0]:  # measured on a busy machine, and this one is quiet: measure again
             entry = None
     if entry is not None:
         timings = entry["timings_ms"]
@@ -288,7 +287,7 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
         wide = {k: entry.get(k) if same else None for k in _WIDE_KEYS}
         return {**entry, **wide, "choice": choice, "allowed": allowed, "source": "cache",
                 "path": str(path)}
-    quiet, busy = _quiet(key["threads"])
+    is_quiet, busy = quiet(key["threads"])
     print(f"streaming-llm: timing int4, int8 and float32 decode steps for --quant auto (once per machine, "
           f"~{STEPS + WARMUP} steps each)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -301,9 +300,9 @@ def calibrate(model, recalibrate: bool | None = None) -> dict:
     entry = {"version": CACHE_VERSION, "key": key, "timings_ms": timings, "choice": choice, "allowed": allowed,
              "wide_timings_ms": wide, "wide_rows": wide_rows, "wide_kind": wide_kind,
              "head_timings_ms": head, "head_wide_rows": head_rows, "head_wide_kind": head_kind,
-             "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": quiet, "busy_cores": busy,
+             "prefill": PREFILL, "steps": STEPS, "warmup": WARMUP, "quiet": is_quiet, "busy_cores": busy,
              "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    written = _write(path, entry)
+    written = write_entry(path, entry)
     return {**entry, "source": "measured", "path": str(path) if written else None}
 
 

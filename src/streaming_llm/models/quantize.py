@@ -15,7 +15,8 @@ packed kernels' input, so a row gives nearly the same numbers on either path.
 
 `--quant auto` is chosen by timing the formats on the machine at hand (`calibrate.py`).
 This changes the model's numbers slightly; `streaming-llm ppl` measures by how much. It does not
-touch attention or the cache.
+touch attention or the cache; it only records which ring dtype pays for a quantized model on this
+CPU (`kv_ring.py`, read by `core.engine.resolve_kv_dtype`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import QUANT_CHOICES
+from . import QUANT_CHOICES, kv_ring
 
 GROUP = 32
 COMPUTE = torch.bfloat16  # the kernels' fast input dtype; outputs are cast back
@@ -176,4 +177,7 @@ def quantize_linears(model: nn.Module, mode: str, wide_rows: int | None = None, 
     model.config.streaming_llm_wide_rows = wide_rows if mode != "bf16" else None
     model.config.streaming_llm_wide_kind = wide_kind if model.config.streaming_llm_wide_rows else None
     model.config.streaming_llm_head_wide = head_wide if mode != "bf16" else None
+    ring = kv_ring.choose(model)  # the streaming cache's storage dtype that pays here (core.engine reads it)
+    model.config.streaming_llm_kv_ring = ring["choice"]
+    model.config.streaming_llm_kv_ring_calibration = {k: ring.get(k) for k in ("source", "timings_ms", "path")}
     return model
