@@ -243,3 +243,20 @@ def test_kv_dtype_auto_follows_quantization_and_rejects_unknown_names():
     assert engine(quantized, recall_blocks=2).kv_dtype is None
     with pytest.raises(UserError):
         StreamingLLM(tiny_model("llama"), None, StreamingConfig(), kv_dtype="int3")
+
+
+def test_a_freed_row_keeps_nothing_of_its_stream():
+    """Freeing or moving a row zeroes what the stream wrote (only those slots are touched), so a
+    snapshot of the next stream in that row holds none of its keys."""
+    model = tiny_model("llama")
+    batch = StreamBatch(engine(model), slots=3)
+    rows = [batch.add() for _ in range(3)]
+    for r, n in zip(rows, (2, S + 3, 5 * (S + W))):  # inside the sinks, ring not full, ring wrapped
+        batch.feed([r], ids_for(n, seed=r)[None], logits="none")
+    batch.remove(0)
+    batch.move(2, 0)  # row 2 leaves its slots behind
+    batch.remove(1)
+    for layer in batch.cache.layers:
+        for buf in (layer.keys, layer.values, layer.sink_keys):
+            assert buf[1].abs().sum() == 0 and buf[2].abs().sum() == 0
+    assert batch.tokens_seen(0) == 5 * (S + W) and batch.cache.layers[0].keys[0].abs().sum() > 0

@@ -161,12 +161,16 @@ class SinkWindowLayer(CacheLayerMixin):
 
     @torch.inference_mode()
     def reset_row(self, r: int) -> None:
-        """Forget row r's stream (its buffers are kept and overwritten later, never reallocated)."""
+        """Forget row r's stream (its buffers are kept and overwritten later, never reallocated).
+        Its slots are zeroed, so a row never hands a stream's keys to the next one (a snapshot of
+        a row copies its whole buffers). Only the slots it used: sinks and ring fill in order, so
+        those are the first min(seen, sinks+window); the rest are still zero from before."""
+        used = min(self.seen[r], self.sinks + self.window)
         self.seen[r], self.sink_shift[r], self.view_delta[r] = 0, 0, 0
         if self.is_initialized:  # stale slots are masked out by the counters; zero them anyway
-            self.keys[r].zero_()
-            self.values[r].zero_()
-            self.sink_keys[r].zero_()
+            self.keys[r, :, :used].zero_()
+            self.values[r, :, :used].zero_()
+            self.sink_keys[r, :, : min(used, self.sinks)].zero_()
         if self.memory is not None:
             self.memory.reset()
 
