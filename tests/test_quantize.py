@@ -138,6 +138,20 @@ def test_auto_without_calibration_keeps_the_rule(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("calibration/*.json"))
 
 
+def test_time_wide_switches_the_decoder_linears_and_keeps_the_head_packed():
+    """The bug fixed at review on 2026-12-03: the head got the wide path in every column."""
+    from streaming_llm.models import calibrate
+
+    model = _grid_model()
+    copies, linears = calibrate.wide_copies(model, "int4", calibrate.wide_kinds())
+    for kind, m in copies.items():
+        head = m.get_output_embeddings()
+        assert isinstance(head, QuantLinear) and head.wide is None and head not in linears[kind]
+        decoder = [q for q in m.modules() if isinstance(q, QuantLinear) and q is not head]
+        assert decoder and all(q.wide is not None and q.wide_kind == kind for q in decoder)
+        assert len(linears[kind]) == len(decoder)
+
+
 # ---- the ring dtype that pays on this CPU (models/kv_ring.py) --------------------------------
 def test_kv_ring_picks_bfloat16_only_where_its_attention_is_faster():
     from streaming_llm.models import kv_ring

@@ -155,13 +155,8 @@ def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS, kinds=Non
     traffic. The head keeps its packed kernel here (`time_head` times it)."""
     import torch
 
-    from .quantize import QuantLinear, quantize_linears
-
     kinds = kinds or wide_kinds()
-    copies = {k: quantize_linears(copy.deepcopy(model), mode, wide_rows=1, wide_kind=k, head_wide=(None, k))
-              for k in kinds}  # the head without a wide copy: time_head times it
-    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
-               for k, m in copies.items()}
+    copies, linears = wide_copies(model, mode, kinds)
     runs = [("packed", kinds[0], None)] + [(k, k, 1) for k in kinds]
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, max(rows)), generator=torch.Generator().manual_seed(0))
@@ -178,6 +173,19 @@ def time_wide(model, mode: str, rows=WIDE_ROWS, reps: int = WIDE_REPS, kinds=Non
                     t[name].append((time.perf_counter() - t0) * 1000)
             out[n] = {name: round(statistics.median(x[1:]), 3) for name, x in t.items()}
     return out
+
+
+def wide_copies(model, mode: str, kinds) -> tuple[dict, dict]:
+    """The copies `time_wide` switches: per kind, a `mode` copy of the model whose decoder linears
+    have a `kind` wide copy and whose head has none (`time_head` times the head), and the list of
+    the linears to switch."""
+    from .quantize import QuantLinear, quantize_linears
+
+    copies = {k: quantize_linears(copy.deepcopy(model), mode, wide_rows=1, wide_kind=k, head_wide=(None, k))
+              for k in kinds}
+    linears = {k: [q for q in m.modules() if isinstance(q, QuantLinear) and q.wide is not None]
+               for k, m in copies.items()}
+    return copies, linears
 
 
 def wide_kinds() -> list[str]:
