@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_VERSION = 3  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice
+CACHE_VERSION = 4  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice; 4: no bf16 copy where fp16 exists
 _WIDE_KEYS = ("wide_rows", "wide_kind", "head_wide_rows", "head_wide_kind")
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
@@ -189,9 +189,16 @@ def wide_copies(model, mode: str, kinds) -> tuple[dict, dict]:
 
 
 def wide_kinds() -> list[str]:
-    from .quantize import WIDE_KINDS, fp16_gemm_available
+    """The wide copies calibration may choose: float16 where this torch build has FBGEMM's float16
+    GEMM, else bfloat16. (2026-12-04, AMD EPYC with AVX512-BF16 and no AMX: with the bfloat16
+    copy chosen from 32 rows, a 37-token chat prompt prefilled through it made the default
+    model's greedy reply to "What is the capital of France?" garbage, while the float16 copy and
+    the packed kernels gave "The capital of France is Paris." Each linear alone was as close to
+    float32 as the packed kernel; the cause is not found, so bfloat16 is not offered where
+    float16 exists.)"""
+    from .quantize import fp16_gemm_available
 
-    return [k for k in WIDE_KINDS if k != "fp16" or fp16_gemm_available()]
+    return ["fp16"] if fp16_gemm_available() else ["bf16"]
 
 
 def time_head(model, mode: str, rows=HEAD_ROWS, reps: int = HEAD_REPS, kinds=None) -> dict:
