@@ -105,9 +105,10 @@ def machine_key(model) -> dict:
             "torch": torch.__version__, "model": shapes, "version": CACHE_VERSION}
 
 
-def cache_path(key: dict) -> Path:
+def cache_path(key: dict, kind: str = "quant") -> Path:
+    """`<cache>/calibration/<kind>-<hash of key>.json` (kind: quant here, kv in `kv_ring`)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return _cache_root() / "calibration" / f"quant-{digest}.json"
+    return _cache_root() / "calibration" / f"{kind}-{digest}.json"
 
 
 def _quantized_copy(model, mode: str):

@@ -22,8 +22,6 @@ records the choice on the model's config; `core.engine.resolve_kv_dtype` reads i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import statistics
 import time
@@ -97,11 +95,6 @@ def pick(timings: dict) -> str:
     return "bfloat16" if total["bfloat16"] < total["float32"] else "float32"
 
 
-def cache_path(key: dict):
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return calibrate.cache_path(key).parent / f"kv-{digest}.json"
-
-
 def choose(model, recalibrate: bool | None = None) -> dict:
     """{"choice": "bfloat16" | "float32", "source": "rule" | "cache" | "measured", ...} for this
     model's ring on this machine (see the module docstring)."""
@@ -110,7 +103,7 @@ def choose(model, recalibrate: bool | None = None) -> dict:
     if recalibrate is None:
         recalibrate = os.environ.get(calibrate.RECALIBRATE_ENV, "").strip() not in ("", "0")
     key = {**calibrate.machine_key(model), "slots": SLOTS, "rows": list(ROWS)}
-    path = cache_path(key)
+    path = calibrate.cache_path(key, "kv")
     entry = None if recalibrate else calibrate.read_entry(path)
     if entry is not None and entry.get("choice") in CHOICES and (entry.get("quiet", True)
                                                                   or not calibrate.quiet(key["threads"])[0]):
