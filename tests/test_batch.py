@@ -144,6 +144,51 @@ def test_a_stream_moves_between_an_engine_and_a_batch_row_exactly():
     close(back.feed(ids[45:]), ref[45:])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_stream_copied_buffer_to_buffer_equals_its_snapshot_and_continues_exactly(arch):
+    """`add_from` / `copy_out` (the server's attach and detach) copy only the slots a row uses;
+    the result is bit-identical to loading the stream's snapshot, whatever the rows held before,
+    at every stage: inside the sinks, ring not full, ring wrapped."""
+    model = tiny_model(arch)
+
+    def buffers(cache, r):
+        return [b[r] for layer in cache.layers for b in (layer.keys, layer.values, layer.sink_keys)]
+
+    for n in (2, S + 3, 5 * (S + W)):
+        ids = ids_for(n + 12, seed=n)
+        ref = engine(model).feed(ids)
+        e = engine(model)
+        e.feed(ids[:n])
+        batch = StreamBatch(engine(model), slots=2)
+        old = batch.add()
+        batch.feed([old], ids_for(7 * (S + W), seed=99)[None], logits="none")  # a longer stream was here
+        batch.remove(old)
+        row = batch.add_from(e)
+        want = StreamBatch(engine(model), slots=1)
+        want.add(e.state_dict())
+        for a, b in zip(buffers(batch.cache, row), buffers(want.cache, 0)):
+            assert torch.equal(a, b)
+        close(batch.feed([row], ids[n : n + 6][None], logits="all")[0], ref[n : n + 6])
+        back = engine(model)
+        back.feed(ids_for(9 * (S + W), seed=7))  # the engine's own cache held a longer stream
+        batch.copy_out(row, back)
+        snap = engine(model)
+        snap.load_state_dict(batch.state(row))
+        for a, b in zip(buffers(back.stream.cache, 0), buffers(snap.stream.cache, 0)):
+            assert torch.equal(a, b)
+        assert back.tokens_seen == n + 6
+        close(back.feed(ids[n + 6 :]), ref[n + 6 :])
+        for early in (False, True):  # a stream that never fed anything: its cache is allocated on the way out
+            fresh = engine(model)
+            if early:  # or before, off the model thread (the scheduler's detach)
+                batch.make_room(fresh)
+                assert all(layer.is_initialized for layer in fresh.stream.cache.layers)
+            batch.copy_out(row, fresh)
+            close(fresh.feed(ids[n + 6 :]), ref[n + 6 :])
+    with pytest.raises(UserError, match="cannot share a batch"):
+        batch.add_from(engine(model, window=W + 1))
+
+
 def test_batch_refuses_unbounded_methods_and_bad_rows():
     model = tiny_model("llama")
     with pytest.raises(UserError, match="streaming or window"):

@@ -303,10 +303,11 @@ class ChatSession:
         keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         return {k: getattr(cfg, k, None) for k in keys}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:
         """Everything needed to continue this conversation exactly, as plain containers and
         tensors (torch.save-able, loadable with weights_only=True): format tag, model fingerprint,
-        streaming config, messages, turn stats, what the stream holds, the engine's state."""
+        streaming config, messages, turn stats, what the stream holds, the engine's state
+        (copy=False: `StreamingLLM.state_dict`)."""
         self._close_active()
         return {
             "format": SAVE_FORMAT,
@@ -317,7 +318,7 @@ class ChatSession:
             "turns": [asdict(t) for t in self.turns],
             "fed_text": self._fed_text,
             "fed_messages": self._fed_messages,
-            "engine": self.engine.state_dict(),
+            "engine": self.engine.state_dict(copy),
         }
 
     def load_state_dict(self, state: dict) -> None:

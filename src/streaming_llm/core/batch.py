@@ -56,6 +56,34 @@ class StreamBatch:
         self._free.remove(row)
         return row
 
+    def add_from(self, engine: StreamingLLM) -> int:
+        """Give `engine`'s stream the lowest free row, copied from the engine's own cache buffer to
+        buffer (what `add(engine.state_dict())` does, without the snapshot in between)."""
+        self._check_engine(engine)
+        if not self._free:
+            raise UserError(f"all {self.slots} batch slots are in use")
+        row = min(self._free)
+        self.cache.copy_row(0, row, source=engine.stream.cache)
+        self._free.remove(row)
+        return row
+
+    def make_room(self, engine: StreamingLLM) -> None:
+        """Allocate `engine`'s own cache buffers if it has none yet (a stream that started in a
+        row), so that `copy_out` only copies. Safe on another thread than the forwards: it reads
+        only the batch's shapes, and an attached engine's own cache is not in use."""
+        self._check_engine(engine)
+        engine.stream.cache.allocate_like(self.cache)
+
+    def copy_out(self, row: int, engine: StreamingLLM) -> None:
+        """Copy row's stream into `engine`'s own cache, buffer to buffer (the row keeps it)."""
+        self._check([row])
+        self._check_engine(engine)
+        engine.stream.cache.copy_row(row, 0, source=self.cache)
+
+    def _check_engine(self, engine: StreamingLLM) -> None:
+        if engine.config != self.engine.config or getattr(engine.stream, "cache", None) is None:
+            raise UserError(f"a stream of {engine.config.to_dict()} cannot share a batch of {self.engine.config.to_dict()}")
+
     def remove(self, row: int) -> None:
         """End row's stream and free its row (its buffers stay allocated for the next stream)."""
         self._check([row])

@@ -324,9 +324,14 @@ class SinkWindowLayer(CacheLayerMixin):
             self.sink_shift[r] -= shift
             self.view_delta[r] = 0
 
-    def row_state(self, r: int) -> dict:
-        """A snapshot of row r (copies, batch dimension 1): the live buffers keep changing."""
-        take = (lambda x: None) if not self.is_initialized else (lambda x: x[r : r + 1].clone())  # noqa: E731
+    def row_state(self, r: int, copy: bool = True) -> dict:
+        """A snapshot of row r (batch dimension 1): copies, since the live buffers keep changing;
+        copy=False gives views of them instead, for a caller that is done with them before the
+        stream is fed again (a store serializing a turn)."""
+        if not self.is_initialized:
+            take = lambda x: None  # noqa: E731
+        else:
+            take = (lambda x: x[r : r + 1].clone()) if copy else (lambda x: x[r : r + 1])  # noqa: E731
         return {
             "keys": take(self.keys),
             "values": take(self.values),
@@ -337,15 +342,36 @@ class SinkWindowLayer(CacheLayerMixin):
             **({} if self.memory is None else {"recall": self.memory.state()}),
         }
 
+    def allocate_like(self, source: "SinkWindowLayer") -> None:
+        """Allocate this layer's buffers (if not yet) with `source`'s head shapes and dtypes, so a
+        later `copy_row(..., source=source)` only copies (allocating zeroed pages is the slow part)."""
+        if source.is_initialized and not self.is_initialized:
+            self.lazy_initialization(source.sink_keys, source.values)
+
     @torch.inference_mode()
-    def copy_row(self, src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src (one copy of its buffers, no snapshot in between)."""
-        if self.memory is not None:
+    def copy_row(self, src: int, dst: int, source: "SinkWindowLayer | None" = None) -> None:
+        """Row dst becomes a copy of row src of `source` (this layer by default; another cache's
+        layer of the same shape, e.g. a single-stream engine's, to move a stream into or out of a
+        batch): buffer to buffer, no snapshot in between. Only the slots either row used are
+        touched (sinks and ring fill in order: the first min(seen, sinks+window)), so the slots
+        beyond stay zero, as `reset_row` keeps them."""
+        source = self if source is None else source
+        if self.memory is not None or source.memory is not None:
             raise RuntimeError("a recall memory belongs to one stream: rows with recall cannot be copied")
-        if self.is_initialized:
-            for buf in (self.keys, self.values, self.sink_keys):
-                buf[dst] = buf[src]
-        self.seen[dst], self.sink_shift[dst], self.view_delta[dst] = self.seen[src], self.sink_shift[src], self.view_delta[src]
+        if (source.sinks, source.window) != (self.sinks, self.window):
+            raise ValueError(f"cannot copy a row of a {source.sinks}+{source.window} layer into a {self.sinks}+{self.window} one")
+        if not source.is_initialized:  # the source row holds nothing yet
+            self.reset_row(dst)
+            return
+        self.allocate_like(source)
+        full = self.sinks + self.window
+        n, before = min(source.seen[src], full), min(self.seen[dst], full)
+        for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+            mine[dst, :, :n] = theirs[src, :, :n]
+            if before > n:
+                mine[dst, :, n:before].zero_()
+        self.sink_keys[dst] = source.sink_keys[src]
+        self.seen[dst], self.sink_shift[dst], self.view_delta[dst] = source.seen[src], source.sink_shift[src], source.view_delta[src]
 
     @torch.inference_mode()
     def load_row_state(self, r: int, st: dict) -> None:
@@ -491,22 +517,32 @@ class StreamingCache(Cache):
         return torch.tensor(firsts, device=device)[:, None] + torch.arange(n_new, device=device)[None, :]
 
     # ---- snapshots -------------------------------------------------------------------------------
-    def row_state(self, r: int = 0) -> dict:
-        return {"pos_shift": self.pos_shift[r], "layers": [layer.row_state(r) for layer in self.layers]}
+    def row_state(self, r: int = 0, copy: bool = True) -> dict:
+        return {"pos_shift": self.pos_shift[r], "layers": [layer.row_state(r, copy) for layer in self.layers]}
 
-    def copy_row(self, src: int, dst: int) -> None:
-        self.pos_shift[dst] = self.pos_shift[src]
-        for layer in self.layers:
-            layer.copy_row(src, dst)
+    def allocate_like(self, source: "StreamingCache") -> None:
+        """`SinkWindowLayer.allocate_like` for every layer."""
+        for layer, theirs in zip(self.layers, source.layers):
+            layer.allocate_like(theirs)
+
+    def copy_row(self, src: int, dst: int, source: "StreamingCache | None" = None) -> None:
+        """Row dst becomes a copy of row src of `source` (this cache by default, or another one
+        of the same layer shapes): see `SinkWindowLayer.copy_row`."""
+        source = self if source is None else source
+        if len(source.layers) != len(self.layers):
+            raise ValueError(f"cannot copy a row of a {len(source.layers)}-layer cache into a {len(self.layers)}-layer one")
+        self.pos_shift[dst] = source.pos_shift[src]
+        for layer, theirs in zip(self.layers, source.layers):
+            layer.copy_row(src, dst, theirs)
 
     def load_row_state(self, r: int, state: dict) -> None:
         self.pos_shift[r] = state["pos_shift"]
         for layer, st in zip(self.layers, state["layers"]):
             layer.load_row_state(r, st)
 
-    def state_dict(self) -> dict:
-        """Row 0's stream (the single-stream engine's state)."""
-        return self.row_state(0)
+    def state_dict(self, copy: bool = True) -> dict:
+        """Row 0's stream (the single-stream engine's state); copy=False: see `row_state`."""
+        return self.row_state(0, copy)
 
     def load_state_dict(self, state: dict) -> None:
         self.load_row_state(0, state)

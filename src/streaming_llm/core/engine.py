@@ -189,10 +189,12 @@ class StreamingLLM:
             raise UserError("this stream is already attached")
         self.feeder = feeder
 
-    def detach(self) -> None:
-        """Take the stream back from the feeder (its state is copied into this engine's cache)."""
+    def detach(self, load: bool = True) -> None:
+        """Take the stream back from the feeder: its state is copied into this engine's cache, or,
+        with load=False, the caller has already put it there (`StreamBatch.copy_out`) or wants the
+        stream as it was at attach (this engine's cache is untouched while attached)."""
         feeder, self.feeder = self.feeder, None
-        if feeder is not None:
+        if feeder is not None and load:
             self.stream.load_state_dict(feeder.state())
 
     @property
@@ -204,11 +206,13 @@ class StreamingLLM:
     def evicted(self) -> int:
         return self.tokens_seen - self.cache_tokens
 
-    def state_dict(self) -> dict:
-        """Everything needed to continue this stream exactly (tensors stay on their device)."""
+    def state_dict(self, copy: bool = True) -> dict:
+        """Everything needed to continue this stream exactly (tensors stay on their device), as
+        copies; copy=False may hand views of the live cache instead, valid until the next feed
+        (for a caller that serializes them at once)."""
         if self.feeder is not None:
             return self.feeder.state()
-        return {"config": self.config.to_dict(), **self.stream.state_dict()}
+        return {"config": self.config.to_dict(), **self.stream.state_dict(copy)}
 
     def load_state_dict(self, state: dict) -> None:
         if not self.config.matches(state["config"]):

@@ -56,8 +56,8 @@ class SinkStream:
     def end(self, n: int) -> None:
         pass  # the layers advanced in their attention's commit
 
-    def state_dict(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "history": [], "cache": self.cache.state_dict()}
+    def state_dict(self, copy: bool = True) -> dict:
+        return {"tokens_seen": self.tokens_seen, "history": [], "cache": self.cache.state_dict(copy)}
 
     def load_state_dict(self, state: dict) -> None:
         self.cache.load_state_dict(state["cache"])
@@ -85,7 +85,7 @@ class DenseStream:
     def end(self, n: int) -> None:
         self.tokens_seen += n
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:  # always copies
         return {"tokens_seen": self.tokens_seen, "history": [],
                 "cache": [(_clone(layer.keys), _clone(layer.values)) for layer in self.cache.layers]}
 
@@ -120,7 +120,7 @@ class RecomputeStream:
     def end(self, n: int) -> None:
         self.tokens_seen += n
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:  # no tensors
         return {"tokens_seen": self.tokens_seen, "history": list(self.history), "cache": None}
 
     def load_state_dict(self, state: dict) -> None:

@@ -129,8 +129,8 @@ class TextConversation:
         self.engine.feed(ids + stream_ids(self.tokenizer, completion, start=False), logits="none")
         self.turns[before:] = [{"prompt": prompt, "completion": completion}]  # recorded or not (closed early)
 
-    def state(self) -> dict:
-        return {"engine": self.engine.state_dict()}
+    def state(self, copy: bool = True) -> dict:
+        return {"engine": self.engine.state_dict(copy)}
 
     def restore(self, state: dict, transcript: list[dict]) -> None:
         self.engine.load_state_dict(state["engine"])
@@ -193,8 +193,8 @@ class ChatConversation:
         self.session.cut_last_reply(content)
 
     # The store wants bytes: the session's own state_dict, packed by `pack_state`.
-    def state(self) -> dict:
-        return self.session.state_dict()
+    def state(self, copy: bool = True) -> dict:
+        return self.session.state_dict(copy)
 
     def restore(self, state: dict, transcript: list[dict]) -> None:
         """`ChatSession.load_state_dict`; raises `UserError` on a snapshot of another format (the

@@ -1,8 +1,8 @@
 """Continuous batching: one model thread steps every active session's stream in one forward.
 
 While a session's turn runs, its engine is attached to a row of one `StreamBatch` (its stream
-state is copied in when the turn starts and back out when it ends, so idle sessions hold no batch
-row). The turn's own code (sampling, stop rules, text decoding) runs on the caller's thread as
+is copied in when the turn starts and back out when it ends, buffer to buffer and only the slots
+it uses, so idle sessions hold no batch row). The turn's own code (sampling, stop rules, text decoding) runs on the caller's thread as
 before; only its forwards come here, as requests (`Row.feed`). The model thread loops:
 
 1. Gather. After a forward, wait until every row that was decoding has asked for its next token,
@@ -104,7 +104,7 @@ class Scheduler:
 
     def attach(self, engine: StreamingLLM) -> Row:
         """Move `engine`'s stream into a free row; its feeds come here until `detach`."""
-        row = self.call(self._add, engine.state_dict())
+        row = self.call(self._add, engine)
         engine.attach(row)
         return row
 
@@ -113,8 +113,9 @@ class Scheduler:
         row = engine.feeder
         if not isinstance(row, Row) or row.scheduler is not self:
             return
-        engine.detach()  # reads the row's state through the model thread
-        self.call(lambda: self._free(row.row))
+        self.batch.make_room(engine)  # here, not on the model thread: a new stream's buffers take ~60 ms
+        self.call(lambda: self._out(row.row, engine))
+        engine.detach(load=False)  # the model thread has just put the row's stream there
 
     def rewind(self, engine: StreamingLLM) -> None:
         """Put `engine`'s row back to the state the stream had when attached, which is the
@@ -124,7 +125,7 @@ class Scheduler:
         row = engine.feeder
         if not isinstance(row, Row) or row.scheduler is not self:
             raise RuntimeError("rewind: this stream is not attached to this scheduler")
-        engine.feeder = None  # what engine.detach() does, minus loading the row's state
+        engine.detach(load=False)
         self.call(lambda: self._free(row.row))
         self.attach(engine)  # the turn still holds its batch-row permit, so a row is free
 
@@ -155,10 +156,14 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # ---- the model thread --------------------------------------------------------------------
-    def _add(self, state: dict) -> Row:
-        handle = Row(self, self.batch.add(state))
+    def _add(self, engine: StreamingLLM) -> Row:
+        handle = Row(self, self.batch.add_from(engine))
         self._handles[handle.row] = handle
         return handle
+
+    def _out(self, row: int, engine: StreamingLLM) -> None:
+        self.batch.copy_out(row, engine)
+        self._free(row)
 
     def _free(self, row: int) -> None:
         self._decoding.discard(row)

@@ -280,8 +280,9 @@ class SessionManager:
     async def persist(self, live: Live, whole: bool = False) -> tuple[int, str]:
         """Store the session's completed turn durably: a delta on its stored chain, or a full
         snapshot (`whole`, or as `snapshots.store_turn` decides). Returns (bytes, "delta" | "full")."""
+        # views of the stream, not copies: the session stays locked until the store has them
         state, transcript, shapes = await self.worker.call(
-            lambda: (live.conv.state(), live.conv.transcript(), layer_shapes(live.conv)))
+            lambda: (live.conv.state(copy=False), live.conv.transcript(), layer_shapes(live.conv)))
         meta = dict(live.meta, tokens_seen=live.conv.tokens_seen)
         record = SessionRecord(live.sid, live.conv.kind, self.model_name, self.config.to_dict(), transcript, None,
                                live.turns, meta)
