@@ -156,3 +156,22 @@ def test_gemma3_streams_start_with_one_bos(tmp_path, capsys):
         assert s.eot_text == "<end_of_turn>" and s.eot_id in st.stop_ids(model, tok)
     finally:
         tok.chat_template = None
+
+
+def test_quant_auto_keeps_the_default_chats_greedy_answer():
+    """Whatever `--quant auto` calibrates on this machine (packed kernels, the wide copy from its
+    row count, the KV ring dtype), the default chat's greedy answer stays right after a prompt
+    longer than any wide-copy threshold. A guard, not a reproduction: on 2026-12-04 `make chat`
+    with the bfloat16 wide copy calibration had chosen on an AVX512-BF16 EPYC gave garbage here;
+    that setting forced by hand (int4, bfloat16 from 32 rows) answers right in this test."""
+    from streaming_llm.chat.session import ChatSession
+    from streaming_llm.core.sampling import SamplingParams
+    from streaming_llm.models.quantize import quantize_linears
+
+    model, tok = load_model("smollm2-135m-instruct")
+    quantize_linears(model, "auto")
+    s = ChatSession(StreamingLLM(model, tok, StreamingConfig(sinks=4, window=1020)))
+    question = "I am planning a trip to Europe next spring and I would like to know one simple fact first. What is the capital of France?"
+    assert len(tok(question)["input_ids"]) > 24
+    text = "".join(t.text for t in s.reply(question, max_new_tokens=24, sampling=SamplingParams(temperature=0)))
+    assert "Paris" in text, (text, model.config.streaming_llm_kv_ring)
