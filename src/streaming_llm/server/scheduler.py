@@ -2,8 +2,9 @@
 
 While a session's turn runs, its engine is attached to a row of one `StreamBatch` (its stream
 is copied in when the turn starts and back out when it ends, buffer to buffer and only the slots
-it uses, so idle sessions hold no batch row). The turn's own code (sampling, stop rules, text decoding) runs on the caller's thread as
-before; only its forwards come here, as requests (`Row.feed`). The model thread loops:
+it uses, so idle sessions hold no batch row). The turn's own code (sampling, stop rules, text
+decoding) runs on the caller's thread as before; only its forwards come here, as requests
+(`Row.feed`). The model thread loops:
 
 1. Gather. After a forward, wait until every row that was decoding has asked for its next token,
    or `gather_ms` passed (a reply whose client reads slowly is then served in the next round).
