@@ -128,6 +128,23 @@ def test_non_contiguous_rows_and_slot_reuse_leave_other_rows_untouched():
     assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in batch.cache.layers] == ptrs
 
 
+def test_a_batched_decode_builds_its_masks_and_indices_once_for_every_layer():
+    """Rows at different stages decode together (also in a non-contiguous, reversed order): each
+    row equals its stream alone, and the step's mask, ring indices and sink rotations are built
+    once and shared by all the layers (`StreamingCache.shared`), not once per layer."""
+    model = tiny_model("llama")
+    batch = StreamBatch(engine(model), slots=3)
+    rows = [batch.add() for _ in range(3)]
+    streams = {r: ids_for(30, seed=10 + r) for r in rows}
+    schedule = [((0,), 15), ((2,), 2), ((1,), 5), *[((2, 0), 1)] * 4, *[((0, 1, 2), 1)] * 3]
+    got = run_schedule(batch, streams, schedule)
+    for r in rows:
+        close(got[r], engine(model).feed(streams[r][: got[r].shape[0]]))
+    assert len(batch.cache.layers) > 1
+    kinds = [key[0] for key in batch.cache._shared]  # the last forward's: rows 1 and 2 not yet full
+    assert sorted(kinds) == ["mask", "ring", "sinkview"], kinds
+
+
 def test_a_stream_moves_between_an_engine_and_a_batch_row_exactly():
     model = tiny_model("llama")
     ids = ids_for(60, seed=3)

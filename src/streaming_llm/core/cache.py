@@ -137,13 +137,19 @@ class SinkWindowLayer(CacheLayerMixin):
                 keys[:, :, slot] = key_states[:, :, 0]
                 values[:, :, slot] = value_states[:, :, 0]
         elif written:
-            ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
-            if ring:
-                i_idx, r_idx, slots = (torch.tensor(x, device=self.device) for x in zip(*ring))
+            idx = self.owner.shared(("ring", s, w, rows, seen, self.device), lambda: self._ring_slots(rows, seen))
+            if idx is not None:
+                i_idx, r_idx, slots = idx
                 self.keys[r_idx, :, slots] = key_states[i_idx, :, 0].to(self.keys.dtype)
                 self.values[r_idx, :, slots] = value_states[i_idx, :, 0].to(self.values.dtype)
         self._pending = _Pending(key_states, value_states, rows, seen, written)
         return self.keys, self.values
+
+    def _ring_slots(self, rows: tuple[int, ...], seen: tuple[int, ...]):
+        """(batch index, row, ring slot) index tensors of a decoded token per row past its sinks."""
+        s, w = self.sinks, self.window
+        ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
+        return tuple(torch.tensor(x, device=self.device) for x in zip(*ring)) if ring else None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.sinks + self.window + query_length, 0
@@ -211,21 +217,14 @@ class SinkWindowLayer(CacheLayerMixin):
                 values = torch.cat([self.values[:, :, :n0][sel], p.values], dim=-2)
             return AttentionPlan(keys, values, None, zero_slot=self.zero_slot, causal=True)
         dev = p.keys.device
-        seen = torch.tensor(p.seen, device=dev)  # (B,)
         if p.written:  # decode, rows at different stages: sinks viewed per row, one masked softmax
             self._set_sink_view(p.rows, p.seen)
-            filled = torch.clamp(seen + 1 - s, min=0, max=w)  # ring slots in use (the ring fills in order)
-            # only the slots some row uses: rows that have not filled their ring yet (a served
-            # session's first ~1,000 tokens) attend over what they hold, not over the whole buffer
-            used = w if self.zero_slot else int(filled.max())
-            mask = torch.cat([
-                torch.arange(s, device=dev)[None, :] <= seen[:, None],
-                torch.arange(used, device=dev)[None, :] < filled[:, None],
-                torch.ones(len(p.rows), int(self.zero_slot), dtype=torch.bool, device=dev),
-            ], dim=1)[:, None, :]  # (B, 1, N)
+            used, mask = self.owner.shared(("mask", s, w, self.zero_slot, p.seen, dev),
+                                           lambda: self._decode_mask(p.seen, dev))
             if used == w:
                 return AttentionPlan(self.keys[sel], self.values[sel], mask)
             return AttentionPlan(self.keys[:, :, : s + used][sel], self.values[:, :, : s + used][sel], mask)
+        seen = torch.tensor(p.seen, device=dev)  # (B,)
         t = seen[:, None] + torch.arange(c, device=dev)[None, :]  # (B, C) query stream indices
         ring_start = torch.clamp(seen - w, min=s)  # oldest stream index the ring still holds
         last = (seen - 1)[:, None]
@@ -257,6 +256,22 @@ class SinkWindowLayer(CacheLayerMixin):
         )
         return _recall.with_recall(self, plan) if recall else plan
 
+    def _decode_mask(self, seen: tuple[int, ...], dev) -> tuple[int, torch.Tensor]:
+        """(ring slots attended, (B, 1, N) mask) of one decoded token per row, rows at different
+        stages: each row sees its sinks so far and the ring slots it has filled."""
+        s, w = self.sinks, self.window
+        n = torch.tensor(seen, device=dev)  # (B,)
+        filled = torch.clamp(n + 1 - s, min=0, max=w)  # ring slots in use (the ring fills in order)
+        # only the slots some row uses: rows that have not filled their ring yet (a served
+        # session's first ~1,000 tokens) attend over what they hold, not over the whole buffer
+        used = w if self.zero_slot else int(filled.max())
+        mask = torch.cat([
+            torch.arange(s, device=dev)[None, :] <= n[:, None],
+            torch.arange(used, device=dev)[None, :] < filled[:, None],
+            torch.ones(len(seen), int(self.zero_slot), dtype=torch.bool, device=dev),
+        ], dim=1)[:, None, :]  # (B, 1, N)
+        return used, mask
+
     def _set_sink_view(self, rows: tuple[int, ...], seen: tuple[int, ...]) -> None:
         """Make each row's sink slots of `keys` hold its sink keys rotated by -delta, the decode
         delta of its query (stream index `seen`): one small matmul per row with a rotation matrix
@@ -273,13 +288,24 @@ class SinkWindowLayer(CacheLayerMixin):
                     self.keys[r, :, : self.sinks] = self.sink_keys[r] @ rot
                 self.view_delta[r] = d
             return
-        todo = [(r, d) for r, n in zip(rows, seen) if (d := self._decode_delta(r, n)) != self.view_delta[r]]
+        todo = tuple((r, d) for r, n in zip(rows, seen) if (d := self._decode_delta(r, n)) != self.view_delta[r])
         if todo:
-            r_idx = torch.tensor([r for r, _ in todo], device=self.device)
-            rot = torch.stack([self.owner.rotation_matrix(self.rope, -d, self.sink_keys) for _, d in todo])
-            self.keys[r_idx, :, : self.sinks] = (self.sink_keys[r_idx] @ rot[:, None]).to(self.keys.dtype)
+            key = ("sinkview", self.rope.key, todo, self.sink_keys.shape[-1], self.sink_keys.dtype, self.device)
+            r_idx, rot = self.owner.shared(key, lambda: self._sink_rotations(todo))
+            self.keys[r_idx, :, : self.sinks] = (self.sink_keys[r_idx] @ rot).to(self.keys.dtype)
             for r, d in todo:
                 self.view_delta[r] = d
+
+    def _sink_rotations(self, todo: tuple[tuple[int, int], ...]):
+        """(rows, (n, 1, D, D) rotation matrices) for the (row, delta) pairs of `_set_sink_view`:
+        a slice when the rows are contiguous (a view, not an indexed copy)."""
+        rows = [r for r, _ in todo]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            r_idx = slice(rows[0], rows[0] + len(rows))
+        else:
+            r_idx = torch.tensor(rows, device=self.device)
+        rot = torch.stack([self.owner.rotation_matrix(self.rope, -d, self.sink_keys) for _, d in todo])
+        return r_idx, rot[:, None]
 
     def commit(self) -> None:
         """After attention: write each row's last non-sink chunk tokens into its ring, advance."""
@@ -421,6 +447,7 @@ class StreamingCache(Cache):
         self._sel = None  # their index into the buffers (see selector)
         self.prepared = False  # True once an engine drives this cache (and passes it to the attention itself)
         self._rotations: dict = {}
+        self._shared: dict = {}  # see `shared`
         largest = max(s + w for s, w in layer_shapes)
         self.position_limit = position_limit or max(4 * largest, 4096)
         layers = [SinkWindowLayer(s, w, r, self, off_by_one) for (s, w), r in zip(layer_shapes, ropes)]
@@ -480,9 +507,21 @@ class StreamingCache(Cache):
         """The layers' recall memories (None for layers without one)."""
         return [layer.memory for layer in self.layers]
 
+    def shared(self, key: tuple, make):
+        """make(), computed once for all the layers of a forward that ask with the same `key`
+        (index tensors, masks, rotations of a batched decode step: the same for every layer of a
+        shape). The key must name everything the value depends on: an entry is a pure function of
+        its key, so a hit is right whenever it comes; the memo is emptied at each `prepare`."""
+        value = self._shared.get(key)
+        if value is None:
+            if len(self._shared) > 256:
+                self._shared.clear()
+            value = self._shared[key] = make()
+        return value
+
     def rotation_matrix(self, rope: LayerRope, delta: int, like: torch.Tensor) -> torch.Tensor:
         """(D, D) matrix R with x @ R == x rotated by `delta` positions; memoised per step."""
-        key = (id(rope.module), rope.buffer_name, rope.inv_freq._version, delta, like.dtype, like.device)
+        key = (*rope.key, delta, like.dtype, like.device)
         rot = self._rotations.get(key)
         if rot is None:
             if len(self._rotations) > 64 + 4 * self.n_rows:
@@ -500,6 +539,7 @@ class StreamingCache(Cache):
         if rows != self._rows:
             self._rows, self._sel = rows, None
         self.prepared = True
+        self._shared.clear()
         for layer in self.layers:
             layer.drop_pending()
         firsts = []

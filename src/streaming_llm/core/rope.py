@@ -51,6 +51,12 @@ class LayerRope:
     def inv_freq(self) -> torch.Tensor:
         return getattr(self.module, self.buffer_name)
 
+    @property
+    def key(self) -> tuple:
+        """Identifies these rotary parameters as they are now (a memo key: a changed `inv_freq`
+        gives a new one)."""
+        return id(self.module), self.buffer_name, self.inv_freq._version
+
     def cos_sin(self, delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for rotating by `delta` positions; delta (T,) int/float -> each (T, rot_dim)."""
         freqs = self.inv_freq.detach().to(device=delta.device, dtype=torch.float32).double()
