@@ -1,0 +1,93 @@
+"""Decode cost of recall against plain streaming, interleaved step by step in one process.
+
+`streaming-llm bench` (BENCHMARKS.md, Table 7) times its rows one after another, so a VM whose
+speed drifts within minutes moves their ratio. Here plain streaming and each recall setting decode
+in turn, one step each, their order rotating from step to step, so drift hits all of them alike. Each recall engine first streams
+`--fill` tokens of the Gutenberg corpus through chunked prefill (its memory then holds about that
+many tokens); every engine then fills its 4+`--window` cache and decodes `--steps` steps after 20
+warm-up steps. `--quant auto`, as the product runs. Prints p50 per engine and its ratio to
+streaming, then one JSON line.
+
+    PYTHONPATH=src python benchmarks/recall_ab.py --fill 100000 --recall 4x32e4,8x32e4
+
+A spec is KxB with an optional eN (`--recall-every N`). It measures; it chooses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+
+def spec(text: str) -> dict:
+    m = re.fullmatch(r"(\d+)x(\d+)(?:e(\d+))?", text)
+    if not m:
+        raise SystemExit(f"recall_ab: bad recall spec {text!r} (KxB or KxBeN)")
+    return {"recall_blocks": int(m[1]), "block_size": int(m[2]), "recall_every": int(m[3] or 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--window", type=int, default=1020)
+    p.add_argument("--fill", type=int, default=100000, help="corpus tokens streamed into each recall engine first")
+    p.add_argument("--recall", default="4x32e4,8x32e4", help="comma-separated specs KxB[eN]")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    import torch
+    from tqdm import tqdm
+
+    from streaming_llm.core.config import StreamingConfig
+    from streaming_llm.core.engine import StreamingLLM
+    from streaming_llm.eval.data import load_corpus
+    from streaming_llm.models.loading import load_model
+    from streaming_llm.models.quantize import quantize_linears
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    model = quantize_linears(model, "auto")
+    ids = tok(load_corpus("gutenberg").text[: 8 * (args.fill + args.window + 64)])["input_ids"]
+    if len(ids) < args.fill + args.window + 8:
+        raise SystemExit(f"recall_ab: the corpus gave {len(ids)} tokens, fewer than --fill + --window")
+    engines = {"streaming": StreamingLLM(model, tok, StreamingConfig(sinks=4, window=args.window))}
+    for text in args.recall.split(","):
+        engines[text] = StreamingLLM(model, tok, StreamingConfig(sinks=4, window=args.window, **spec(text)))
+    for name, engine in engines.items():
+        fill = 0 if name == "streaming" else args.fill
+        body = ids[: fill + args.window + 8]
+        for lo in tqdm(range(0, len(body), 4096), desc=f"fill {name}", file=sys.stderr):
+            engine.feed(body[lo : lo + 4096], logits="none")
+    times = {name: [] for name in engines}
+    names = list(engines)
+    for i in range(20 + args.steps):
+        t = ids[args.fill + args.window + 8 + i]
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            engine = engines[name]
+            t0 = time.perf_counter()
+            engine.feed([t], logits="last")
+            if i >= 20:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    base = statistics.median(times["streaming"])
+    rows = []
+    for name, engine in engines.items():
+        p50 = statistics.median(times[name])
+        held = sum(m.stored_tokens for m in engine.cache.memories if m is not None) // max(
+            1, sum(m is not None for m in engine.cache.memories))
+        rows.append({"engine": name, "tokens_in_memory": held, "p50_ms": round(p50, 2),
+                     "p90_ms": round(sorted(times[name])[int(0.9 * (len(times[name]) - 1))], 2),
+                     "over_streaming": round(p50 / base, 3)})
+        print(f"{name:<10} memory {held:>7} tokens  p50 {p50:7.2f} ms  p90 {rows[-1]['p90_ms']:7.2f}  "
+              f"/ streaming {rows[-1]['over_streaming']:.3f}")
+    print(json.dumps({"model": args.model, "window": args.window, "fill": args.fill, "steps": args.steps,
+                      "threads": args.threads, "load_avg": round(os.getloadavg()[0], 2), "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
