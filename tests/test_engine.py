@@ -275,33 +275,6 @@ def test_fused_chunk_attention_equals_the_materialized_one(monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_with_query_heads_as_rows_equals_enable_gqa(monkeypatch, dtype):
-    """A decoded token's attention, the G query heads of a KV head laid out as its G query rows,
-    equals SDPA's own grouped-query call (rows with different masks, a mask hiding slots, and no
-    mask), and the engine's decode steps go through it."""
-    import torch.nn.functional as F
-
-    from streaming_llm.core import attention
-
-    g = torch.Generator().manual_seed(0)
-    b, hq, hkv, n, d = 3, 6, 2, 20, 16
-    q = torch.randn(b, hq, 1, d, generator=g).to(dtype)
-    k, v = (torch.randn(b, hkv, n, d, generator=g).to(dtype) for _ in range(2))
-    mask = torch.arange(n)[None, None, None, :] < torch.tensor([20, 13, 5])[:, None, None, None]
-    for m in (mask, None):
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3, enable_gqa=True)
-        got = attention.decode_attention(q, k, v, m, 0.3)
-        assert got.shape == ref.shape
-        close(got.float(), ref.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
-
-    calls = []
-    real = attention.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    engine(tiny_model("llama"), sinks=2, window=6, chunk_size=1).feed(ids_for(12))
-    assert calls and all(shape[-2] == 1 for shape in calls)
-
-
 def test_before_the_first_eviction_streaming_is_plain_causal_attention(monkeypatch):
     """Until S+W tokens have been seen nothing is evicted and every position is the token's own:
     the engine must give dense attention's logits, through the causal path (no masked empty ring

@@ -65,7 +65,7 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
         return causal_attention(q, plan.keys, plan.values, None, scale, softcap, None, plan.zero_slot)
     if plan.sink_delta is None and softcap is None:  # decode: one fused kernel over the whole buffer
         mask = None if plan.mask is None else plan.mask[:, None]  # (B, 1, 1, N)
-        return decode_attention(q, plan.keys, plan.values, mask, scale)
+        return F.scaled_dot_product_attention(q, plan.keys, plan.values, attn_mask=mask, scale=scale, enable_gqa=True)
     if plan.sink_delta is None:
         return grouped_attention(q, plan.keys, plan.values, plan.mask, scale, softcap, plan.zero_slot)
     b, c = plan.sink_delta.shape
@@ -87,22 +87,6 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
         sink_values=plan.sink_values,
         sink_mask=plan.sink_mask,
     )
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float | None) -> torch.Tensor:
-    """One fused SDPA call over a whole cache buffer: q (B, Hq, C, D), k and v (B, Hkv, N, D), mask
-    None or broadcastable to (B, 1, C, N). With one query per row (a decoded token) the G query
-    heads that share a KV head become that head's G query rows, (B, Hkv, G, D): the kernel then
-    reads each KV head once, where `enable_gqa` expands K and V to Hq heads on the CPU (float32,
-    8 rows over 1,024 slots: 0.40 against 0.56 ms a layer, `benchmarks/decode_attention.py`).
-    `models.kv_ring` times this call to choose the ring's dtype."""
-    b, hq, c, d = q.shape
-    hkv = k.shape[1]
-    if c == 1 and hq != hkv:
-        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
-        return out.view(b, hq, 1, v.shape[-1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
 
 
 # The CPU flash-attention kernel that also returns the log-sum-exp of each query's scores (what

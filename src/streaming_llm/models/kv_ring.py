@@ -8,8 +8,8 @@ ring against 355 us over a float32 one; on an AMD EPYC with AVX512-BF16 but no A
 kernel is 4-5x SLOWER in bfloat16 (8 rows over 1024 slots: 4.5 ms against 1.0 ms for float32,
 even counting a cast of the ring to float32 first), and a whole batch-8 decode step took 152
 against 52 ms (BENCHMARKS.md). So `choose(model)` times the decode attention call itself
-(`core.attention.decode_attention`, what `core.attention.planned_attention` runs for a decode
-step) at the model's head shapes, for 1 and 8 rows over `SLOTS` cached
+(`torch.nn.functional.scaled_dot_product_attention`, what `core.attention.planned_attention`
+runs for a decode step) at the model's head shapes, for 1 and 8 rows over `SLOTS` cached
 tokens, both ring dtypes interleaved, and picks bfloat16 only where it is faster in total. The
 result goes to `<cache>/calibration/kv-<key>.json` (the key of `calibrate.machine_key`).
 `STREAMING_LLM_RECALIBRATE=1` measures again; with `STREAMING_LLM_CALIBRATE=0`, or on a CPU
@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from . import calibrate
 
@@ -35,7 +36,6 @@ SLOTS = 1024  # cached tokens in the timed call: the default cache, 4+1020
 ROWS = (1, 8)  # one stream, and a batch of streams in one forward
 REPS = 7
 WARMUP = 2
-CALL = "grouped"  # the timed call's version: results timed with `enable_gqa` (before) are not reused
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -65,8 +65,6 @@ def time_rings(model, slots: int = SLOTS, rows=ROWS, reps: int = REPS, warmup: i
     """Median ms of one decode attention call per ring dtype and row count: {dtype: {rows: ms}}.
     The query comes in float32 (the model's dtype); over a bfloat16 ring it is cast to bfloat16
     and the output back, as `planned_attention` does."""
-    from ..core.attention import decode_attention  # the call a decode step makes (here: no import cycle)
-
     hq, hkv, d = _shapes(model)
     g = torch.Generator().manual_seed(0)
     calls = {}
@@ -82,7 +80,7 @@ def time_rings(model, slots: int = SLOTS, rows=ROWS, reps: int = REPS, warmup: i
         for i in range(warmup + reps):
             for (dtype, _), (q, k, v, mask, samples) in calls.items():
                 t0 = time.perf_counter()
-                decode_attention(q.to(k.dtype), k, v, mask, None).float()
+                F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=hq != hkv).float()
                 if i >= warmup:
                     samples.append((time.perf_counter() - t0) * 1000)
     out: dict = {dtype: {} for dtype in CHOICES}
@@ -104,7 +102,7 @@ def choose(model, recalibrate: bool | None = None) -> dict:
         return {"choice": rule(), "source": "rule"}
     if recalibrate is None:
         recalibrate = os.environ.get(calibrate.RECALIBRATE_ENV, "").strip() not in ("", "0")
-    key = {**calibrate.machine_key(model), "slots": SLOTS, "rows": list(ROWS), "call": CALL}
+    key = {**calibrate.machine_key(model), "slots": SLOTS, "rows": list(ROWS)}
     path = calibrate.cache_path(key, "kv")
     entry = None if recalibrate else calibrate.read_entry(path)
     if entry is not None and entry.get("choice") in CHOICES and (entry.get("quiet", True)
