@@ -253,23 +253,35 @@ def test_quantize_linears_bf16_and_wide_rows_stream_close():
 
 
 def test_wide_rows_is_the_start_of_the_run_where_bf16_wins():
-    from streaming_llm.models.calibrate import choose_wide, time_wide, wide_rows_from
+    from streaming_llm.models.calibrate import choose_wide, time_wide, wide_kinds, wide_rows_from
 
     assert wide_rows_from({1: [1, 3], 2: [1, 2], 4: [2, 1], 8: [4, 1]}) == 4
     assert wide_rows_from({1: [1, 3], 4: [2, 1], 8: [1, 2]}) is None  # not faster at the largest count
     assert wide_rows_from({1: [1, 0.5], 2: [1, 2], 4: [2, 1]}) == 4  # a lone early win does not count
-    # the kind that wins from the fewest rows; a tie goes to the faster at the most rows; JSON keys
+    # of the kinds that win from some count on, the fastest at the most rows, from its own start
+    # (a tie there: the earlier start); JSON keys
     t = {"2": {"packed": 1, "bf16": 3, "fp16": 0.5}, "8": {"packed": 4, "bf16": 1, "fp16": 2}}
-    assert choose_wide(t) == (2, "fp16")
-    t["2"]["fp16"] = 2
     assert choose_wide(t) == (8, "bf16")
-    t["8"]["bf16"] = 4
-    assert choose_wide(t) == (8, "fp16")
+    t["8"]["bf16"] = 2
+    assert choose_wide(t) == (2, "fp16")
+    t["8"]["bf16"] = 4  # no longer wins anywhere: not a candidate however fast it is at 2 rows
+    t["2"]["bf16"] = 0.1
+    assert choose_wide(t) == (2, "fp16")
     t["8"]["fp16"] = 4
     assert choose_wide(t) == (None, None) and choose_wide({}) == (None, None)
     timings = time_wide(_grid_model(), "int4", rows=(1, 8), reps=1)
-    kinds = {"packed", "fp16" if fp16_gemm_available() else "bf16"}  # calibrate.wide_kinds
+    kinds = {"packed", *wide_kinds()}
     assert set(timings) == {1, 8} and all(set(v) == kinds and min(v.values()) > 0 for v in timings.values())
+
+
+@pytest.mark.parametrize("fp16, amx, kinds", [(True, False, ["fp16"]), (True, True, ["fp16", "bf16"]),
+                                               (False, False, ["bf16"]), (False, True, ["bf16"])])
+def test_calibration_offers_bfloat16_beside_float16_only_on_amx(monkeypatch, fp16, amx, kinds):
+    from streaming_llm.models import calibrate, quantize
+
+    monkeypatch.setattr(quantize, "fp16_gemm_available", lambda: fp16)
+    monkeypatch.setattr(quantize, "amx_available", lambda: amx)
+    assert calibrate.wide_kinds() == kinds
 
 
 def test_the_head_has_its_own_wide_path_timed_alone_from_one_row():

@@ -21,11 +21,12 @@ Many-row inputs (batched decode of several streams, chunked prefill and evaluati
 int8 kernels' cost grows with the rows, while a matmul over a wider copy of the weights stays
 almost flat: bfloat16 through oneDNN (AMX where the CPU has it) or float16 through FBGEMM (x86
 builds of torch; the flat one on AVX2-only CPUs). So the same first load also times forwards of
-2, 4, ... 32 tokens through a copy of the model in the chosen format, its linears switched
-between the packed kernels and each wide copy, interleaved, and records `wide_rows` and
-`wide_kind`: for each copy, the fewest rows from which it is faster at every larger count
-measured; the copy with the fewest such rows wins (ties: the faster at 32 rows); None: neither
-ever wins. `quantize_linears` then gives every decoder linear that wide path
+2, 4, ... 64 tokens through a copy of the model in the chosen format, its linears switched
+between the packed kernels and each wide copy (`wide_kinds`), interleaved, and records
+`wide_rows` and `wide_kind`: for each copy, the fewest rows from which it is (10%) faster at
+every larger count measured; of the copies that win somewhere, the one fastest at the most rows
+measured is chosen (where the copies differ most in milliseconds), from its own start; None:
+none ever wins. `quantize_linears` then gives every decoder linear that wide path
 (`QuantLinear.wide_rows`; it costs a copy of the weights in memory, 2 bytes a weight).
 Single-token decode is untouched by it.
 
@@ -49,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_VERSION = 4  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice; 4: no bf16 copy where fp16 exists
+CACHE_VERSION = 5  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice; 4: no bf16 copy where fp16 exists; 5: bf16 beside fp16 on AMX, 64 rows timed
 _WIDE_KEYS = ("wide_rows", "wide_kind", "head_wide_rows", "head_wide_kind")
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
@@ -57,7 +58,7 @@ TIMED = ("int4", "int8", "none")
 PREFILL = 64  # cached tokens during the timed steps: enough to be a decode step, small enough to be quick
 WARMUP = 2
 STEPS = 8
-WIDE_ROWS = (2, 4, 8, 16, 32)  # tokens per timed forward (single-token decode never takes the wide path)
+WIDE_ROWS = (2, 4, 8, 16, 32, 64)  # tokens per timed forward (single-token decode never takes the wide path)
 WIDE_REPS = 2
 WIDE_MARGIN = 0.9  # a wide copy must be at least 10% faster to be used
 HEAD_ROWS = (1,) + WIDE_ROWS  # rows per timed call of the head alone
@@ -191,15 +192,20 @@ def wide_copies(model, mode: str, kinds) -> tuple[dict, dict]:
 
 def wide_kinds() -> list[str]:
     """The wide copies calibration may choose: float16 where this torch build has FBGEMM's float16
-    GEMM, else bfloat16. (2026-12-04, AMD EPYC with AVX512-BF16 and no AMX: with the bfloat16
-    copy chosen from 32 rows, a 37-token chat prompt prefilled through it made the default
-    model's greedy reply to "What is the capital of France?" garbage, while the float16 copy and
-    the packed kernels gave "The capital of France is Paris." Each linear alone was as close to
-    float32 as the packed kernel; the cause is not found, so bfloat16 is not offered where
-    float16 exists.)"""
-    from .quantize import fp16_gemm_available
+    GEMM; bfloat16 where it has not, and beside float16 on a CPU with AMX. (2026-12-04, AMD EPYC
+    with AVX512-BF16 and no AMX: with the bfloat16 copy chosen from 32 rows, a 37-token chat
+    prompt prefilled through it made the default model's greedy reply to "What is the capital of
+    France?" garbage, while the float16 copy and the packed kernels gave "The capital of France
+    is Paris." Each linear alone was as close to float32 as the packed kernel; the cause is not
+    found, so bfloat16 is not offered there. 2026-12-07, Intel Xeon with AMX: the bfloat16 copy
+    from 16 rows answers that prompt correctly, costs +0.18% perplexity over the packed kernels
+    (float16: +0.08%), and runs 32- and 64-token forwards 1.2x and 1.65x faster, where float16
+    is slower than packed at 32 rows; BENCHMARKS.md, "bfloat16 beside float16 on AMX".)"""
+    from .quantize import amx_available, fp16_gemm_available
 
-    return ["fp16"] if fp16_gemm_available() else ["bf16"]
+    if not fp16_gemm_available():
+        return ["bf16"]
+    return ["fp16", "bf16"] if amx_available() else ["fp16"]
 
 
 def time_head(model, mode: str, rows=HEAD_ROWS, reps: int = HEAD_REPS, kinds=None) -> dict:
@@ -242,8 +248,10 @@ def wide_rows_from(timings: dict) -> int | None:
 
 
 def choose_wide(timings: dict) -> tuple[int | None, str | None]:
-    """(wide_rows, wide_kind) from `time_wide`'s timings: the copy that wins from the fewest rows
-    (ties: the faster at the most rows); (None, None) where none wins."""
+    """(wide_rows, wide_kind) from `time_wide`'s timings: of the copies that win from some row
+    count on (`wide_rows_from`), the one fastest at the most rows measured, from where it wins;
+    (None, None) where none wins. (On an AMX Xeon the float16 head wins from 8 rows by a hair
+    and the bfloat16 one from 16, 3x faster at 64 rows: the latter is chosen.)"""
     if not timings:
         return None, None
     top = max(timings, key=int)
@@ -252,7 +260,7 @@ def choose_wide(timings: dict) -> tuple[int | None, str | None]:
     won = [k for k in kinds if starts[k] is not None]
     if not won:
         return None, None
-    kind = min(won, key=lambda k: (starts[k], timings[top][k]))
+    kind = min(won, key=lambda k: (timings[top][k], starts[k]))
     return starts[kind], kind
 
 

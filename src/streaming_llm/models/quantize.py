@@ -36,6 +36,11 @@ def fp16_gemm_available() -> bool:
     return hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN's bfloat16 matmul runs on them; private torch probe)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored as int8 (per-channel), packed int4 (per group of 32) or
     bfloat16 (bits=16: oneDNN's bfloat16 matmul, AMX where the CPU has it).
