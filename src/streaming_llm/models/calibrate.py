@@ -197,10 +197,10 @@ def wide_kinds() -> list[str]:
     prompt prefilled through it made the default model's greedy reply to "What is the capital of
     France?" garbage, while the float16 copy and the packed kernels gave "The capital of France
     is Paris." Each linear alone was as close to float32 as the packed kernel; the cause is not
-    found, so bfloat16 is not offered there. 2026-12-07, Intel Xeon with AMX: the bfloat16 copy
-    from 16 rows answers that prompt correctly, costs +0.18% perplexity over the packed kernels
-    (float16: +0.08%), and runs 32- and 64-token forwards 1.2x and 1.65x faster, where float16
-    is slower than packed at 32 rows; BENCHMARKS.md, "bfloat16 beside float16 on AMX".)"""
+    found, so bfloat16 is not offered there. 2026-12-07, Intel Xeon with AMX: `auto` with the
+    bfloat16 copy answers that prompt correctly, costs +0.06% perplexity over the packed kernels,
+    and runs 32- and 64-token forwards 1.2x and 1.65x faster, where float16 is no faster than
+    packed at 32 rows; BENCHMARKS.md, "bfloat16 beside float16 on AMX".)"""
     from .quantize import amx_available, fp16_gemm_available
 
     if not fp16_gemm_available():
