@@ -2,10 +2,10 @@
 
 `streaming-llm bench` (BENCHMARKS.md, Table 7) times its rows one after another, so a VM whose
 speed drifts within minutes moves their ratio. Here plain streaming and each recall setting decode
-in turn, one step each, their order rotating from step to step, so drift hits all of them alike. Each recall engine first streams
-`--fill` tokens of the Gutenberg corpus through chunked prefill (its memory then holds about that
-many tokens); every engine then fills its 4+`--window` cache and decodes `--steps` steps after 20
-warm-up steps. `--quant auto`, as the product runs. Prints p50 per engine and its ratio to
+in turn, one step each, their order rotating from step to step, so drift hits all of them alike.
+Each recall engine first streams `--fill` tokens of the Gutenberg corpus through chunked prefill
+(its memory then holds about that many tokens); every engine then fills its 4+`--window` cache
+and decodes `--steps` steps after 20 warm-up steps. `--quant auto`, as the product runs. Prints p50 per engine and its ratio to
 streaming, then one JSON line.
 
     PYTHONPATH=src python benchmarks/recall_ab.py --fill 100000 --recall 4x32e4,8x32e4
