@@ -19,6 +19,7 @@ Per prompt it also prints, for the question's forward, the fraction of layers wh
 the key's block ("kb"; as key_blocks.py).
 
 STREAMING_LLM_THREADS=1 nice -n 10 env PYTHONPATH=src .venv/bin/python docs/results/passkey_oracle/oracle.py [--columns normal,forced,forced_q] [--scorer NAME] [--out FILE] [--pick I,J]
+    [--model M --trials CSV --windows W,.. --recall KxB]   (another model's or recall size's run; default: the one above)
 """
 
 from __future__ import annotations
@@ -56,12 +57,17 @@ def main():
     ap.add_argument("--columns", default="normal,forced", help="from normal, forced, forced_q (normal is always run)")
     ap.add_argument("--out", default=str(HERE / "output.txt"))
     ap.add_argument("--pick", default="", help="comma-separated prompt indexes only (smoke test)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--trials", default=str(sc.TRIALS), help="the trials.csv whose prompts to answer")
+    ap.add_argument("--windows", default="124,252")
+    ap.add_argument("--recall", default="4x32", help="KxB: the recall method of --trials")
     args = ap.parse_args()
     from streaming_llm.eval import passkey as pk
     from streaming_llm.eval import retrieval as rt
 
     t_start = time.time()
-    model, tok, prompts = sc.load_prompts()
+    k, b = (int(x) for x in args.recall.split("x"))
+    model, tok, prompts = sc.load_prompts(args.model, args.trials, [int(w) for w in args.windows.split(",")], k, b)
     if args.pick:
         prompts = [prompts[int(i)] for i in args.pick.split(",")]
     columns = ["normal"] + [c for c in args.columns.split(",") if c in ("forced", "forced_q")] + ([args.scorer] if args.scorer else [])
@@ -71,7 +77,7 @@ def main():
     engines, results = {}, []
     for w, m, p, row in prompts:
         e = engines.get(w) or engines.setdefault(w, rt.engine_for(model, tok, m, 512))
-        sentence, kb = sc.key_blocks(tok, p)
+        sentence, kb = sc.key_blocks(tok, p, b)
         res = {}
         for col in columns:
             mems = []
@@ -99,7 +105,7 @@ def main():
         say(f"4+{w:<4} {p.variant:<14} {p.length:>5} {p.depth:>4} key {p.key:<6} blocks {sorted(sentence)}  "
             f"run {row['correct']:<5} {'(same reply)' if same else '(REPLY DIFFERS: ' + repr(row['reply']) + ')'}  {cells}")
     say()
-    say("paired accuracy (prompts dense answers, key sentence outside the window), recall 4x32; "
+    say(f"paired accuracy (prompts dense answers, key sentence outside the window), {args.model}, recall {args.recall}; "
         "kb = mean fraction of layers whose question-forward choice holds the key's block")
     say(f"  {'window':<8} {'variant':<15} {'n':>3}  " + "  ".join(f"{c:>20}" for c in columns) + "   trials.csv")
     for w in sorted({r[0] for r in results}):

@@ -145,22 +145,24 @@ def top_of(ids: list[int], s: torch.Tensor, k: int, forced=()) -> tuple[int, ...
 
 
 # ---- the prompts ----------------------------------------------------------------------------------
-def load_prompts():
-    """(model, tokenizer, [(window, method label, Prompt, trials.csv row of the recall method)])."""
+def load_prompts(model_name="smollm2-135m-instruct", trials=TRIALS, windows=(124, 252), k=K, b=B):
+    """(model, tokenizer, [(window, method label, Prompt, trials.csv row of the recall method)]):
+    the prompts of `trials` (a `reproduce passkey` trials.csv of `model_name`) that dense answers
+    and whose key sentence streaming 4+w has evicted, for recall KxB at each window w."""
     from streaming_llm.eval import passkey as pk
     from streaming_llm.eval import retrieval as rt
     from streaming_llm.eval.data import load_corpus
     from streaming_llm.models.special_tokens import stream_prefix
 
-    rows = list(csv.DictReader(open(TRIALS)))
-    model, tok = rt.load("smollm2-135m-instruct")
+    rows = list(csv.DictReader(open(trials)))
+    model, tok = rt.load(model_name)
     corpus = load_corpus(pk.DEFAULT_CORPUS).text
     prefix = stream_prefix(tok, None)
     cell = lambda r: (r["variant"], int(r["length"]), float(r["depth"]), int(r["trial"]))  # noqa: E731
     dense_ok = {cell(r) for r in rows if r["method"] == "dense" and r["correct"] == "True"}
     out = []
-    for w in (124, 252):
-        m = rt.Method("recall", w, (K, B))
+    for w in windows:
+        m = rt.Method("recall", w, (k, b))
         st = {cell(r): r for r in rows if r["method"] == rt.Method("streaming", w).label}
         rc = {cell(r): r for r in rows if r["method"] == m.label}
         for c in sorted(rc):
@@ -171,12 +173,12 @@ def load_prompts():
     return model, tok, out
 
 
-def key_blocks(tok, p):
+def key_blocks(tok, p, b=B):
     """(blocks holding a key-sentence token, {the block of the token completing the key's first 3
     characters}) as in passkey_head/key_blocks.py."""
-    sentence = {(t - S) // B for t in range(*p.key_span)}
+    sentence = {(t - S) // b for t in range(*p.key_span)}
     at = next(t for t in range(*p.key_span) if p.key[:3] in tok.decode(p.body[p.key_span[0]:t + 1]))
-    return sentence, {(at - S) // B}
+    return sentence, {(at - S) // b}
 
 
 def main():
