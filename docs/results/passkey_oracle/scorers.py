@@ -27,7 +27,7 @@ does; per KV head kv, its query heads g, the forward's queries t):
 Cheap (one or two products over the summaries, or one vector per block): a, b, c, e, g.
 
 STREAMING_LLM_THREADS=1 nice -n 10 env PYTHONPATH=src .venv/bin/python docs/results/passkey_oracle/scorers.py
-(writes scorers.txt next to this file)
+(writes scorers.txt next to this file; --model --trials --windows --recall KxB: another run, as oracle.py)
 """
 
 from __future__ import annotations
@@ -189,8 +189,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(HERE / "scorers.txt"))
     ap.add_argument("--pick", default="", help="comma-separated prompt indexes only (smoke test)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--trials", default=str(TRIALS), help="the trials.csv whose prompts to score")
+    ap.add_argument("--windows", default="124,252")
+    ap.add_argument("--recall", default=f"{K}x{B}", help="KxB: the recall method of --trials")
     args = ap.parse_args()
-    model, tok, prompts = load_prompts()
+    kk, bs = (int(x) for x in args.recall.split("x"))
+    model, tok, prompts = load_prompts(args.model, args.trials, [int(w) for w in args.windows.split(",")], kk, bs)
     if args.pick:
         prompts = [prompts[int(i)] for i in args.pick.split(",")]
     lines, totals = [], {}
@@ -214,7 +219,7 @@ def main():
         e.feed(p.body, logits="none")
         on[0] = True
         e.feed(p.question, logits="none")
-        sentence, kb = key_blocks(tok, p)
+        sentence, kb = key_blocks(tok, p, bs)
         hits = {n: [0, 0, []] for n in [*SCORERS, "g_layervote"]}  # any, key, rank of the key block
         vote = 0
         for i, mem in enumerate(mems):
@@ -239,15 +244,15 @@ def main():
         for name, (a, k, ranks) in hits.items():
             t = totals.setdefault((w, name), [0, 0.0, 0.0, 0.0, 0, 0.0])
             t[0] += 1; t[1] += a / n; t[2] += k / n; t[3] += sum(ranks) / n; t[4] += k / n >= 0.5
-            t[5] += sum(r <= 2 * K for r in ranks) / n
+            t[5] += sum(r <= 2 * kk for r in ranks) / n
     say("")
-    say("totals over prompts (mean over prompts of the fraction of the 30 layers whose top 4 holds the block):")
+    say(f"totals over prompts (mean over prompts of the fraction of the global layers whose top {kk} holds the block):")
     say(f"  {'window':<7} {'scorer':<13} {'n':>3} {'key':>5} {'any':>5} {'mean rank of key block':>23} {'prompts with key>=0.5':>22}"
-        f" {'key in top 8':>13}")
+        f" {f'key in top {2 * kk}':>13}")
     for (w, name), (cnt, a, k, r, half, k8) in totals.items():
         say(f"  4+{w:<5} {name:<13} {cnt:>3} {k / cnt:>5.2f} {a / cnt:>5.2f} {r / cnt:>23.1f} {half:>18}/{cnt:<3} {k8 / cnt:>13.2f}")
-    say("(key in top 8: the same scorer's top 8 instead of 4, a count of ranks; the blocks held and the queries stay those of the 4x32 run)")
-    say(f"(a_bound counts the engine's own choice; the script's recomputation of the bound picked a different top 4 in {mismatch[0]} layer choices)")
+    say(f"(key in top {2 * kk}: the same scorer's top {2 * kk} instead of {kk}, a count of ranks; the blocks held and the queries stay those of the {args.recall} run)")
+    say(f"(a_bound counts the engine's own choice; the script's recomputation of the bound picked a different top {kk} in {mismatch[0]} layer choices)")
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
