@@ -10,7 +10,7 @@ streaming, then one JSON line.
 
     PYTHONPATH=src python benchmarks/recall_ab.py --fill 100000 --recall 4x32e4,8x32e4
 
-A spec is KxB with an optional eN (`--recall-every N`). It measures; it chooses nothing.
+A spec is KxB with an optional m (`--recall-score mean`) and eN (`--recall-every N`). It measures; it chooses nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import time
 
 
 def spec(text: str) -> dict:
-    m = re.fullmatch(r"(\d+)x(\d+)(?:e(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(m?)(?:e(\d+))?", text)
     if not m:
-        raise SystemExit(f"recall_ab: bad recall spec {text!r} (KxB or KxBeN)")
-    return {"recall_blocks": int(m[1]), "block_size": int(m[2]), "recall_every": int(m[3] or 1)}
+        raise SystemExit(f"recall_ab: bad recall spec {text!r} (KxB[m][eN])")
+    return {"recall_blocks": int(m[1]), "block_size": int(m[2]), "recall_every": int(m[4] or 1),
+            "recall_score": "mean" if m[3] else "bound"}
 
 
 def main(argv=None) -> int:

@@ -85,6 +85,32 @@ def test_recall_matches_the_literal_rule(arch, chunk, select):
 
 
 @pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_recall_by_mean_key_matches_the_literal_rule_and_chooses_otherwise(arch, select):
+    """`recall_score="mean"`: the attention and positions are the rule's (the reference takes the
+    engine's choices), the summaries are the mean keys alone, and the choice differs from the
+    bound's on the same stream (not a renamed bound)."""
+    model = tiny_model(arch)
+    ids = ids_for(110)
+    kw = dict(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B, recall_select=select)
+    e = engine(model, recall_score="mean", **kw)
+    traces = traced(e)
+    out = e.feed(ids)
+    mem = next(m for m in e.cache.memories if m is not None)
+    assert mem.mins is None and mem.maxs is None and mem.means.shape[1:] == (model.config.num_key_value_heads, 16)
+    ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
+    close(out, ref, atol=1e-4)
+    bound = engine(model, **kw)
+    bound_traces = traced(bound)
+    bound.feed(ids)
+    assert [t[2] for t in traces[mem_index(e)]] != [t[2] for t in bound_traces[mem_index(e)]]
+
+
+def mem_index(e) -> int:
+    return next(i for i, m in enumerate(e.cache.memories) if m is not None)
+
+
+@pytest.mark.parametrize("select", SELECTS)
 def test_recall_is_exact_across_rebases_and_uneven_feeds(select):
     model = tiny_model("llama")
     ids = ids_for(160)
@@ -116,10 +142,10 @@ def test_generate_with_recall_matches_the_rule_and_off_by_one(select):
 
 
 def _naive_choice(mem, query, pos_shift, inv_freq):
-    """Top-K blocks by the documented bound, from every stored key of every held block: keys and
+    """Top-K blocks by the documented score, from every stored key of every held block: keys and
     query both rotated to stream indices (storage position minus their frame's shift). The bound
-    is summed over every head (one choice), or, for a per-head memory, per KV head over its own
-    query heads (one choice per KV head)."""
+    (or, with `score="mean"`, q . the block's mean key) is summed over every head (one choice), or,
+    for a per-head memory, per KV head over its own query heads (one choice per KV head)."""
     hkv = mem.store.shape[2]
     q = _rotate(query[0].double(), torch.full((query.shape[2],), -pos_shift), inv_freq)  # (Hq, C, D)
     qf = q.reshape(hkv, -1, q.shape[-1])
@@ -127,6 +153,9 @@ def _naive_choice(mem, query, pos_shift, inv_freq):
     for b in mem.eligible():
         keys, frame = mem.block_keys(b)  # (H, block, D)
         keys = _rotate(keys.double(), torch.full((keys.shape[1],), -frame), inv_freq)
+        if mem.score == "mean":
+            scores.append(((qf * keys.mean(1)[:, None]).sum((1, 2)), b))
+            continue
         lo, hi = keys.amin(1), keys.amax(1)  # (H, D)
         scores.append((torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum((1, 2)), b))
     top = lambda pick: tuple(sorted(b for _, b in sorted((-pick(s).item(), b) for s, b in scores)[: mem.k]))  # noqa: E731
@@ -173,10 +202,12 @@ def test_recall_every_reuses_a_decoded_tokens_choice_and_still_matches_the_rule(
         StreamingConfig(recall_every=0)
 
 
+@pytest.mark.parametrize("score", ["bound", "mean"])
 @pytest.mark.parametrize("select", SELECTS)
-def test_selection_equals_brute_force_over_all_keys(select):
+def test_selection_equals_brute_force_over_all_keys(select, score):
     model = tiny_model("qwen3")
-    e = engine(model, sinks=S, window=W, chunk_size=5, recall_blocks=3, block_size=B, recall_select=select)
+    e = engine(model, sinks=S, window=W, chunk_size=5, recall_blocks=3, block_size=B, recall_select=select,
+               recall_score=score)
     e.cache.position_limit = 60  # blocks in several frames
     seen = []
     for k in range(6):
@@ -267,12 +298,12 @@ def test_bfloat16_store_stays_close_to_float32():
     assert (a - b).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("select", SELECTS)
-def test_state_dict_with_recall_continues_identically_and_reset_forgets(select):
+@pytest.mark.parametrize("select, score", [("layer", "bound"), ("head", "bound"), ("layer", "mean")])
+def test_state_dict_with_recall_continues_identically_and_reset_forgets(select, score):
     model = tiny_model("llama")
     ids = ids_for(140)
     kw = dict(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B, recall_memory_tokens=6 * B,
-              recall_select=select)
+              recall_select=select, recall_score=score)
     a = engine(model, **kw)
     a.feed(ids[:90])
     state = a.state_dict()
@@ -306,6 +337,7 @@ def test_batches_refuse_recall_clearly():
     (dict(recall_blocks=2, positions="absolute"), "--positions cache"),
     (dict(recall_blocks=2, recall_select="heads"), "--recall-select must be one of layer, head"),
     (dict(recall_select=None), "--recall-select"),
+    (dict(recall_score="quest"), "--recall-score must be one of bound, mean"),
 ])
 def test_bad_recall_config_values_are_user_errors(bad, words):
     with pytest.raises(UserError, match=words):
@@ -325,16 +357,19 @@ def test_recall_flags_parse_into_the_config(verb):
     parser = build_parser()
     extra = ["--text", "x.txt"] if verb == "ppl" else []
     args = parser.parse_args([verb, *extra, "--recall-blocks", "4", "--block-size", "16", "--recall-memory-tokens", "4096",
-                              "--recall-dtype", "bfloat16", "--recall-select", "head"])
+                              "--recall-dtype", "bfloat16", "--recall-select", "head", "--recall-score", "mean"])
     c = config_from_args(args)
-    assert (c.recall_blocks, c.block_size, c.recall_memory_tokens, c.recall_dtype, c.recall_select) == (
-        4, 16, 4096, "bfloat16", "head")
+    assert (c.recall_blocks, c.block_size, c.recall_memory_tokens, c.recall_dtype, c.recall_select, c.recall_score) == (
+        4, 16, 4096, "bfloat16", "head", "mean")
     default = config_from_args(parser.parse_args([verb, *extra]))
     base = StreamingConfig()
     assert (default.recall_blocks, default.block_size, default.recall_memory_tokens, default.recall_dtype,
-            default.recall_select) == (0, base.block_size, base.recall_memory_tokens, base.recall_dtype, "layer")
+            default.recall_select, default.recall_score) == (
+        0, base.block_size, base.recall_memory_tokens, base.recall_dtype, "layer", "bound")
     with pytest.raises(SystemExit):  # argparse refuses other values
         parser.parse_args([verb, *extra, "--recall-select", "heads"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([verb, *extra, "--recall-score", "max"])
 
 
 def test_server_snapshot_of_a_recall_session_continues_identically():
@@ -355,13 +390,15 @@ def test_health_names_the_recall_settings():
     from streaming_llm.server.app import _recall_info
 
     assert _recall_info(StreamingConfig()) == {"enabled": False}
-    info = _recall_info(StreamingConfig(recall_blocks=4, block_size=16, recall_select="head", recall_every=4))
-    assert (info["recall_blocks"], info["block_size"], info["select"], info["every"]) == (4, 16, "head", 4)
+    info = _recall_info(StreamingConfig(recall_blocks=4, block_size=16, recall_select="head", recall_every=4,
+                                        recall_score="mean"))
+    assert (info["recall_blocks"], info["block_size"], info["select"], info["every"], info["score"]) == (
+        4, 16, "head", 4, "mean")
     assert info["persisted_with_session"] is True and info["batched"] is False
 
 
 def test_a_stream_saved_before_the_newer_config_fields_still_loads():
-    """A state saved before `recall_select`/`recall_every` existed has no such keys: it was saved
+    """A state saved before `recall_select`/`recall_every`/`recall_score` existed has no such keys: it was saved
     with their defaults and loads (engine and batch); a field this build does not know is refused."""
     from streaming_llm.core.batch import StreamBatch
 
@@ -370,7 +407,7 @@ def test_a_stream_saved_before_the_newer_config_fields_still_loads():
     a = engine(model, sinks=S, window=W)
     a.feed(ids[:30])
     state = a.state_dict()
-    for key in ("recall_select", "recall_every"):
+    for key in ("recall_select", "recall_every", "recall_score"):
         del state["config"][key]
     b = engine(model, sinks=S, window=W)
     b.load_state_dict(state)

@@ -108,6 +108,15 @@ def test_recall_specs_name_the_selection():
     assert [m.label for m in every] == ["streaming 4+124 + recall 4x32e4", "streaming 4+124 + recall 4x32he8",
                                         "streaming 4+124 + recall 4x32"]
     assert [(m.config().recall_every, m.config().recall_select) for m in every] == [(4, "layer"), (8, "head"), (1, "layer")]
+    mean = rt.method_list([124], rt.recall_list("8x32m,8x32me4,4x32hm"))[2:]  # 'm': blocks scored by their mean key
+    assert [m.label for m in mean] == ["streaming 4+124 + recall 8x32m", "streaming 4+124 + recall 8x32me4",
+                                       "streaming 4+124 + recall 4x32hm"]
+    assert [(m.config().recall_score, m.config().recall_every, m.config().recall_select) for m in mean] == [
+        ("mean", 1, "layer"), ("mean", 4, "layer"), ("mean", 1, "head")]
+    assert rt.method_list([124], [(4, 32)])[2].config().recall_score == "bound"
+    for bad in ("4x32mm", "4x32mh", "4x32em4"):
+        with pytest.raises(UserError, match="KxB"):
+            rt.parse_recall(bad)
 
 
 def test_target_rule():

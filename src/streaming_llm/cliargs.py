@@ -3,8 +3,8 @@
 `add_load_arguments` adds where the model comes from and how its weights are held (--model,
 --dtype, --device, --quant); `add_streaming_arguments` adds the cache settings (--method, --sinks,
 --window, --positions, --chunk-size and the recall flags, which `add_recall_arguments` adds on their
-own for verbs with cache flags of their own, such as bench; --recall-select is added by
-`add_streaming_arguments` only); `add_model_arguments` adds both. `load_model_from_args` and
+own for verbs with cache flags of their own, such as bench; --recall-select and --recall-score
+are added by `add_streaming_arguments` only); `add_model_arguments` adds both. `load_model_from_args` and
 `config_from_args` turn the parsed flags into a (model, tokenizer) pair and a `StreamingConfig`.
 It holds no verb logic: each verb owns the rest of its command line.
 """
@@ -42,14 +42,18 @@ def add_streaming_arguments(p) -> None:
 
 
 def add_recall_select_argument(p) -> None:
-    """--recall-select (with the recall flags of `add_streaming_arguments`; not in
-    `add_recall_arguments`, which bench also takes: bench does not pass it through, so it refuses
-    the flag rather than ignore it)."""
-    from .core.config import RECALL_SELECTS
+    """--recall-select and --recall-score (with the recall flags of `add_streaming_arguments`; not
+    in `add_recall_arguments`, which bench also takes: bench does not pass them through, so it
+    refuses the flags rather than ignore them)."""
+    from .core.config import RECALL_SCORES, RECALL_SELECTS
 
     p.add_argument("--recall-select", default="layer", choices=RECALL_SELECTS,
                    help="how a layer chooses its recalled blocks: layer (one choice shared by all heads) or head "
                    "(each KV head its own, by the bound of its own query heads; default: %(default)s)")
+    p.add_argument("--recall-score", default="bound", choices=RECALL_SCORES,
+                   help="how a block is scored against the queries: bound (Quest's upper bound from per-channel key "
+                   "minima and maxima) or mean (q . the block's mean key; better on gemma3-270m, "
+                   "docs/recall_evals.md; default: %(default)s)")
 
 
 def add_recall_arguments(p) -> None:
@@ -110,4 +114,5 @@ def config_from_args(args):
         recall_dtype=getattr(args, "recall_dtype", "float32"),
         recall_select=getattr(args, "recall_select", "layer"),
         recall_every=getattr(args, "recall_every", 1),
+        recall_score=getattr(args, "recall_score", "bound"),
     )

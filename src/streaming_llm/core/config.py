@@ -26,6 +26,7 @@ DEFAULT_RECALL_MEMORY_TOKENS = 131_072
 RECALL_DTYPES = ("float32", "bfloat16")
 # How a layer chooses its recalled blocks: one choice shared by all heads, or one per KV head.
 RECALL_SELECTS = ("layer", "head")
+RECALL_SCORES = ("bound", "mean")  # StreamingConfig.recall_score: Quest's bound, or q . mean key
 # How model weights may be held: the one home of these choices (loading, quantize, the CLI, bench).
 
 
@@ -50,7 +51,8 @@ class StreamingConfig:
       (each KV head chooses its own blocks by the bound of its own query heads). `recall_every`:
       decode steps one choice lasts (1: every forward chooses; N: a decoded token reuses the
       choice of the last decode step that chose, for N-1 steps, while its blocks are held; a chunk
-      always chooses).
+      always chooses). `recall_score`: how a block is scored against the queries: `bound` (Quest's
+      upper bound from per-channel key minima and maxima) or `mean` (q . the block's mean key).
     """
 
     method: str = "streaming"
@@ -64,6 +66,7 @@ class StreamingConfig:
     recall_dtype: str = "float32"
     recall_select: str = "layer"
     recall_every: int = 1
+    recall_score: str = "bound"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,6 +90,8 @@ class StreamingConfig:
             raise UserError(f"unknown recall dtype {self.recall_dtype!r}; choose one of {', '.join(RECALL_DTYPES)}")
         if self.recall_select not in RECALL_SELECTS:
             raise UserError(f"--recall-select must be one of {', '.join(RECALL_SELECTS)} (got {self.recall_select!r})")
+        if self.recall_score not in RECALL_SCORES:
+            raise UserError(f"--recall-score must be one of {', '.join(RECALL_SCORES)} (got {self.recall_score!r})")
         if not isinstance(self.recall_every, int) or self.recall_every < 1:
             raise UserError(f"--recall-every must be an integer >= 1 (got {self.recall_every!r})")
         if self.recall_blocks and self.method != "streaming":

@@ -141,7 +141,8 @@ class StreamingLLM:
                                 "batched streams (StreamBatch, the server's batched scheduler) do not support it")
             c = self.config
             recall = dict(recall_blocks=c.recall_blocks, block_size=c.block_size, memory_tokens=c.recall_memory_tokens,
-                          dtype=c.recall_dtype, select=c.recall_select, every=c.recall_every, directory=self.recall_dir,
+                          dtype=c.recall_dtype, select=c.recall_select, every=c.recall_every, score=c.recall_score,
+                          directory=self.recall_dir,
                           layers=[kind == "full_attention" for kind in _layer_types(self.model)])
         return StreamingCache(
             self.shapes,

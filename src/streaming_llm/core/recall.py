@@ -12,15 +12,18 @@ pwrite/pread, never mapped: its pages are the kernel's page cache, not the proce
 stored tokens do not grow the process RSS; the summaries grow with the blocks up to the cap.
 
 Before each forward (`select`), the layer chooses the `recall_blocks` blocks with the highest
-Quest-style upper bound of the query-key scores: for one query q and a block with per-channel key
-minimum mn and maximum mx, bound = sum_c max(q_c*mn_c, q_c*mx_c); the selection score is this bound
-summed over every query head and every query of the forward (one selection per layer, shared by
-all its heads; a chunk's queries all see the same blocks). With `select="head"` each KV head
+score. `score="bound"` (the default): the Quest-style upper bound of the query-key scores: for one
+query q and a block with per-channel key minimum mn and maximum mx, bound = sum_c max(q_c*mn_c,
+q_c*mx_c). `score="mean"`: q . (the block's mean key), the block's mean query-key score, as
+InfLLM's representative keys do with one representative (the summary is then the mean key alone,
+half the RAM of min and max). The selection score is the per-query score summed over every query
+head and every query of the forward (one selection per layer, shared by all its heads; a chunk's
+queries all see the same blocks). With `select="head"` each KV head
 chooses its own `recall_blocks` blocks instead, by the bound of its own summary summed over its own
 query heads (its GQA group) and the forward's queries only; `chosen` is then a tuple of one
 choice per KV head. Since max(q*mn, q*mx) = q+ * mx + q- * mn, the sum over queries is
-(sum q+) . mx + (sum q-) . mn: one matrix-vector product over all held blocks (per head: one
-batched product, one vector per KV head). Scores are taken at the true text distance, in one
+(sum q+) . mx + (sum q-) . mn: one matrix-vector product over all held blocks per term (per head:
+one batched product, one vector per KV head); the mean score is (sum q) . mean, one product. Scores are taken at the true text distance, in one
 frame for every block: the summaries are of the keys rotated to their stream index (storage
 position minus the rebase shift of their frame), and the query, as the model rotated it, is rotated the same way (one small
 matrix product, cached between rebases), so blocks stored before and after ring rebases are
@@ -106,8 +109,9 @@ class RecallMemory:
     """The evicted-token memory of one global attention layer of a single-stream cache."""
 
     def __init__(self, recall_blocks: int, block_size: int, memory_tokens: int, dtype: str, sinks: int,
-                 rope: LayerRope, directory: str | None = None, select: str = "layer", every: int = 1):
-        self.k, self.block, self.every = recall_blocks, block_size, every
+                 rope: LayerRope, directory: str | None = None, select: str = "layer", every: int = 1,
+                 score: str = "bound"):
+        self.k, self.block, self.every, self.score = recall_blocks, block_size, every, score
         self.per_head = select == "head"  # one choice per KV head (else one per layer)
         self.slots = max(1, memory_tokens // block_size)  # block slots in the store
         self.store_dtype = DTYPES[dtype]
@@ -122,7 +126,8 @@ class RecallMemory:
         self.n_blocks = 0  # blocks ever completed; ids n_blocks - stored .. n_blocks - 1 are held
         self.staged = 0  # evicted tokens waiting for their block to complete
         self.stage_k = self.stage_v = None  # (H, block, D) in the current storage frame
-        self.mins = self.maxs = None  # (allocated slots, H, D) float32 key summaries, by slot
+        self.mins = self.maxs = None  # (allocated slots, H, D) float32 key summaries, by slot (score "bound")
+        self.means = None  # (allocated slots, H, D) float32 mean keys, by slot (score "mean")
         self.frames = torch.zeros(0, dtype=torch.long)  # pos_shift each slot's block was stored with
         self.hold = None  # (stream index, key, value): a decoded token's evicted token, until commit
         self.chosen: tuple = ()  # block ids in stream order; per head: one such tuple per KV head
@@ -174,17 +179,24 @@ class RecallMemory:
         if self.store is None:
             self._open_store(h, d)
         slot = self.n_blocks % self.slots
-        if self.mins is None or slot >= self.mins.shape[0]:  # grow the summaries, up to the cap
-            size = min(self.slots, max(16, 2 * (0 if self.mins is None else self.mins.shape[0])))
-            mins, maxs = torch.zeros(size, h, d), torch.zeros(size, h, d)
+        names = ("mins", "maxs") if self.score == "bound" else ("means",)
+        held = getattr(self, names[0])
+        if held is None or slot >= held.shape[0]:  # grow the summaries, up to the cap
+            size = min(self.slots, max(16, 2 * (0 if held is None else held.shape[0])))
+            for name in names:
+                grown, old = torch.zeros(size, h, d), getattr(self, name)
+                if old is not None:
+                    grown[: old.shape[0]] = old
+                setattr(self, name, grown)
             frames = torch.zeros(size, dtype=torch.long)
-            if self.mins is not None:
-                old = self.mins.shape[0]
-                mins[:old], maxs[:old], frames[:old] = self.mins, self.maxs, self.frames
-            self.mins, self.maxs, self.frames = mins, maxs, frames
+            frames[: self.frames.shape[0]] = self.frames
+            self.frames = frames
         k = self.stage_k.float() @ self._to_stream_frame(pos_shift, torch.float32, self.stage_k.device)
-        self.mins[slot] = k.amin(dim=1).cpu()
-        self.maxs[slot] = k.amax(dim=1).cpu()
+        if self.score == "bound":
+            self.mins[slot] = k.amin(dim=1).cpu()
+            self.maxs[slot] = k.amax(dim=1).cpu()
+        else:
+            self.means[slot] = k.mean(dim=1).cpu()
         self.frames[slot] = pos_shift
         self.store.write(slot, torch.stack([self.stage_k, self.stage_v])[None])
         self.n_blocks += 1
@@ -194,7 +206,7 @@ class RecallMemory:
         """(D, D) R with x @ R == x rotated by -pos_shift (storage positions to stream indices)."""
         c = self._unshift
         if c is None or c[0] != pos_shift or c[1].dtype != dtype or c[1].device != device:
-            d = self.stage_k.shape[-1] if self.stage_k is not None else self.mins.shape[-1]
+            d = self.stage_k.shape[-1] if self.stage_k is not None else self._summary().shape[-1]
             eye = torch.eye(d, dtype=dtype, device=device)
             cos, sin = self.rope.cos_sin(torch.tensor([-pos_shift], device=device), dtype)
             self._unshift = c = (pos_shift, apply_rotation(eye, cos, sin, self.rope.interleaved))
@@ -215,27 +227,32 @@ class RecallMemory:
         return self.store.read([slot])[0, 0].float(), int(self.frames[slot])
 
     # ---- selection -------------------------------------------------------------------------------
+    def _summary(self) -> torch.Tensor | None:
+        """The first summary tensor (allocated slots, H, D) of this memory's score."""
+        return self.mins if self.score == "bound" else self.means
+
     def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
         """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
         the model at storage positions (stream index + pos_shift): rotated to stream indices, as the
-        summaries are, then one float32 matrix-vector product per bound term over the summaries in
+        summaries are, then one float32 matrix-vector product per score term over the summaries in
         place (no per-block or per-frame Python work): (n,) summed over all heads, or with
-        `select="head"` (Hkv, n), each KV head's bound summed over its own query heads (a batched
+        `select="head"` (Hkv, n), each KV head's score summed over its own query heads (a batched
         product per head)."""
         n = self.stored
-        mins, maxs = self.mins[:n].flatten(1), self.maxs[:n].flatten(1)  # by slot
-        hkv, d = self.mins.shape[1], self.mins.shape[2]
+        hkv, d = self._summary().shape[1:]
         q = query[0].float().cpu()  # (Hq, C, D)
         if pos_shift:
             q = q @ self._to_stream_frame(pos_shift, q.dtype, q.device)
         q = q.reshape(hkv, -1, d)  # (Hkv, G*C, D)
-        pos = q.clamp(min=0).sum(1)  # (Hkv, D)
-        neg = q.sum(1) - pos
-        if self.per_head:  # (Hkv, n, D) @ (Hkv, D, 1): each KV head against its own summaries
-            by_head = lambda x, v: (x[:n].transpose(0, 1) @ v[:, :, None])[..., 0]  # noqa: E731
-            out = by_head(self.maxs, pos) + by_head(self.mins, neg)
+        if self.score == "bound":
+            pos = q.clamp(min=0).sum(1)  # (Hkv, D)
+            terms = [(self.maxs, pos), (self.mins, q.sum(1) - pos)]
         else:
-            out = maxs @ pos.flatten() + mins @ neg.flatten()
+            terms = [(self.means, q.sum(1))]
+        if self.per_head:  # (Hkv, n, D) @ (Hkv, D, 1): each KV head against its own summaries
+            out = sum((x[:n].transpose(0, 1) @ v[:, :, None])[..., 0] for x, v in terms)
+        else:
+            out = sum(x[:n].flatten(1) @ v.flatten() for x, v in terms)
         if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
             out = torch.roll(out, -(self.n_blocks % self.slots), dims=-1)
         return out
@@ -332,11 +349,12 @@ class RecallMemory:
 
     # ---- snapshots -------------------------------------------------------------------------------
     def state(self) -> dict:
-        n = 0 if self.mins is None else self.mins.shape[0]
+        n = 0 if self._summary() is None else self._summary().shape[0]
         clone = lambda x: None if x is None else x.clone()  # noqa: E731
         return {
             "n_blocks": self.n_blocks, "staged": self.staged, "stage_k": clone(self.stage_k),
             "stage_v": clone(self.stage_v), "mins": clone(self.mins), "maxs": clone(self.maxs),
+            "means": clone(self.means),
             "frames": self.frames[:n].clone(), "hold": None if self.hold is None else
             (self.hold[0], self.hold[1].clone(), self.hold[2].clone()),
             "store": None if self.store is None else self.store.read(range(min(self.stored, self.slots))),
@@ -348,6 +366,7 @@ class RecallMemory:
         self.n_blocks, self.staged = st["n_blocks"], st["staged"]
         self.stage_k, self.stage_v = st["stage_k"], st["stage_v"]
         self.mins, self.maxs, self.frames = st["mins"], st["maxs"], st["frames"].clone()
+        self.means = st.get("means")  # states saved before the mean score have none
         self.hold = st["hold"]
         self.chosen, self.chosen_at = st.get("chosen", ()), st.get("chosen_at")  # older states: the next token chooses
         if st["store"] is not None:

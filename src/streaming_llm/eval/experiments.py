@@ -384,7 +384,8 @@ def add_arguments(p) -> None:
                    "streameval: the windows W of the 4+W caches compared (defaults in passkey.py, streameval.py)")
     p.add_argument("--recall", default=None, help="passkey, streameval: recall specs KxB, comma-separated, "
                    "each run as streaming 4+W + recall K blocks of B tokens at every window; a trailing h (4x32h): "
-                   "each KV head selects its own blocks (--recall-select head) (default 4x32; none: no recall)")
+                   "each KV head selects its own blocks (--recall-select head); KxBm: blocks scored by their mean key "
+                   "(--recall-score mean); KxBeN: a choice lasts N decode steps (default 4x32; none: no recall)")
     p.add_argument("--lengths", type=_int_list, default=None, help="passkey: prompt lengths in tokens")
     p.add_argument("--depths", type=_float_list, default=None, help="passkey: key depths (fractions of the filler)")
     p.add_argument("--trials", type=int, default=1, help="passkey: prompts per cell and variant (different keys)")

@@ -41,7 +41,8 @@ class Method:
     """One compared method. `window` is W of the 4+W cache (None for dense); a `window` method has
     the same total cache, 0+(4+W); `recall` is (blocks, block size) on top of 4+W, or (blocks,
     block size, "head") for per-KV-head selection (label `KxBh`), or (blocks, block size, select,
-    N) for a choice that lasts N decode steps (label `KxBeN`, `KxBheN`)."""
+    N) for a choice that lasts N decode steps (label `KxBeN`, `KxBheN`), or (blocks, block size,
+    select, N, "mean") for blocks scored by their mean key (label `KxBm`, `KxBmeN`)."""
 
     kind: str  # dense | window | streaming | recall
     window: int | None = None
@@ -58,7 +59,7 @@ class Method:
         if self.recall is None:
             return base
         return (f"{base} + recall {self.recall[0]}x{self.recall[1]}" + ("h" if self.select == "head" else "")
-                + (f"e{self.every}" if self.every > 1 else ""))
+                + ("m" if self.score == "mean" else "") + (f"e{self.every}" if self.every > 1 else ""))
 
     @property
     def select(self) -> str:
@@ -69,6 +70,11 @@ class Method:
     def every(self) -> int:
         """Decode steps one choice of blocks lasts (`StreamingConfig.recall_every`)."""
         return self.recall[3] if self.recall is not None and len(self.recall) > 3 else 1
+
+    @property
+    def score(self) -> str:
+        """How the recall method scores blocks: `bound` or `mean` (`StreamingConfig.recall_score`)."""
+        return self.recall[4] if self.recall is not None and len(self.recall) > 4 else "bound"
 
     @property
     def cache(self) -> str:
@@ -82,7 +88,7 @@ class Method:
             return StreamingConfig(method="window", sinks=0, window=self.window + self.sinks, chunk_size=chunk)
         k, b = self.recall[:2] if self.recall else (0, StreamingConfig.block_size)
         return StreamingConfig(sinks=self.sinks, window=self.window, recall_blocks=k, block_size=b, chunk_size=chunk,
-                               recall_select=self.select, recall_every=self.every)
+                               recall_select=self.select, recall_every=self.every, recall_score=self.score)
 
     def in_window(self, distance: int) -> bool:
         """Whether a token `distance` tokens before the next one (1: the last token fed) is still in
@@ -93,14 +99,19 @@ class Method:
 def parse_recall(spec: str) -> tuple:
     """'4x32' -> (4, 32): K recalled blocks of B tokens, one choice per layer; '4x32h' ->
     (4, 32, "head"): the same, each KV head choosing its own blocks; '4x32e4' -> (4, 32, "layer",
-    4), '4x32he4' -> (4, 32, "head", 4): a choice lasts 4 decode steps."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*(?:[eE](\d+))?\s*", spec)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1 or (m.group(4) is not None and int(m.group(4)) < 1):
+    4), '4x32he4' -> (4, 32, "head", 4): a choice lasts 4 decode steps; '4x32m' / '4x32me4' ->
+    (4, 32, "layer", 1 / 4, "mean"): blocks scored by their mean key (`--recall-score mean`)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*([mM]?)\s*(?:[eE](\d+))?\s*", spec)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1 or (m.group(5) is not None and int(m.group(5)) < 1):
         raise UserError(f"--recall takes KxB specs such as 4x32 (blocks x block size; 4x32h: per-head "
-                        f"selection; 4x32e4: a choice lasts 4 decode steps), got {spec!r}")
+                        f"selection; 4x32m: blocks scored by their mean key; 4x32e4: a choice lasts 4 decode "
+                        f"steps), got {spec!r}")
     k, b, select = int(m.group(1)), int(m.group(2)), "head" if m.group(3) else "layer"
-    if m.group(4) is not None and int(m.group(4)) > 1:
-        return k, b, select, int(m.group(4))
+    every = int(m.group(5)) if m.group(5) is not None else 1
+    if m.group(4):
+        return k, b, select, every, "mean"
+    if every > 1:
+        return k, b, select, every
     return (k, b) + (("head",) if m.group(3) else ())
 
 

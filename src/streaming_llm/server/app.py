@@ -469,7 +469,7 @@ def _recall_info(config) -> dict:
         return {"enabled": False}
     return {"enabled": True, "recall_blocks": config.recall_blocks, "block_size": config.block_size,
             "memory_tokens": config.recall_memory_tokens, "dtype": config.recall_dtype,
-            "select": config.recall_select, "every": config.recall_every, "batched": False,
+            "select": config.recall_select, "every": config.recall_every, "score": config.recall_score, "batched": False,
             "persisted_with_session": True}
 
 
