@@ -52,8 +52,8 @@ def add_recall_select_argument(p) -> None:
                    "(each KV head its own, by the bound of its own query heads; default: %(default)s)")
     p.add_argument("--recall-score", default="bound", choices=RECALL_SCORES,
                    help="how a block is scored against the queries: bound (Quest's upper bound from per-channel key "
-                   "minima and maxima) or mean (q . the block's mean key; better on gemma3-270m, "
-                   "docs/recall_evals.md; default: %(default)s)")
+                   "minima and maxima) or mean (q . the block's mean key, half the summary RAM; it answered fewer "
+                   "pass keys than bound on both offline models, docs/recall_evals.md; default: %(default)s)")
 
 
 def add_recall_arguments(p) -> None:

@@ -18,16 +18,16 @@ q_c*mx_c). `score="mean"`: q . (the block's mean key), the block's mean query-ke
 InfLLM's representative keys do with one representative (the summary is then the mean key alone,
 half the RAM of min and max). The selection score is the per-query score summed over every query
 head and every query of the forward (one selection per layer, shared by all its heads; a chunk's
-queries all see the same blocks). With `select="head"` each KV head
-chooses its own `recall_blocks` blocks instead, by the bound of its own summary summed over its own
+queries all see the same blocks). With `select="head"` each KV head chooses its own
+`recall_blocks` blocks instead, by the score of its own summary summed over its own
 query heads (its GQA group) and the forward's queries only; `chosen` is then a tuple of one
 choice per KV head. Since max(q*mn, q*mx) = q+ * mx + q- * mn, the sum over queries is
 (sum q+) . mx + (sum q-) . mn: one matrix-vector product over all held blocks per term (per head:
-one batched product, one vector per KV head); the mean score is (sum q) . mean, one product. Scores are taken at the true text distance, in one
-frame for every block: the summaries are of the keys rotated to their stream index (storage
-position minus the rebase shift of their frame), and the query, as the model rotated it, is rotated the same way (one small
-matrix product, cached between rebases), so blocks stored before and after ring rebases are
-scored by one product. Ties go to the older block. Only blocks complete before the forward are
+one batched product, one vector per KV head); the mean score is (sum q) . mean, one product.
+Scores are taken at the true text distance, in one frame for every block: the summaries are of
+the keys rotated to their stream index (storage position minus the rebase shift of their frame),
+and the query, as the model rotated it, is rotated the same way (one small matrix product, cached
+between rebases), so blocks stored before and after ring rebases are scored by one product. Ties go to the older block. Only blocks complete before the forward are
 eligible. With `every` = N > 1 a decoded token reuses the choice of the last decoded token that
 chose, if that was fewer than N tokens back and its blocks are all still held (the scan over the
 summaries, which grows with the memory, then runs once per N decode steps; blocks completed in
