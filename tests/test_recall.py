@@ -96,18 +96,15 @@ def test_recall_by_mean_key_matches_the_literal_rule_and_chooses_otherwise(arch,
     e = engine(model, recall_score="mean", **kw)
     traces = traced(e)
     out = e.feed(ids)
-    mem = next(m for m in e.cache.memories if m is not None)
+    layer = next(i for i, m in enumerate(e.cache.memories) if m is not None)
+    mem = e.cache.memories[layer]
     assert mem.mins is None and mem.maxs is None and mem.means.shape[1:] == (model.config.num_key_value_heads, 16)
     ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
     close(out, ref, atol=1e-4)
     bound = engine(model, **kw)
     bound_traces = traced(bound)
     bound.feed(ids)
-    assert [t[2] for t in traces[mem_index(e)]] != [t[2] for t in bound_traces[mem_index(e)]]
-
-
-def mem_index(e) -> int:
-    return next(i for i, m in enumerate(e.cache.memories) if m is not None)
+    assert [t[2] for t in traces[layer]] != [t[2] for t in bound_traces[layer]]
 
 
 @pytest.mark.parametrize("select", SELECTS)

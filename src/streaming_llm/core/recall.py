@@ -27,8 +27,8 @@ one batched product, one vector per KV head); the mean score is (sum q) . mean, 
 Scores are taken at the true text distance, in one frame for every block: the summaries are of
 the keys rotated to their stream index (storage position minus the rebase shift of their frame),
 and the query, as the model rotated it, is rotated the same way (one small matrix product, cached
-between rebases), so blocks stored before and after ring rebases are scored by one product. Ties go to the older block. Only blocks complete before the forward are
-eligible. With `every` = N > 1 a decoded token reuses the choice of the last decoded token that
+between rebases), so blocks stored before and after ring rebases are scored by one product. Ties
+go to the older block. Only blocks complete before the forward are eligible. With `every` = N > 1 a decoded token reuses the choice of the last decoded token that
 chose, if that was fewer than N tokens back and its blocks are all still held (the scan over the
 summaries, which grows with the memory, then runs once per N decode steps; blocks completed in
 between wait for the next choice); a chunk always chooses.
@@ -179,11 +179,10 @@ class RecallMemory:
         if self.store is None:
             self._open_store(h, d)
         slot = self.n_blocks % self.slots
-        names = ("mins", "maxs") if self.score == "bound" else ("means",)
-        held = getattr(self, names[0])
+        held = self._summary()
         if held is None or slot >= held.shape[0]:  # grow the summaries, up to the cap
             size = min(self.slots, max(16, 2 * (0 if held is None else held.shape[0])))
-            for name in names:
+            for name in self._summary_names():
                 grown, old = torch.zeros(size, h, d), getattr(self, name)
                 if old is not None:
                     grown[: old.shape[0]] = old
@@ -227,9 +226,13 @@ class RecallMemory:
         return self.store.read([slot])[0, 0].float(), int(self.frames[slot])
 
     # ---- selection -------------------------------------------------------------------------------
+    def _summary_names(self) -> tuple[str, ...]:
+        """The attributes holding this memory's summaries: min and max keys, or the mean key."""
+        return ("mins", "maxs") if self.score == "bound" else ("means",)
+
     def _summary(self) -> torch.Tensor | None:
         """The first summary tensor (allocated slots, H, D) of this memory's score."""
-        return self.mins if self.score == "bound" else self.means
+        return getattr(self, self._summary_names()[0])
 
     def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
         """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
