@@ -10,7 +10,8 @@ streaming, then one JSON line.
 
     PYTHONPATH=src python benchmarks/recall_ab.py --fill 100000 --recall 4x32e4,8x32e4
 
-A spec is KxB with an optional m (`--recall-score mean`) and eN (`--recall-every N`). It measures; it chooses nothing.
+A spec is a `reproduce passkey --recall` spec: KxB, with optional h (`--recall-select head`), m
+(`--recall-score mean`) and eN (`--recall-every N`). It measures; it chooses nothing.
 """
 
 from __future__ import annotations
@@ -18,18 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
-
-
-def spec(text: str) -> dict:
-    m = re.fullmatch(r"(\d+)x(\d+)(m?)(?:e(\d+))?", text)
-    if not m:
-        raise SystemExit(f"recall_ab: bad recall spec {text!r} (KxB[m][eN])")
-    return {"recall_blocks": int(m[1]), "block_size": int(m[2]), "recall_every": int(m[4] or 1),
-            "recall_score": "mean" if m[3] else "bound"}
 
 
 def main(argv=None) -> int:
@@ -37,28 +29,35 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--window", type=int, default=1020)
     p.add_argument("--fill", type=int, default=100000, help="corpus tokens streamed into each recall engine first")
-    p.add_argument("--recall", default="4x32e4,8x32e4", help="comma-separated specs KxB[eN]")
+    p.add_argument("--recall", default="4x32e4,8x32e4", help="comma-separated specs KxB[h][m][eN]")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     import torch
     from tqdm import tqdm
 
+    from streaming_llm.bench.hardware import cpu_flags, cpu_model
     from streaming_llm.core.config import StreamingConfig
     from streaming_llm.core.engine import StreamingLLM
+    from streaming_llm.errors import UserError
     from streaming_llm.eval.data import load_corpus
+    from streaming_llm.eval.retrieval import Method, parse_recall
     from streaming_llm.models.loading import load_model
     from streaming_llm.models.quantize import quantize_linears
 
+    configs = {"streaming": StreamingConfig(sinks=4, window=args.window)}
+    for text in args.recall.split(","):  # the reproductions' recall specs, their parser and configs
+        try:
+            configs[text] = Method("recall", args.window, parse_recall(text)).config(StreamingConfig.chunk_size)
+        except UserError as e:
+            raise SystemExit(f"recall_ab: {e}") from None
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     model = quantize_linears(model, "auto")
     ids = tok(load_corpus("gutenberg").text[: 8 * (args.fill + args.window + 64)])["input_ids"]
     if len(ids) < args.fill + args.window + 8:
         raise SystemExit(f"recall_ab: the corpus gave {len(ids)} tokens, fewer than --fill + --window")
-    engines = {"streaming": StreamingLLM(model, tok, StreamingConfig(sinks=4, window=args.window))}
-    for text in args.recall.split(","):
-        engines[text] = StreamingLLM(model, tok, StreamingConfig(sinks=4, window=args.window, **spec(text)))
+    engines = {name: StreamingLLM(model, tok, config) for name, config in configs.items()}
     for name, engine in engines.items():
         fill = 0 if name == "streaming" else args.fill
         body = ids[: fill + args.window + 8]
@@ -85,8 +84,9 @@ def main(argv=None) -> int:
                      "over_streaming": round(p50 / base, 3)})
         print(f"{name:<10} memory {held:>7} tokens  p50 {p50:7.2f} ms  p90 {rows[-1]['p90_ms']:7.2f}  "
               f"/ streaming {rows[-1]['over_streaming']:.3f}")
-    print(json.dumps({"model": args.model, "window": args.window, "fill": args.fill, "steps": args.steps,
-                      "threads": args.threads, "load_avg": round(os.getloadavg()[0], 2), "rows": rows}))
+    print(json.dumps({"model": args.model, "cpu": cpu_model(), "amx": "amx_bf16" in cpu_flags(), "window": args.window,
+                      "fill": args.fill, "steps": args.steps, "threads": args.threads,
+                      "load_avg": round(os.getloadavg()[0], 2), "rows": rows}))
     return 0
 
 
