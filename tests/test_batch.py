@@ -84,6 +84,66 @@ def test_rows_rebase_independently_and_match_the_stream_alone(arch):
     assert max(batch.cache.pos_shift) < 0  # both rows were rebased
 
 
+# Mixed forwards (core/mixed.py): each step is one forward of parts (rows, tokens per row), rows
+# fed different numbers of tokens: decoding rows beside a chunk, two chunks of different lengths,
+# non-contiguous and reversed rows, a row still filling its sinks, one joining with its first chunk.
+MIXED = [[((0,), 12)], [((0,), 8)], [((0,), 1), ((1,), 4)], [((0, 1), 1), ((2,), 2)], [((2,), 5), ((1, 0), 1)],
+         *[[((0, 1, 2), 1)]] * 3, [((1, 2), 1), ((0,), 7)], [((0, 2), 1), ((3,), 6), ((1,), 3)],
+         *[[((0, 1, 2, 3), 1)]] * 4, [((3,), 1), ((0, 2), 3)], [((2, 0, 3, 1), 1)], [((1,), 11), ((0, 2, 3), 1)]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_mixed_forward_gives_each_row_its_stream_alone(arch):
+    model = tiny_model(arch)
+    lengths = {r: sum(n for step in MIXED for rows, n in step if r in rows) for r in range(4)}
+    streams = {r: ids_for(lengths[r], seed=20 + r) for r in range(4)}
+    batch = StreamBatch(engine(model, chunk_size=12), slots=4)
+    for _ in range(4):
+        batch.add()
+    batch.cache.position_limit = 24  # rebases happen inside mixed forwards too
+    pos, got = {r: 0 for r in streams}, {r: [] for r in streams}
+    for step in MIXED:
+        parts = [(rows, torch.stack([streams[r][pos[r] : pos[r] + n] for r in rows]), "all") for rows, n in step]
+        for (rows, n), out in zip(step, batch.feed_mixed(parts)):
+            for i, r in enumerate(rows):
+                got[r].append(out[i])
+                pos[r] += n
+    for r, ids in streams.items():
+        ref = PaperReference(model, sinks=S, window=W, rotary_module=find_rotary_module(model)).feed(ids)
+        close(torch.cat(got[r]), ref)
+        assert batch.tokens_seen(r) == len(ids)
+    assert min(batch.cache.pos_shift) < 0  # some row was rebased
+
+
+def test_a_mixed_forward_returns_the_logits_each_part_asks_for_and_refuses_bad_parts():
+    model = tiny_model("llama")
+    batch = StreamBatch(engine(model, chunk_size=8), slots=3)
+    rows = [batch.add() for _ in range(3)]
+    alone = [engine(model, chunk_size=8) for _ in rows]
+    prompts = [ids_for(9 + r, seed=r) for r in rows]
+    for r in rows[:2]:
+        batch.feed([r], prompts[r][None], logits="none")
+        alone[r].feed(prompts[r], logits="none")
+    dec = ids_for(2, seed=5)
+    last, chunk = batch.feed_mixed([((0, 1), dec[:, None], "last"), ((2,), prompts[2][None, :8], "last")])
+    assert last.shape == (2, model.config.vocab_size) and chunk.shape == (1, model.config.vocab_size)
+    for r in (0, 1):
+        close(last[r], alone[r].feed([int(dec[r])], logits="last"))
+    close(chunk[0], alone[2].feed(prompts[2][:8], logits="last"))
+    every, none = batch.feed_mixed([((2,), prompts[2][None, 8:], "all"), ((1, 0), dec[:, None], "none")])
+    assert none is None and every.shape == (1, 3, model.config.vocab_size)
+    close(every[0], alone[2].feed(prompts[2][8:], logits="all"))
+    with pytest.raises(UserError, match="appears twice"):
+        batch.feed_mixed([((0,), dec[:1, None], "last"), ((0,), dec[:1, None], "last")])
+    with pytest.raises(UserError, match="shape"):
+        batch.feed_mixed([((2,), ids_for(9, seed=3)[None], "last")])  # more than a chunk
+    with pytest.raises(UserError, match="shape"):
+        batch.feed_mixed([((), torch.zeros(0, 1), "none")])  # a part of no rows
+    with pytest.raises(UserError, match="logits must be"):
+        batch.feed_mixed([((2,), dec[None, :1], "first")])
+    assert batch.tokens_seen(2) == 11  # refused feeds changed nothing
+
+
 def test_full_cache_decode_of_many_rows_equals_each_alone():
     """The decode fast path (every row full, one fused kernel, per-row sink rotations)."""
     model = tiny_model("qwen2")

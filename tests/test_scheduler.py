@@ -70,3 +70,32 @@ def test_move_keeps_the_stream_exact():
     batch.move(b, a)
     rest = batch.feed([a], ids[25:][None], logits="all")[0]
     assert (torch.cat([first, rest]) - ref).abs().max() < 1e-5 and batch.active == [0]
+
+
+def test_a_prompt_arriving_while_a_row_decodes_rides_in_its_forward_and_both_stay_exact():
+    model = tiny_model("llama")
+    sched = Scheduler(StreamingLLM(model, None, CONFIG), slots=3)
+    a, b = StreamingLLM(model, None, CONFIG), StreamingLLM(model, None, CONFIG)
+    ref_a, ref_b = StreamingLLM(model, None, CONFIG), StreamingLLM(model, None, CONFIG)
+    row_a, row_b = sched.attach(a), sched.attach(b)
+    pa, pb = torch.tensor(prompt(1, 9)), torch.tensor(prompt(2, 11))
+    assert torch.allclose(row_a.feed(pa, "last"), ref_a.feed(pa, logits="last"), atol=1e-5)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # keeps the model thread busy until both requests below are queued
+        held.set()
+        release.wait(30)
+
+    blocker = threading.Thread(target=sched.call, args=(hold,))
+    blocker.start()
+    assert held.wait(30)
+    fa, fb = sched.submit(row_a, torch.tensor([5]), "last"), sched.submit(row_b, pb, "all")
+    release.set()
+    got_a, got_b = fa.result(60), fb.result(60)
+    blocker.join(30)
+    stats = dict(sched.stats)
+    sched.stop()
+    assert stats["mixed_steps"] == 1  # b's first chunk (of 3) rode in a's decode step
+    assert stats["prefill_chunks"] == 3 + 3 and stats["decode_tokens"] == 1  # a's prompt, then b's
+    assert torch.allclose(got_a, ref_a.feed([5], logits="last"), atol=1e-5)
+    assert torch.allclose(got_b, ref_b.feed(pb, logits="all"), atol=1e-5)

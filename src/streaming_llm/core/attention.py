@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from . import mixed
 from .cache import KWARG, AttentionPlan
 from .rope import apply_rotation
 
@@ -51,6 +52,9 @@ def streaming_attention(
     cache = kwargs.get(KWARG)
     if cache is None:
         out = causal_attention(query, key, value, attention_mask, scale, softcap, sliding_window, off_by_one)
+    elif cache.groups is not None:  # rows fed different numbers of tokens (mixed.py)
+        out = mixed.attend(query, cache.layers[module.layer_idx], cache,
+                           lambda q, plan: planned_attention(q, plan, scale, softcap))
     else:
         layer = cache.layers[module.layer_idx]
         out = planned_attention(query, layer.plan(query), scale, softcap)

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
+from . import mixed
 from .cache import KWARG
 from .engine import StreamingLLM
 
@@ -146,6 +147,50 @@ class StreamBatch:
         if logits == "none":
             return None
         return torch.cat(outs, dim=1) if logits == "all" else outs[-1][:, -1]
+
+    def feed_mixed(self, parts: Sequence[tuple[Sequence[int], object, str]]) -> list:
+        """ONE forward over rows fed different numbers of tokens (`core/mixed.py`): parts
+        [(rows, ids (len(rows), n), logits), ...], rows disjoint across parts, n at most the chunk
+        size (e.g. decoding rows with one token each beside one row's prefill chunk). Returns, per
+        part, float32 logits (B, n, V) for logits="all", (B, V) for "last", None for "none"; each
+        row's logits equal those of its stream alone."""
+        parts = [([int(r) for r in rows], torch.as_tensor(ids, dtype=torch.long).to(self.engine.device), mode)
+                 for rows, ids, mode in parts]
+        self._check([r for rows, _, _ in parts for r in rows])
+        for rows, ids, mode in parts:
+            if not rows or ids.dim() != 2 or ids.shape[0] != len(rows) or not 0 < ids.shape[1] <= self.engine.config.chunk_size:
+                raise UserError(f"feed_mixed needs ids of shape ({len(rows)}, 1..{self.engine.config.chunk_size}) "
+                                f"for rows {rows}: got {tuple(ids.shape)}")
+            if mode not in ("all", "last", "none"):
+                raise UserError(f"logits must be all, last or none (got {mode!r})")
+        return self._forward_mixed(parts)
+
+    @torch.inference_mode()
+    def _forward_mixed(self, parts: list) -> list:
+        engine, dev = self.engine, self.engine.device
+        pos = mixed.prepare(self.cache, [(tuple(rows), ids.shape[1]) for rows, ids, _ in parts], dev)
+        keep, start = [], 0  # the positions whose logits some part wants, in order
+        for _, ids, mode in parts:
+            at = torch.arange(start, start + ids.numel(), device=dev).reshape(ids.shape)
+            keep.append(at.flatten() if mode == "all" else at[:, -1] if mode == "last" else at[:, :0].flatten())
+            start += ids.numel()
+        keep_t = torch.cat(keep)
+        kwargs = {engine.cache_kw: self.cache, KWARG: self.cache, "use_cache": True, "position_ids": pos}
+        if engine.can_keep_logits:
+            kwargs["logits_to_keep"] = keep_t
+        flat = torch.cat([ids.flatten() for _, ids, _ in parts])[None]
+        try:
+            logits = engine.model(input_ids=flat, **kwargs).logits.float()[0]
+        finally:
+            self.cache.groups = None  # the next forward is an ordinary one unless it says otherwise
+        if not engine.can_keep_logits:
+            logits = logits[keep_t]
+        outs, at = [], 0
+        for (_, ids, mode), k in zip(parts, keep):
+            part = logits[at : at + k.numel()]
+            at += k.numel()
+            outs.append(None if mode == "none" else part.reshape(*ids.shape, -1) if mode == "all" else part)
+        return outs
 
     @torch.inference_mode()
     def _forward(self, rows: list[int], chunk: torch.Tensor, keep_all: bool) -> torch.Tensor:

@@ -16,7 +16,8 @@ forward keyword argument `streaming_cache` (the engine passes it; under a plain
 transformers hands to `Cache.update`) and reads `cache.layers[module.layer_idx].plan()`. There is
 no thread-local or global state: two caches can run forwards on two threads at once.
 
-A forward covers the rows `prepare(n, rows)` names (all rows by default), each getting n tokens.
+A forward covers the rows `prepare(n, rows)` names (all rows by default), each getting n tokens
+(rows fed different numbers of tokens in one forward: `mixed.py`).
 Positions stay small: before a forward that would push a row's storage positions past
 `position_limit`, `prepare()` rotates that row's ring once by the excess (a rebase). The layer
 writes a chunk's tokens into the ring only after its attention ran (`commit`), because they
@@ -87,6 +88,7 @@ class SinkWindowLayer(CacheLayerMixin):
         self.view_delta = [0] * b  # rotation currently applied to row r's sink slots of `keys`
         self.sink_keys: torch.Tensor | None = None  # originals, as the model rotated them
         self._pending: _Pending | None = None
+        self.mixed: tuple | None = None  # a mixed forward's (keys, values) of every group, until attended
         self.memory: _recall.RecallMemory | None = None  # evicted-token recall (global layers, one row)
 
     # ---- transformers CacheLayerMixin -------------------------------------------------------
@@ -113,6 +115,14 @@ class SinkWindowLayer(CacheLayerMixin):
             forward_kwargs.setdefault(KWARG, self.owner)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.owner.groups is not None:  # a mixed forward: the attention writes each group (mixed.py)
+            self.mixed = (key_states, value_states)
+            return self.keys, self.values
+        return self.write(key_states, value_states)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """This forward's keys/values (B, H, C, D) for the rows the owner names: a row's first
+        tokens into its sink slots, a decoded token into its ring slot; the rest waits for `commit`."""
         rows = self.owner.rows_for(key_states.shape[0])
         seen = tuple([self.seen[r] for r in rows])
         c, s, w = key_states.shape[-2], self.sinks, self.window
@@ -332,7 +342,7 @@ class SinkWindowLayer(CacheLayerMixin):
 
     def drop_pending(self) -> None:
         """Forget a forward that was interrupted before this layer's attention ran."""
-        self._pending = None
+        self._pending = self.mixed = None
 
     def rotate_ring(self, r: int, shift: int) -> None:
         """Move row r's stored window keys `shift` positions back (a rebase); its sinks move only
@@ -446,6 +456,7 @@ class StreamingCache(Cache):
         self._rows: tuple[int, ...] = tuple(range(batch_size))  # rows of the next forward
         self._sel = None  # their index into the buffers (see selector)
         self.prepared = False  # True once an engine drives this cache (and passes it to the attention itself)
+        self.groups: list | None = None  # a mixed forward's [(rows, tokens per row), ...] (mixed.py), else None
         self._rotations: dict = {}
         self._shared: dict = {}  # see `shared`
         largest = max(s + w for s, w in layer_shapes)
@@ -536,25 +547,39 @@ class StreamingCache(Cache):
         """Position ids (len(rows), n_new) for the next forward over `rows` (default: all), rebasing
         a row first if its positions would grow too big. Drops what an interrupted forward left."""
         rows = tuple(range(self.n_rows)) if rows is None else tuple(int(r) for r in rows)
-        if rows != self._rows:
-            self._rows, self._sel = rows, None
-        self.prepared = True
-        self._shared.clear()
-        for layer in self.layers:
-            layer.drop_pending()
-        firsts = []
-        for r in self._rows:
-            first = self.seen(r) + self.pos_shift[r]
-            if first + n_new > self.position_limit or first < 0:
-                shift = first - self.capacity  # the next token lands at storage position `capacity`
-                for layer in self.layers:
-                    layer.rotate_ring(r, shift)
-                self.pos_shift[r] -= shift
-                first -= shift
-            firsts.append(first)
+        self.start_forward(None)
+        self.use_rows(rows)
+        firsts = [self.first_position(r, n_new) for r in rows]
         if len(firsts) == 1:
             return torch.arange(firsts[0], firsts[0] + n_new, device=device)[None, :]
         return torch.tensor(firsts, device=device)[:, None] + torch.arange(n_new, device=device)[None, :]
+
+    def start_forward(self, groups: list | None) -> None:
+        """A new forward begins: the memo is emptied and what an interrupted one left is dropped.
+        `groups`: None for a forward of equal-length rows (`prepare`), else the [(rows, tokens
+        per row), ...] of a mixed forward (`mixed.prepare`)."""
+        self.prepared = True
+        self.groups = groups
+        self._shared.clear()
+        for layer in self.layers:
+            layer.drop_pending()
+
+    def use_rows(self, rows: tuple[int, ...]) -> None:
+        """The rows the layers' next `write` covers."""
+        if rows != self._rows:
+            self._rows, self._sel = rows, None
+
+    def first_position(self, r: int, n_new: int) -> int:
+        """Storage position of row r's next token, rebasing the row first if n_new more tokens
+        would pass `position_limit`."""
+        first = self.seen(r) + self.pos_shift[r]
+        if first + n_new > self.position_limit or first < 0:
+            shift = first - self.capacity  # the next token lands at storage position `capacity`
+            for layer in self.layers:
+                layer.rotate_ring(r, shift)
+            self.pos_shift[r] -= shift
+            first -= shift
+        return first
 
     # ---- snapshots -------------------------------------------------------------------------------
     def row_state(self, r: int = 0, copy: bool = True) -> dict:

@@ -8,11 +8,14 @@ decoding) runs on the caller's thread as before; only its forwards come here, as
 
 1. Gather. After a forward, wait until every row that was decoding has asked for its next token,
    or `gather_ms` passed (a reply whose client reads slowly is then served in the next round).
-2. Decode: ONE batched forward for every pending single-token request, rows in ascending order
-   (contiguous rows are read in place).
-3. Prefill: then at most ONE chunk (`prefill_chunk` tokens) of the oldest multi-token request
-   (a new prompt), so a long prompt delays each decode round by one chunk instead of stalling
-   every other reply until it is done: vLLM's chunked prefill with decodes first.
+2. Forward: ONE forward for every pending single-token request (decoding rows, in ascending
+   order: contiguous rows are read in place) and at most ONE chunk (`prefill_chunk` tokens, at
+   most the engine's chunk size) of the oldest multi-token request (a new prompt), laid end to end
+   (`StreamBatch.feed_mixed`, `core/mixed.py`): vLLM's chunked prefill, whose prefill tokens ride
+   in the decode batch. A long prompt therefore delays each decode round by one chunk's extra
+   tokens instead of stalling every other reply until it is done, and a chunk costs less inside
+   the decode step than in a forward of its own (the linear layers read their weights once).
+   A round with only decodes, or only a chunk, is an ordinary `StreamBatch.feed`.
 Attach and detach run on the model thread too, between forwards, so nothing else ever touches
 the batch. When streams leave from the middle, the highest rows move down into the holes before
 the next decode (one row copy each), so the decoding rows stay contiguous and are read in place. Every row is exact (a row's logits equal the same stream alone; `core/batch.py`).
@@ -90,7 +93,8 @@ class Scheduler:
         self._running = True
         self.stats = {"forwards": 0, "decode_steps": 0, "decode_tokens": 0, "prefill_chunks": 0,
                       "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0, "row_moves": 0,
-                      "decode_s": 0.0, "prefill_s": 0.0, "calls_s": 0.0}  # model-thread seconds by kind
+                      "mixed_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "mixed_s": 0.0, "calls_s": 0.0}
+        # (model-thread seconds by kind of forward: decode rows only, a prefill chunk only, both)
         self._thread = threading.Thread(target=self._loop, name="batch-model", daemon=True)
         self._thread.start()
 
@@ -223,21 +227,21 @@ class Scheduler:
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(e)
             t1 = time.perf_counter()
+            kind = ("mixed" if prefill is not None else "decode") if decodes else ("prefill" if prefill is not None else None)
             try:
                 if decodes:
                     self._compact()
+                if kind == "mixed":
+                    self._mixed(decodes, prefill)
+                elif kind == "decode":
                     self._decode(decodes)
-                t2 = time.perf_counter()
-                if prefill is not None:
+                elif kind == "prefill":
                     self._prefill_chunk(prefill)
             finally:
-                t3 = time.perf_counter()
                 s = self.stats
                 s["calls_s"] += t1 - t0
-                if decodes:
-                    s["decode_s"] += t2 - t1
-                if prefill is not None:
-                    s["prefill_s"] += t3 - t2
+                if kind:
+                    s[kind + "_s"] += time.perf_counter() - t1
                 self._last_forward = time.perf_counter()
         with self._cv:
             for r in self._pending:
@@ -253,9 +257,41 @@ class Scheduler:
             for r in reqs:
                 r.future.set_exception(e)
             return
+        self.stats["forwards"] += 1
+        self._decoded(reqs, logits)
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        lo, hi, mode = self._chunk(req, self.prefill_chunk)
+        try:
+            out = self.batch.feed([req.row], req.ids[lo:hi][None], logits=mode)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(req, e)
+            return
+        self.stats["forwards"] += 1
+        self._chunked(req, hi, out)
+
+    def _mixed(self, reqs: list[_Request], req: _Request) -> None:
+        """The decode requests and one chunk of `req` in ONE forward (`StreamBatch.feed_mixed`)."""
+        reqs.sort(key=lambda r: r.row)
+        lo, hi, mode = self._chunk(req, min(self.prefill_chunk, self.batch.engine.config.chunk_size))
+        try:
+            logits, out = self.batch.feed_mixed([([r.row for r in reqs], torch.stack([r.ids for r in reqs]), "last"),
+                                                 ([req.row], req.ids[lo:hi][None], mode)])
+        except BaseException as e:  # noqa: BLE001
+            for r in reqs:
+                r.future.set_exception(e)
+            self._fail(req, e)
+            return
+        self.stats["forwards"] += 1
+        self.stats["mixed_steps"] += 1
+        self._decoded(reqs, logits)
+        self._chunked(req, hi, out)
+
+    def _decoded(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """Hand each decode request its row of `logits` (B, V)."""
+        rows = [r.row for r in reqs]
         self._decoding = set(rows)
         s = self.stats
-        s["forwards"] += 1
         s["decode_steps"] += 1
         s["decode_tokens"] += len(rows)
         s["last_batch_size"] = len(rows)
@@ -263,31 +299,32 @@ class Scheduler:
         for i, r in enumerate(reqs):
             r.future.set_result(self._shape(logits[i : i + 1], r.logits))
 
-    def _prefill_chunk(self, req: _Request) -> None:
-        lo, hi = req.offset, min(req.offset + self.prefill_chunk, req.ids.numel())
+    def _chunk(self, req: _Request, size: int) -> tuple[int, int, str]:
+        """(lo, hi, logits mode) of `req`'s next chunk of at most `size` tokens."""
+        lo, hi = req.offset, min(req.offset + size, req.ids.numel())
         self._decoding.discard(req.row)
         last = hi == req.ids.numel()
-        mode = "all" if req.logits == "all" else ("last" if last and req.logits == "last" else "none")
-        try:
-            out = self.batch.feed([req.row], req.ids[lo:hi][None], logits=mode)
-        except BaseException as e:  # noqa: BLE001
-            with self._cv:
-                self._pending.remove(req)
-            req.future.set_exception(e)
-            return
-        self.stats["forwards"] += 1
+        return lo, hi, "all" if req.logits == "all" else ("last" if last and req.logits == "last" else "none")
+
+    def _chunked(self, req: _Request, hi: int, out) -> None:
+        """`req`'s chunk up to `hi` is in (its logits `out`, (1, ...) or None); answer it when done."""
         self.stats["prefill_chunks"] += 1
-        self.stats["prefill_tokens"] += hi - lo
+        self.stats["prefill_tokens"] += hi - req.offset
         if out is not None:
             req.outs.append(out[0])
         req.offset = hi
-        if last:
+        if hi == req.ids.numel():
             with self._cv:
                 self._pending.remove(req)
             if req.logits == "all":
                 req.future.set_result(torch.cat(req.outs))
             else:
                 req.future.set_result(None if req.logits == "none" else req.outs[-1])
+
+    def _fail(self, req: _Request, e: BaseException) -> None:
+        with self._cv:
+            self._pending.remove(req)
+        req.future.set_exception(e)
 
     @staticmethod
     def _shape(logits: torch.Tensor, mode: str):
