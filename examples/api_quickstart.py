@@ -30,4 +30,8 @@ batch = StreamBatch(engine, slots=4)
 a, b = batch.add(), batch.add(engine.state_dict())  # a new stream, and the engine's stream moved in
 both = batch.feed([a, b], [tok("Hello", add_special_tokens=False)["input_ids"][:1]] * 2)  # (2, vocab)
 print(f"batch: rows {a}, {b} hold {batch.tokens_seen(a)} and {batch.tokens_seen(b)} tokens; next ids {both.argmax(-1).tolist()}")
+# rows fed different numbers of tokens in one forward: a decoded token beside a prompt's chunk
+nxt, chunk = batch.feed_mixed([([b], both[1:].argmax(-1, keepdim=True), "last"),
+                               ([a], tok(" world, how are you", return_tensors="pt")["input_ids"], "last")])
+print(f"mixed: row {b} decoded 1 token, row {a} took a chunk; rows now hold {batch.tokens_seen(a)} and {batch.tokens_seen(b)}")
 batch.remove(a)
