@@ -235,7 +235,7 @@ def test_fp16_wide_path_is_float16_weights_on_bfloat16_rounded_inputs():
     assert (wide(x) - packed(x)).abs().max() < 0.01 * want.abs().max()  # both are the same grid weights
     rows = torch.cat([wide(x[i:i + 4]) for i in (0, 2)])  # a row's numbers do not depend on its neighbours
     assert torch.allclose(rows[:4], wide(x)[:4], atol=1e-5) and torch.allclose(rows[4:], wide(x)[2:], atol=1e-5)
-    assert "fp16 from 4 rows" in repr(wide)
+    assert "fp16 from 4 tokens per stream" in repr(wide)
 
 
 def test_quantize_linears_bf16_and_wide_rows_stream_close():
@@ -312,3 +312,14 @@ def test_the_wide_copy_is_not_counted_as_weights_a_decode_step_reads():
 
     plain = weight_bytes(quantize_linears(_grid_model(), "int4"))["weight_bytes"]
     assert weight_bytes(quantize_linears(_grid_model(), "int4", wide_rows=8))["weight_bytes"] == plain
+
+
+def test_the_wide_copy_is_chosen_by_tokens_per_stream_so_a_batched_row_keeps_its_numerics():
+    lin = grid_linear()
+    x = torch.randn(8, 96, generator=torch.Generator().manual_seed(2))
+    packed, wide = QuantLinear(lin, 4), QuantLinear(lin, 4, wide_rows=2)
+    alone = torch.cat([wide(x[i : i + 1][None]) for i in range(8)])  # (1, 1, D) each: one stream's decode
+    batched = wide(x[:, None])  # (8, 1, D): 8 streams decoding one token each
+    assert torch.equal(batched, alone) and torch.equal(batched[:, 0], packed(x))  # the int4 kernel, bit for bit
+    chunk = wide(x[None])  # (1, 8, D): one stream's chunk of 8 tokens takes the copy
+    assert not torch.equal(chunk[0], packed(x)) and (chunk[0] - packed(x)).abs().max() < 0.02 * packed(x).abs().max()

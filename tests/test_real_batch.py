@@ -49,6 +49,30 @@ def test_default_model_batched_rows_equal_each_stream_alone(quant):
         assert err <= max(2 * noise, 1e-4), f"row {r} ({quant}): max |diff| {err}, chunking alone moves {noise}"
 
 
+QUESTIONS = ["How does a lighthouse keeper record the weather?", "Write a short poem about rivers.",
+             "What is the capital of France?", "Give three tips for learning to cook.",
+             "Describe the water cycle for a child.", "Why do cats purr?",
+             "How does a bicycle stay upright?", "Tell me about the moon landing."]
+
+
+def greedy_alone(model, tokenizer, config, prompts, n, kv_dtype="auto"):
+    """Each prompt's n greedy tokens, decoded by an engine of its own."""
+    replies = []
+    for p in prompts:
+        e = StreamingLLM(model, tokenizer, config, kv_dtype=kv_dtype)
+        logits, reply = e.feed(p, logits="last"), []
+        for _ in range(n):
+            reply.append(int(logits.argmax()))  # (V,): the last token's logits
+            logits = e.feed(torch.tensor(reply[-1:]), logits="last")
+        replies.append(reply)
+    return replies
+
+
+def chat_prompts(tokenizer):
+    return [torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False)) for q in QUESTIONS]
+
+
 @pytest.mark.parametrize("wide_kind", ["bf16", "fp16"])
 def test_default_model_greedy_replies_are_the_same_text_in_a_batch_of_eight(wide_kind):
     """The server's promise on the real model with its fast path: the int4 kernels for one row and a
@@ -58,28 +82,51 @@ def test_default_model_greedy_replies_are_the_same_text_in_a_batch_of_eight(wide
         pytest.skip("this torch build has no FBGEMM float16 linear")
     model, tokenizer = load_model("smollm2-135m-instruct")
     quantize_linears(model, "int4", wide_rows=2, wide_kind=wide_kind)
-    questions = ["How does a lighthouse keeper record the weather?", "Write a short poem about rivers.",
-                 "What is the capital of France?", "Give three tips for learning to cook.",
-                 "Describe the water cycle for a child.", "Why do cats purr?",
-                 "How does a bicycle stay upright?", "Tell me about the moon landing."]
-    prompts = [torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                          tokenize=True, return_dict=False)) for q in questions]
+    prompts = chat_prompts(tokenizer)
     config = StreamingConfig(sinks=4, window=124)
-    alone = []
-    for p in prompts:
-        e = StreamingLLM(model, tokenizer, config)
-        logits, reply = e.feed(p, logits="last"), []
-        for _ in range(24):
-            reply.append(int(logits[-1].argmax()))
-            logits = e.feed(torch.tensor(reply[-1:]), logits="last")
-        alone.append(reply)
+    alone = greedy_alone(model, tokenizer, config, prompts, 24)
     batch = StreamBatch(StreamingLLM(model, tokenizer, config), slots=8)
     rows = [batch.add() for _ in prompts]
     last = [batch.feed([r], p[None], logits="last")[0] for r, p in zip(rows, prompts)]
     together = [[] for _ in rows]
     for _ in range(24):
         for r in rows:
-            together[r].append(int(last[r][-1].argmax()))
+            together[r].append(int(last[r].argmax()))
         out = batch.feed(rows, torch.tensor([[t[-1]] for t in together]), logits="last")
         last = [out[r] for r in rows]
     assert together == alone
+
+
+def test_default_model_greedy_replies_are_the_same_text_beside_a_prompt_in_the_same_forward():
+    """The server's mixed forwards on the real model: 6 replies decode while a 7th prompt rides in
+    their forwards in chunks of 8 tokens (`StreamBatch.feed_mixed`), int4 with `--quant auto`'s
+    thresholds on the AMX Xeon (the bfloat16 copy from 32 tokens, the head's from 8), where
+    `mixes_exactly` allows it; then all 7 decode together. The same tokens as each alone."""
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    quantize_linears(model, "int4", wide_rows=32, wide_kind="bf16", head_wide=(8, "bf16"))
+    prompts = chat_prompts(tokenizer)[:7]
+    config = StreamingConfig(sinks=4, window=124, chunk_size=8)
+    alone = greedy_alone(model, tokenizer, config, prompts, 24)
+    batch = StreamBatch(StreamingLLM(model, tokenizer, config), slots=8)
+    assert batch.mixes_exactly([(6, 1, "last"), (1, 8, "last")])  # 14 tokens, 7 head rows: no kernel changes
+    assert not batch.mixes_exactly([(7, 1, "last"), (1, 8, "last")])  # 8 head rows: the head's copy would serve them
+    assert not batch.mixes_exactly([(6, 1, "last"), (1, 26, "none")])  # 32 tokens: the decoder's copy would
+    rows = [batch.add() for _ in prompts]
+    last = {r: batch.feed([r], p[None], logits="last")[0] for r, p in zip(rows[:6], prompts[:6])}
+    together, late, fed, mixed = [[] for _ in rows], rows[6], 0, 0
+    while min(len(t) for t in together) < 24:
+        decoding = [r for r in rows if r in last and len(together[r]) < 24]
+        for r in decoding:
+            together[r].append(int(last[r].argmax()))
+        parts = [(decoding, torch.tensor([[together[r][-1]] for r in decoding]), "last")] if decoding else []
+        if fed < len(prompts[6]):
+            chunk = prompts[6][fed : fed + 8]
+            parts.append(([late], chunk[None], "last"))
+            fed += len(chunk)
+            mixed += len(parts) == 2
+        outs = batch.feed_mixed(parts)
+        for r, out in zip(decoding, outs[0] if decoding else []):
+            last[r] = out
+        if parts[-1][0] == [late] and fed == len(prompts[6]):
+            last[late] = outs[-1][0]
+    assert mixed >= 3 and together == alone

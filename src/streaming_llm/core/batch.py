@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
+from ..models.quantize import wide_thresholds
 from . import mixed
 from .cache import KWARG
 from .engine import StreamingLLM
@@ -39,6 +40,7 @@ class StreamBatch:
         self.slots = slots
         self.cache = engine.new_cache(batch_size=slots)
         self._free = list(range(slots))
+        self._wide = wide_thresholds(engine.model)  # where a linear's kernel changes (see mixes_exactly)
 
     # ---- rows ------------------------------------------------------------------------------------
     @property
@@ -164,6 +166,16 @@ class StreamBatch:
             if mode not in ("all", "last", "none"):
                 raise UserError(f"logits must be all, last or none (got {mode!r})")
         return self._forward_mixed(parts)
+
+    def mixes_exactly(self, parts: Sequence[tuple[int, int, str]]) -> bool:
+        """Whether a `feed_mixed` of parts [(rows, tokens per row, logits), ...] gives every row the
+        bits of its stream alone. The forward lays all T tokens end to end, so a quantized linear
+        sees T tokens (the head: the K positions whose logits are kept) where each stream alone
+        shows it its own count; the answer is yes when that changes no kernel: T (and K) below the
+        first count at which a wide copy takes over (`QuantLinear`), or no wide copy at all."""
+        t = sum(n * c for n, c, _ in parts)
+        k = sum(n * c if mode == "all" else n if mode == "last" else 0 for n, c, mode in parts)
+        return all(limit is None or limit <= 1 or size < limit for size, limit in zip((t, k), self._wide))
 
     @torch.inference_mode()
     def _forward_mixed(self, parts: list) -> list:

@@ -59,6 +59,7 @@ class AttentionPlan:
     zero_slot: bool = False  # append a zero-score, zero-value key (softmax-off-by-one)
     window_rows_nonempty: bool = False  # every query sees at least one key of `keys` (not only sinks)
     causal: bool = False  # `keys` are stream tokens 0..N-1 in order: plain causal attention, end-aligned
+    row_lengths: tuple[int, ...] | None = None  # decode: row i sees exactly keys[i, :, :row_lengths[i]]
 
 
 @dataclass(slots=True)
@@ -227,13 +228,16 @@ class SinkWindowLayer(CacheLayerMixin):
                 values = torch.cat([self.values[:, :, :n0][sel], p.values], dim=-2)
             return AttentionPlan(keys, values, None, zero_slot=self.zero_slot, causal=True)
         dev = p.keys.device
-        if p.written:  # decode, rows at different stages: sinks viewed per row, one masked softmax
+        if p.written:  # decode, rows at different stages: sinks viewed per row
             self._set_sink_view(p.rows, p.seen)
             used, mask = self.owner.shared(("mask", s, w, self.zero_slot, p.seen, dev),
                                            lambda: self._decode_mask(p.seen, dev))
+            # each row's own slots: the first min(n + 1, S + W) (they fill in order), as alone
+            lengths = None if self.zero_slot else tuple(min(n + 1, s + w) for n in p.seen)
             if used == w:
-                return AttentionPlan(self.keys[sel], self.values[sel], mask)
-            return AttentionPlan(self.keys[:, :, : s + used][sel], self.values[:, :, : s + used][sel], mask)
+                return AttentionPlan(self.keys[sel], self.values[sel], mask, row_lengths=lengths)
+            return AttentionPlan(self.keys[:, :, : s + used][sel], self.values[:, :, : s + used][sel], mask,
+                                 row_lengths=lengths)
         seen = torch.tensor(p.seen, device=dev)  # (B,)
         t = seen[:, None] + torch.arange(c, device=dev)[None, :]  # (B, C) query stream indices
         ring_start = torch.clamp(seen - w, min=s)  # oldest stream index the ring still holds

@@ -45,11 +45,15 @@ class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored as int8 (per-channel), packed int4 (per group of 32) or
     bfloat16 (bits=16: oneDNN's bfloat16 matmul, AMX where the CPU has it).
 
-    `wide_rows`: inputs of at least this many rows (batched decode, chunked prefill and
-    evaluation) go through a `wide_kind` copy of the weights ("bf16": a bfloat16 matmul, flat on
-    AMX; "fp16": FBGEMM's packed float16 GEMM, flat on AVX2) instead of the int4/int8 kernel,
-    whose cost grows with the rows; None: never. `--quant auto` measures where that pays and which
-    copy on the machine at hand (`calibrate.py`)."""
+    `wide_rows`: inputs of at least this many tokens per stream (chunked prefill and evaluation)
+    go through a `wide_kind` copy of the weights ("bf16": a bfloat16 matmul, flat on AMX; "fp16":
+    FBGEMM's packed float16 GEMM, flat on AVX2) instead of the int4/int8 kernel, whose cost grows
+    with the rows; None: never. Tokens per stream are the input's second-to-last dimension: a
+    batch of B streams fed C tokens each, (B, C, D), counts C, so a row's kernel, and with it its
+    numerics, never depends on how many other streams share its forward (the int4/int8 kernels
+    give each row the same bits at any row count: a batched decode row equals its stream alone).
+    `--quant auto` measures where the copy pays and which copy on the machine at hand
+    (`calibrate.py`)."""
 
     def __init__(self, linear: nn.Linear, bits: int, wide_rows: int | None = None, wide_kind: str = "bf16"):
         super().__init__()
@@ -90,7 +94,7 @@ class QuantLinear(nn.Module):
         x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(COMPUTE)
         if self.bits == 16:
             y = torch.nn.functional.linear(x2, self.qweight)
-        elif self.wide_rows is not None and x2.shape[0] >= self.wide_rows:
+        elif self.wide_rows is not None and x.dim() > 1 and x.shape[-2] >= self.wide_rows:  # tokens per stream
             if self.wide_kind == "bf16":
                 y = torch.nn.functional.linear(x2, self.wide)
             else:  # float32 in and out; x2 is already rounded to bfloat16 as the packed kernels see it
@@ -105,8 +109,16 @@ class QuantLinear(nn.Module):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        wide = "" if self.wide_rows is None else f", {self.wide_kind} from {self.wide_rows} rows"
+        wide = "" if self.wide_rows is None else f", {self.wide_kind} from {self.wide_rows} tokens per stream"
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{wide}"
+
+
+def wide_thresholds(model: nn.Module) -> tuple[int | None, int | None]:
+    """(the fewest tokens per stream from which some decoder linear takes its wide copy, the same
+    for the output head): None where none does. Where an input's shape changes the kernel."""
+    head = model.get_output_embeddings()
+    dec = [m.wide_rows for m in model.modules() if isinstance(m, QuantLinear) and m is not head and m.wide_rows]
+    return min(dec) if dec else None, head.wide_rows if isinstance(head, QuantLinear) else None
 
 
 def format_bits(mode: str, is_head: bool) -> int:

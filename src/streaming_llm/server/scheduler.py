@@ -15,6 +15,9 @@ decoding) runs on the caller's thread as before; only its forwards come here, as
    in the decode batch. A long prompt therefore delays each decode round by one chunk's extra
    tokens instead of stalling every other reply until it is done, and a chunk costs less inside
    the decode step than in a forward of its own (the linear layers read their weights once).
+   The chunk rides only where that leaves every row's bits as alone (`StreamBatch.mixes_exactly`:
+   on a quantized model, while the forward stays below the token count at which a wide copy of
+   the weights takes over); otherwise it runs in a forward of its own right after the decode.
    A round with only decodes, or only a chunk, is an ordinary `StreamBatch.feed`.
 Attach and detach run on the model thread too, between forwards, so nothing else ever touches
 the batch. When streams leave from the middle, the highest rows move down into the holes before
@@ -227,26 +230,35 @@ class Scheduler:
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(e)
             t1 = time.perf_counter()
-            kind = ("mixed" if prefill is not None else "decode") if decodes else ("prefill" if prefill is not None else None)
             try:
                 if decodes:
                     self._compact()
-                if kind == "mixed":
-                    self._mixed(decodes, prefill)
-                elif kind == "decode":
-                    self._decode(decodes)
-                elif kind == "prefill":
-                    self._prefill_chunk(prefill)
+                if decodes and prefill is not None and self._rides(decodes, prefill):
+                    self._timed("mixed", self._mixed, decodes, prefill)
+                else:
+                    if decodes:
+                        self._timed("decode", self._decode, decodes)
+                    if prefill is not None:
+                        self._timed("prefill", self._prefill_chunk, prefill)
             finally:
-                s = self.stats
-                s["calls_s"] += t1 - t0
-                if kind:
-                    s[kind + "_s"] += time.perf_counter() - t1
+                self.stats["calls_s"] += t1 - t0
                 self._last_forward = time.perf_counter()
         with self._cv:
             for r in self._pending:
                 r.future.set_exception(RuntimeError("the model thread has stopped"))
             self._pending.clear()
+
+    def _timed(self, kind: str, step, *args) -> None:
+        t0 = time.perf_counter()
+        try:
+            step(*args)
+        finally:
+            self.stats[kind + "_s"] += time.perf_counter() - t0
+
+    def _rides(self, decodes: list[_Request], req: _Request) -> bool:
+        """Whether `req`'s next chunk can ride in the decode forward with every row exact."""
+        lo, hi, mode = self._next_chunk(req, self._mixed_chunk)
+        return self.batch.mixes_exactly([(len(decodes), 1, "last"), (1, hi - lo, mode)])
 
     def _decode(self, reqs: list[_Request]) -> None:
         reqs.sort(key=lambda r: r.row)
@@ -261,7 +273,8 @@ class Scheduler:
         self._decoded(reqs, logits)
 
     def _prefill_chunk(self, req: _Request) -> None:
-        lo, hi, mode = self._chunk(req, self.prefill_chunk)
+        lo, hi, mode = self._next_chunk(req, self.prefill_chunk)
+        self._decoding.discard(req.row)
         try:
             out = self.batch.feed([req.row], req.ids[lo:hi][None], logits=mode)
         except BaseException as e:  # noqa: BLE001
@@ -273,7 +286,8 @@ class Scheduler:
     def _mixed(self, reqs: list[_Request], req: _Request) -> None:
         """The decode requests and one chunk of `req` in ONE forward (`StreamBatch.feed_mixed`)."""
         reqs.sort(key=lambda r: r.row)
-        lo, hi, mode = self._chunk(req, min(self.prefill_chunk, self.batch.engine.config.chunk_size))
+        lo, hi, mode = self._next_chunk(req, self._mixed_chunk)
+        self._decoding.discard(req.row)
         try:
             logits, out = self.batch.feed_mixed([([r.row for r in reqs], torch.stack([r.ids for r in reqs]), "last"),
                                                  ([req.row], req.ids[lo:hi][None], mode)])
@@ -299,10 +313,14 @@ class Scheduler:
         for i, r in enumerate(reqs):
             r.future.set_result(self._shape(logits[i : i + 1], r.logits))
 
-    def _chunk(self, req: _Request, size: int) -> tuple[int, int, str]:
+    @property
+    def _mixed_chunk(self) -> int:
+        return min(self.prefill_chunk, self.batch.engine.config.chunk_size)
+
+    @staticmethod
+    def _next_chunk(req: _Request, size: int) -> tuple[int, int, str]:
         """(lo, hi, logits mode) of `req`'s next chunk of at most `size` tokens."""
         lo, hi = req.offset, min(req.offset + size, req.ids.numel())
-        self._decoding.discard(req.row)
         last = hi == req.ids.numel()
         return lo, hi, "all" if req.logits == "all" else ("last" if last and req.logits == "last" else "none")
 
