@@ -251,7 +251,7 @@ def test_fused_chunk_attention_equals_the_materialized_one(monkeypatch):
     equals one explicit softmax over [sinks | window], grouped-query heads and masked sinks included,
     and the engine really takes it for chunks past the sinks."""
     from streaming_llm.core import attention
-    from streaming_llm.core.cache import AttentionPlan
+    from streaming_llm.core.plan import AttentionPlan
 
     if attention._FLASH_CPU is None:
         pytest.skip("this torch has no CPU flash-attention op")

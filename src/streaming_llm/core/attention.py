@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from . import mixed
-from .cache import KWARG, AttentionPlan
+from .cache import KWARG
+from .plan import AttentionPlan
 from .rope import apply_rotation
 
 NAME = "streaming_llm"

@@ -34,32 +34,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import recall as _recall
+from .plan import AttentionPlan
 from .rope import LayerRope, apply_rotation
 
 KWARG = "streaming_cache"  # the forward keyword argument that carries the cache to the attention
-
-
-@dataclass
-class AttentionPlan:
-    """What one layer's attention must attend to, for B rows of C queries each.
-
-    `keys`/`values` (B, Hkv, N, D) with `mask` (B, C, N) bool (None: all visible). Chunk path
-    (`sink_delta` set): sink scores use the query rotated by `sink_delta` (B, C) against
-    `sink_keys` (B, Hkv, s, D) with `sink_mask` (B, C, s); window scores use the query as is.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    mask: torch.Tensor | None
-    sink_keys: torch.Tensor | None = None
-    sink_values: torch.Tensor | None = None
-    sink_mask: torch.Tensor | None = None
-    sink_delta: torch.Tensor | None = None
-    rope: LayerRope | None = None
-    zero_slot: bool = False  # append a zero-score, zero-value key (softmax-off-by-one)
-    window_rows_nonempty: bool = False  # every query sees at least one key of `keys` (not only sinks)
-    causal: bool = False  # `keys` are stream tokens 0..N-1 in order: plain causal attention, end-aligned
-    row_lengths: tuple[int, ...] | None = None  # decode: row i sees exactly keys[i, :, :row_lengths[i]]
 
 
 @dataclass(slots=True)
