@@ -155,7 +155,7 @@ class StreamBatch:
         [(rows, ids (len(rows), n), logits), ...], rows disjoint across parts, n at most the chunk
         size (e.g. decoding rows with one token each beside one row's prefill chunk). Returns, per
         part, float32 logits (B, n, V) for logits="all", (B, V) for "last", None for "none"; each
-        row's logits equal those of its stream alone."""
+        row's logits equal those of its stream alone (bit for bit where `mixes_exactly`)."""
         parts = [([int(r) for r in rows], torch.as_tensor(ids, dtype=torch.long).to(self.engine.device), mode)
                  for rows, ids, mode in parts]
         self._check([r for rows, _, _ in parts for r in rows])

@@ -10,11 +10,14 @@ position ids; in each layer `attend` cuts the query, keys and values back into t
 runs each group through the layer's usual write / plan / attention / commit, exactly as a forward
 of that group alone would (the groups' rows are disjoint, so their order does not matter), then
 lays the outputs end to end again. Each row's logits therefore equal its stream alone
-(`tests/test_batch.py`), as in an equal-length batched forward.
+(`tests/test_batch.py`), as in an equal-length batched forward; bit for bit on a quantized model
+where its linears pick the same kernel for the T tokens as for each stream's own count
+(`StreamBatch.mixes_exactly`).
 
 This is what vLLM's scheduler does with chunked prefill (prefill tokens ride in the decode
-batch, under one token budget), for the CPU: there the linear layers' cost grows slowly with
-the tokens, so a chunk costs much less inside the decode step than after it.
+batch, under one token budget). On the CPU the packed int4 kernel's cost grows with the tokens
+anyway, so what a ride saves is one forward's fixed cost (the server's measurements:
+docs/server_measurements.md).
 
 What it does NOT do: choose the groups (the scheduler does), sample, or support recall (batched
 caches have none).

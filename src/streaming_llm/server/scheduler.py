@@ -14,7 +14,7 @@ decoding) runs on the caller's thread as before; only its forwards come here, as
    (`StreamBatch.feed_mixed`, `core/mixed.py`): vLLM's chunked prefill, whose prefill tokens ride
    in the decode batch. A long prompt therefore delays each decode round by one chunk's extra
    tokens instead of stalling every other reply until it is done, and a chunk costs less inside
-   the decode step than in a forward of its own (the linear layers read their weights once).
+   the decode step than in a forward of its own (one forward's fixed cost instead of two).
    The chunk rides only where that leaves every row's bits as alone (`StreamBatch.mixes_exactly`:
    on a quantized model, while the forward stays below the token count at which a wide copy of
    the weights takes over); otherwise it runs in a forward of its own right after the decode.
