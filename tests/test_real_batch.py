@@ -130,3 +130,49 @@ def test_default_model_greedy_replies_are_the_same_text_beside_a_prompt_in_the_s
         if parts[-1][0] == [late] and fed == len(prompts[6]):
             last[late] = outs[-1][0]
     assert mixed >= 3 and together == alone
+
+
+def test_default_model_replies_through_the_scheduler_are_the_text_of_each_alone():
+    """The server's model thread on the real model (int4, this host's `--quant auto` thresholds):
+    8 greedy replies started a few tokens apart, so decode steps run 1-8 rows, prompts ride in
+    them where `mixes_exactly` allows, rows leave and compact; each reply is its text alone."""
+    import threading
+    import time
+
+    from streaming_llm.core.sampling import SamplingParams
+    from streaming_llm.server.scheduler import Scheduler
+
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    quantize_linears(model, "int4", wide_rows=32, wide_kind="bf16", head_wide=(8, "bf16"))
+    prompts = chat_prompts(tokenizer)
+    config = StreamingConfig(sinks=4, window=124, chunk_size=16)
+    lengths = [24, 12, 20, 16, 24, 8, 18, 22]  # replies end at different times: rows leave from the middle
+    greedy = SamplingParams(temperature=0)
+
+    def reply(engine, i):
+        return [t.id for t in engine.generate(prompts[i], max_new_tokens=lengths[i], sampling=greedy)]
+
+    alone = [reply(StreamingLLM(model, tokenizer, config), i) for i in range(8)]
+    sched = Scheduler(StreamingLLM(model, tokenizer, config), slots=8)
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            time.sleep(0.15 * i)  # later prompts arrive while earlier replies decode
+            e = StreamingLLM(model, tokenizer, config)
+            sched.attach(e)
+            got[i] = reply(e, i)
+            sched.detach(e)
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    stats = dict(sched.stats)
+    sched.stop()
+    assert not errors, errors
+    assert [got[i] for i in range(8)] == alone
+    assert stats["max_batch_size"] >= 4 and stats["decode_tokens"] > stats["decode_steps"]
