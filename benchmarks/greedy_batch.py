@@ -1,6 +1,7 @@
 """Do greedy replies stay the same text when their streams decode as one batch? (issue 14's promise)
 
-The default model, 8 chat prompts (tests/test_real_batch.py's), `--tokens` greedy tokens each:
+The default model (or `--model`), 8 prompts (tests/test_real_batch.py's questions, through the
+chat template where the model has one, else as plain text), `--tokens` greedy tokens each:
 decoded by one engine per prompt, and as the 8 rows of one `StreamBatch` (each row prefilled in
 its own forward, then every decode step one forward for all rows). Prints, per prompt, whether the
 two replies are the same tokens, or the first token where they part, and the largest logit
@@ -28,18 +29,22 @@ QUESTIONS = ["How does a lighthouse keeper record the weather?", "Write a short 
              "How does a bicycle stay upright?", "Tell me about the moon landing."]
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--model", default="smollm2-135m-instruct")
 p.add_argument("--quant", default="auto", choices=("auto", "none", "int4", "int8", "bf16"))
 p.add_argument("--kv", default="auto", choices=("auto", "float32"))
 p.add_argument("--tokens", type=int, default=48)
 p.add_argument("--threads", type=int, default=2)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-model, tok = load_model("smollm2-135m-instruct")
+model, tok = load_model(args.model)
 quantize_linears(model, args.quant)
 kv = None if args.kv == "float32" else "auto"
 config = StreamingConfig(sinks=4, window=124)
-prompts = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)) for q in QUESTIONS]
+if getattr(tok, "chat_template", None):
+    prompts = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)) for q in QUESTIONS]
+else:
+    prompts = [torch.tensor(tok(f"Question: {q}\nAnswer:")["input_ids"]) for q in QUESTIONS]
 alone = []
 for prompt in prompts:
     e = StreamingLLM(model, tok, config, kv_dtype=kv)
@@ -65,4 +70,4 @@ for r in rows:
     same += part is None
     print(f"prompt {r}: " + ("same tokens" if part is None else f"first different token: {part}")
           + f"; max |logit difference| over the common part {diff:.3g}")
-print(f"quant {args.quant}, kv {args.kv}, {args.tokens} tokens: {same} of {len(prompts)} replies the same text")
+print(f"{args.model}, quant {args.quant}, kv {args.kv}, {args.tokens} tokens: {same} of {len(prompts)} replies the same text")
