@@ -33,13 +33,14 @@ p.add_argument("--model", default="smollm2-135m-instruct")
 p.add_argument("--quant", default="auto", choices=("auto", "none", "int4", "int8", "bf16"))
 p.add_argument("--kv", default="auto", choices=("auto", "float32"))
 p.add_argument("--tokens", type=int, default=48)
+p.add_argument("--window", type=int, default=124, help="the cache is 4 + WINDOW (a small one: rows evict while they decode)")
 p.add_argument("--threads", type=int, default=2)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 model, tok = load_model(args.model)
 quantize_linears(model, args.quant)
 kv = None if args.kv == "float32" else "auto"
-config = StreamingConfig(sinks=4, window=124)
+config = StreamingConfig(sinks=4, window=args.window)
 if getattr(tok, "chat_template", None):
     prompts = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                     tokenize=True, return_dict=False)) for q in QUESTIONS]

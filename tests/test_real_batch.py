@@ -132,10 +132,13 @@ def test_default_model_greedy_replies_are_the_same_text_beside_a_prompt_in_the_s
     assert mixed >= 3 and together == alone
 
 
-def test_default_model_replies_through_the_scheduler_are_the_text_of_each_alone():
+@pytest.mark.parametrize("window", [124, 44])
+def test_default_model_replies_through_the_scheduler_are_the_text_of_each_alone(window):
     """The server's model thread on the real model (int4, this host's `--quant auto` thresholds):
     8 greedy replies started a few tokens apart, so decode steps run 1-8 rows, prompts ride in
-    them where `mixes_exactly` allows, rows leave and compact; each reply is its text alone."""
+    them where `mixes_exactly` allows, rows leave and compact; each reply is its text alone. With a
+    4+44 cache (prompts of 36-39 tokens) the rows fill up and start evicting at different steps,
+    so full and filling rows decode side by side."""
     import threading
     import time
 
@@ -145,7 +148,7 @@ def test_default_model_replies_through_the_scheduler_are_the_text_of_each_alone(
     model, tokenizer = load_model("smollm2-135m-instruct")
     quantize_linears(model, "int4", wide_rows=32, wide_kind="bf16", head_wide=(8, "bf16"))
     prompts = chat_prompts(tokenizer)
-    config = StreamingConfig(sinks=4, window=124, chunk_size=16)
+    config = StreamingConfig(sinks=4, window=window, chunk_size=16)
     lengths = [24, 12, 20, 16, 24, 8, 18, 22]  # replies end at different times: rows leave from the middle
     greedy = SamplingParams(temperature=0)
 
