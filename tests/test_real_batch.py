@@ -2,8 +2,11 @@
 in the same chunks, with rows at different stages. The bound is twice the path's own noise, the
 difference between the same stream fed in chunks and token by token (float32: ~1.6e-4, logits reach
 ~35 here; int4, whose activations are bfloat16: ~0.5), and at least 1e-4. `int4+fp16`: the float16
-wide path from 2 rows, so the batched decode steps go through FBGEMM's float16 weights while the
-stream alone decodes through the int4 kernel (its chunked prefill takes the wide path too)."""
+wide path from 2 tokens per stream, so the chunked prefill goes through FBGEMM's float16 weights
+while decode steps (one token per stream, alone or batched) stay on the int4 kernel.
+
+The greedy tests below hold the server's promise to the letter: on the int4 model, batched rows,
+mixed forwards and replies through the scheduler give each stream's tokens alone."""
 
 from __future__ import annotations
 
@@ -55,11 +58,11 @@ QUESTIONS = ["How does a lighthouse keeper record the weather?", "Write a short 
              "How does a bicycle stay upright?", "Tell me about the moon landing."]
 
 
-def greedy_alone(model, tokenizer, config, prompts, n, kv_dtype="auto"):
+def greedy_alone(model, tokenizer, config, prompts, n):
     """Each prompt's n greedy tokens, decoded by an engine of its own."""
     replies = []
     for p in prompts:
-        e = StreamingLLM(model, tokenizer, config, kv_dtype=kv_dtype)
+        e = StreamingLLM(model, tokenizer, config)
         logits, reply = e.feed(p, logits="last"), []
         for _ in range(n):
             reply.append(int(logits.argmax()))  # (V,): the last token's logits
