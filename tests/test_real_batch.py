@@ -142,11 +142,11 @@ def test_default_model_replies_through_the_scheduler_are_the_text_of_each_alone(
     them where `mixes_exactly` allows, rows leave and compact; each reply is its text alone. With a
     4+44 cache (prompts of 36-39 tokens) the rows fill up and start evicting at different steps,
     so full and filling rows decode side by side."""
-    import threading
     import time
 
     from streaming_llm.core.sampling import SamplingParams
     from streaming_llm.server.scheduler import Scheduler
+    from test_scheduler import run_concurrently
 
     model, tokenizer = load_model("smollm2-135m-instruct")
     quantize_linears(model, "int4", wide_rows=32, wide_kind="bf16", head_wide=(8, "bf16"))
@@ -160,25 +160,16 @@ def test_default_model_replies_through_the_scheduler_are_the_text_of_each_alone(
 
     alone = [reply(StreamingLLM(model, tokenizer, config), i) for i in range(8)]
     sched = Scheduler(StreamingLLM(model, tokenizer, config), slots=8)
-    got, errors = {}, []
+    got = {}
 
     def run(i):
-        try:
-            time.sleep(0.15 * i)  # later prompts arrive while earlier replies decode
-            e = StreamingLLM(model, tokenizer, config)
-            sched.attach(e)
-            got[i] = reply(e, i)
-            sched.detach(e)
-        except Exception as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
+        time.sleep(0.15 * i)  # later prompts arrive while earlier replies decode
+        e = StreamingLLM(model, tokenizer, config)
+        sched.attach(e)
+        got[i] = reply(e, i)
+        sched.detach(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    stats = dict(sched.stats)
-    sched.stop()
+    stats, errors = run_concurrently(sched, run, range(8), 300)
     assert not errors, errors
     assert [got[i] for i in range(8)] == alone
     assert stats["max_batch_size"] >= 4 and stats["decode_tokens"] > stats["decode_steps"]

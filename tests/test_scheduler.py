@@ -26,32 +26,44 @@ def reply(engine, seed, n):
     return [t.id for t in engine.generate(prompt(seed, 7 + seed), max_new_tokens=n, sampling=SamplingParams(temperature=0))]
 
 
+def run_concurrently(sched: Scheduler, run, keys, timeout: float) -> tuple[dict, list]:
+    """run(key) for every key, each on a thread of its own; then stop `sched`. Returns (the
+    scheduler's stats, the exceptions the threads raised)."""
+    errors = []
+
+    def guarded(key):
+        try:
+            run(key)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    stats = dict(sched.stats)
+    sched.stop()
+    return stats, errors
+
+
 def test_concurrent_replies_through_the_scheduler_equal_each_alone_and_rows_compact():
     model = tiny_model("llama")
     lengths = {0: 30, 1: 6, 2: 25, 3: 12}  # rows 1 and 3 end early: the others move down
     alone = {s: reply(StreamingLLM(model, None, CONFIG), s, n) for s, n in lengths.items()}
     sched = Scheduler(StreamingLLM(model, None, CONFIG), slots=4, gather_ms=20)
-    got, errors = {}, []
+    got = {}
     engines = {s: StreamingLLM(model, None, CONFIG) for s in lengths}
     for s in lengths:  # rows 0..3 in this order: the short replies leave holes at rows 1 and 3
         sched.attach(engines[s])
 
     def run(seed):
-        try:
-            e = engines[seed]
-            got[seed] = reply(e, seed, lengths[seed])
-            sched.detach(e)
-            assert e.feeder is None and e.tokens_seen == 7 + seed + lengths[seed]
-        except Exception as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
+        e = engines[seed]
+        got[seed] = reply(e, seed, lengths[seed])
+        sched.detach(e)
+        assert e.feeder is None and e.tokens_seen == 7 + seed + lengths[seed]
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in lengths]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    stats = dict(sched.stats)
-    sched.stop()
+    stats, errors = run_concurrently(sched, run, lengths, 120)
     assert not errors, errors
     assert got == alone
     assert stats["max_batch_size"] >= 2 and stats["decode_tokens"] > stats["decode_steps"]

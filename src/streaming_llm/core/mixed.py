@@ -29,13 +29,9 @@ import torch
 
 
 def prepare(cache, groups: list[tuple[tuple[int, ...], int]], device) -> torch.Tensor:
-    """Start a mixed forward over `groups` [(rows, tokens per row), ...] (rows disjoint across
-    groups): position ids (1, T), each group's rows in order, each row's tokens in order."""
-    seen: set[int] = set()
-    for rows, _ in groups:
-        if seen & set(rows):
-            raise ValueError(f"a row appears in two groups of one forward: {groups}")
-        seen |= set(rows)
+    """Start a mixed forward over `groups` [(rows, tokens per row), ...], rows disjoint across
+    groups (`StreamBatch.feed_mixed` checks that): position ids (1, T), each group's rows in order,
+    each row's tokens in order."""
     cache.start_forward(groups)
     pos = [torch.arange(n) + cache.first_position(r, n) for rows, n in groups for r in rows]
     return torch.cat(pos)[None].to(device)

@@ -233,8 +233,10 @@ class Scheduler:
             try:
                 if decodes:
                     self._compact()
-                if decodes and prefill is not None and self._rides(decodes, prefill):
-                    self._timed("mixed", self._mixed, decodes, prefill)
+                chunk = self._next_chunk(prefill, self._mixed_chunk) if decodes and prefill is not None else None
+                if chunk is not None and self.batch.mixes_exactly([(len(decodes), 1, "last"),
+                                                                  (1, chunk[1] - chunk[0], chunk[2])]):
+                    self._timed("mixed", self._mixed, decodes, prefill, chunk)  # every row stays exact
                 else:
                     if decodes:
                         self._timed("decode", self._decode, decodes)
@@ -254,11 +256,6 @@ class Scheduler:
             step(*args)
         finally:
             self.stats[kind + "_s"] += time.perf_counter() - t0
-
-    def _rides(self, decodes: list[_Request], req: _Request) -> bool:
-        """Whether `req`'s next chunk can ride in the decode forward with every row exact."""
-        lo, hi, mode = self._next_chunk(req, self._mixed_chunk)
-        return self.batch.mixes_exactly([(len(decodes), 1, "last"), (1, hi - lo, mode)])
 
     def _decode(self, reqs: list[_Request]) -> None:
         reqs.sort(key=lambda r: r.row)
@@ -283,10 +280,11 @@ class Scheduler:
         self.stats["forwards"] += 1
         self._chunked(req, hi, out)
 
-    def _mixed(self, reqs: list[_Request], req: _Request) -> None:
-        """The decode requests and one chunk of `req` in ONE forward (`StreamBatch.feed_mixed`)."""
+    def _mixed(self, reqs: list[_Request], req: _Request, chunk: tuple[int, int, str]) -> None:
+        """The decode requests and `req`'s next chunk (lo, hi, logits mode) in ONE forward
+        (`StreamBatch.feed_mixed`)."""
         reqs.sort(key=lambda r: r.row)
-        lo, hi, mode = self._next_chunk(req, self._mixed_chunk)
+        lo, hi, mode = chunk
         self._decoding.discard(req.row)
         try:
             logits, out = self.batch.feed_mixed([([r.row for r in reqs], torch.stack([r.ids for r in reqs]), "last"),
