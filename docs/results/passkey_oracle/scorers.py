@@ -54,7 +54,7 @@ def _q(mem, query, pos_shift):
     q = query[0].float().cpu()
     if pos_shift:
         q = q @ mem._to_stream_frame(pos_shift, q.dtype, q.device)
-    hkv, d = mem.mins.shape[1], mem.mins.shape[2]
+    hkv, d = mem.summaries.shape[2:]
     return q.reshape(hkv, -1, q.shape[1], d)  # query head h = kv * G + g (HF repeat_kv order)
 
 
@@ -62,7 +62,8 @@ def bound(mem, query, pos_shift):
     """(Hkv, G, C, n): the Quest bound per query head, query and held block."""
     _, slots = _held(mem)
     q = _q(mem, query, pos_shift)
-    mn, mx = mem.mins[slots], mem.maxs[slots]  # (n, Hkv, D)
+    summary = mem.summary()  # (stored, Hkv, D) by slot
+    mn, mx = summary["mins"][slots], summary["maxs"][slots]  # (n, Hkv, D)
     pos = q.clamp(min=0)
     return torch.einsum("kgtd,nkd->kgtn", pos, mx) + torch.einsum("kgtd,nkd->kgtn", q - pos, mn)
 
@@ -119,7 +120,7 @@ def d_exact_last(mem, query, pos_shift):
 def f_mass(mem, query, pos_shift):
     s = qk(mem, query, pos_shift)  # (Hkv, G, C, n, B)
     d = s.shape  # one softmax per (head, query) over every held key
-    p = torch.softmax(s.reshape(*d[:3], -1) / mem.mins.shape[-1] ** 0.5, -1).reshape(d)
+    p = torch.softmax(s.reshape(*d[:3], -1) / mem.summaries.shape[-1] ** 0.5, -1).reshape(d)
     return p.sum((0, 1, 2, 4))
 
 

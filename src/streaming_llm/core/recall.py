@@ -2,21 +2,22 @@
 
 What it does. Evicted stream tokens (non-sink tokens that leave the window) are grouped, in stream
 order, into blocks of `block_size` consecutive tokens: block b holds stream tokens
-`sinks + b*block_size ..` and enters the memory once all of them are evicted. A block keeps in RAM a
-summary of its keys (per KV head, per channel min and max, as Quest does) and the storage position
-frame its keys were rotated in; its keys and values go to a bounded store, `BlockFile`: a file
-(float32 or bfloat16) of `recall_memory_tokens // block_size` block slots: block b lives in slot
-`b % slots`, so beyond the cap the oldest blocks are overwritten (dropped). The file is unlinked
-right after it is created (it disappears with the engine) and is written and read with
-pwrite/pread, never mapped: its pages are the kernel's page cache, not the process's memory, so
-stored tokens do not grow the process RSS; the summaries grow with the blocks up to the cap.
+`sinks + b*block_size ..` and enters the memory once all of them are evicted. A block keeps a
+summary of its keys (per KV head, per channel max and min, as Quest does) and, in RAM, the storage
+position frame its keys were rotated in (8 bytes). Its keys and values (float32 or bfloat16) and
+its summary (float32) go to two bounded files (`SlotFile`) of `recall_memory_tokens // block_size`
+slots each: block b lives in slot `b % slots`, so beyond the cap the oldest blocks are overwritten
+(dropped). The files are unlinked right after they are created (they disappear with the engine)
+and are written and read with pwrite/pread, never mapped: their pages are the kernel's page cache,
+not the process's memory, so neither the stored tokens nor their summaries grow the process RSS.
+A scan reads the summaries a piece at a time into one small buffer.
 
 Before each forward (`select`), the layer chooses the `recall_blocks` blocks with the highest
 score. `score="bound"` (the default): the Quest-style upper bound of the query-key scores: for one
 query q and a block with per-channel key minimum mn and maximum mx, bound = sum_c max(q_c*mn_c,
 q_c*mx_c). `score="mean"`: q . (the block's mean key), the block's mean query-key score, as
 InfLLM's representative keys do with one representative (the summary is then the mean key alone,
-half the RAM of min and max). The selection score is the per-query score summed over every query
+half the bytes of max and min). The selection score is the per-query score summed over every query
 head and every query of the forward (one selection per layer, shared by all its heads; a chunk's
 queries all see the same blocks). With `select="head"` each KV head chooses its own
 `recall_blocks` blocks instead, by the score of its own summary summed over its own
@@ -55,6 +56,7 @@ so a saved stream continues exactly, at the size of the memory.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import weakref
@@ -64,17 +66,20 @@ import torch
 from .rope import LayerRope, apply_rotation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SUMMARIES = {"bound": ("maxs", "mins"), "mean": ("means",)}  # a summary record's vectors, by score
+SCAN_PIECE = 256  # summary records per pread of a scan: a buffer that stays in the CPU's cache
 
 
-class BlockFile:
-    """`slots` block slots of (2, H, block, D) in `dtype` (keys and values of one block) in an
-    unlinked temporary file, written with pwrite and read with pread (no memory map: the data never
-    counts in the process's RSS). Sparse: disk use grows with what is written. The file closes with
-    the object."""
+class SlotFile:
+    """`slots` records of `record` shape in `dtype` in an unlinked temporary file, written with
+    pwrite and read with pread (no memory map: the data never counts in the process's RSS).
+    Sparse: disk use grows with what is written. The file closes with the object. The recall
+    memory keeps two: its blocks' keys and values, records (2, H, block, D), and their summaries,
+    records (terms, H, D)."""
 
-    def __init__(self, slots: int, h: int, block: int, d: int, dtype: torch.dtype, directory: str | None = None):
-        self.shape, self.dtype = (slots, 2, h, block, d), dtype
-        self.slot_bytes = 2 * h * block * d * dtype.itemsize
+    def __init__(self, slots: int, record: tuple[int, ...], dtype: torch.dtype, directory: str | None = None):
+        self.shape, self.dtype = (slots, *record), dtype
+        self.slot_bytes = math.prod(record) * dtype.itemsize
         fd, path = tempfile.mkstemp(prefix="streaming-llm-recall-", suffix=".bin", dir=directory)
         try:
             os.ftruncate(fd, slots * self.slot_bytes)
@@ -90,19 +95,32 @@ class BlockFile:
         return self.shape[0] * self.slot_bytes // self.dtype.itemsize
 
     def write(self, first: int, data: torch.Tensor) -> None:
-        """Slots first, first + 1, .. from `data` (n, 2, H, block, D), any dtype and device."""
+        """Slots first, first + 1, .. from `data` (n, *record), any dtype and device."""
         buf = data.to(device="cpu", dtype=self.dtype).contiguous()
         os.pwrite(self.fd, buf.view(torch.uint8).numpy(), first * self.slot_bytes)
 
     def read(self, slots) -> torch.Tensor:
-        """(len(slots), 2, H, block, D) of the given slots."""
+        """(len(slots), *record) of the given slots."""
         slots = list(slots)
         out = torch.empty((len(slots), *self.shape[1:]), dtype=self.dtype)
         raw = out.view(torch.uint8).numpy().reshape(len(slots), self.slot_bytes)
         for i, slot in enumerate(slots):
-            if os.preadv(self.fd, [raw[i]], slot * self.slot_bytes) != self.slot_bytes:
-                raise OSError(f"recall store: short read of slot {slot}")
+            self._pread(raw[i], slot)
         return out
+
+    def pieces(self, count: int, piece: int):
+        """Slots 0 .. count-1 in order, `piece` at a time, as views (m, *record) of ONE reused
+        buffer (each is overwritten by the next: use it before asking for the next)."""
+        buf = torch.empty((min(piece, count), *self.shape[1:]), dtype=self.dtype)
+        raw = buf.view(torch.uint8).numpy().reshape(-1)
+        for lo in range(0, count, piece):
+            m = min(piece, count - lo)
+            self._pread(raw[: m * self.slot_bytes], lo)
+            yield buf[:m]
+
+    def _pread(self, raw, slot: int) -> None:
+        if os.preadv(self.fd, [raw], slot * self.slot_bytes) != raw.nbytes:
+            raise OSError(f"recall store: short read at slot {slot}")
 
 
 class RecallMemory:
@@ -118,7 +136,8 @@ class RecallMemory:
         self.sinks, self.rope, self.directory = sinks, rope, directory
         self.trace: list | None = None  # for tests: a list gets (first index, n queries, chosen) per forward
         self.gathers = 0  # times `recalled` read blocks from the store (a new choice); never reset (bench reads it)
-        self.store: BlockFile | None = None  # (slots, 2, H, block, D) on disk, created with the first block
+        self.store: SlotFile | None = None  # (slots, 2, H, block, D) on disk, created with the first block
+        self.summaries: SlotFile | None = None  # (slots, terms, H, D) float32 on disk, created with the store
         self.reset()
 
     # ---- state -----------------------------------------------------------------------------------
@@ -126,9 +145,7 @@ class RecallMemory:
         self.n_blocks = 0  # blocks ever completed; ids n_blocks - stored .. n_blocks - 1 are held
         self.staged = 0  # evicted tokens waiting for their block to complete
         self.stage_k = self.stage_v = None  # (H, block, D) in the current storage frame
-        self.mins = self.maxs = None  # (allocated slots, H, D) float32 key summaries, by slot (score "bound")
-        self.means = None  # (allocated slots, H, D) float32 mean keys, by slot (score "mean")
-        self.frames = torch.zeros(0, dtype=torch.long)  # pos_shift each slot's block was stored with
+        self.frames = torch.zeros(0, dtype=torch.long)  # pos_shift each slot's block was stored with (RAM)
         self.hold = None  # (stream index, key, value): a decoded token's evicted token, until commit
         self.chosen: tuple = ()  # block ids in stream order; per head: one such tuple per KV head
         self.chosen_at: int | None = None  # stream index of the decoded token that chose `chosen` (None: a chunk did)
@@ -150,8 +167,14 @@ class RecallMemory:
     def eligible(self) -> range:
         return range(self.n_blocks - self.stored, self.n_blocks)
 
+    @property
+    def terms(self) -> int:
+        """Summary vectors per block and KV head: max and min keys (score "bound"), or the mean key."""
+        return len(SUMMARIES[self.score])
+
     def _open_store(self, h: int, d: int) -> None:
-        self.store = BlockFile(self.slots, h, self.block, d, self.store_dtype, self.directory)
+        self.store = SlotFile(self.slots, (2, h, self.block, d), self.store_dtype, self.directory)
+        self.summaries = SlotFile(self.slots, (self.terms, h, d), torch.float32, self.directory)
 
     # ---- filling -----------------------------------------------------------------------------------
     def capture(self, keys: torch.Tensor, values: torch.Tensor, first: int, pos_shift: int) -> None:
@@ -179,23 +202,13 @@ class RecallMemory:
         if self.store is None:
             self._open_store(h, d)
         slot = self.n_blocks % self.slots
-        held = self._summary()
-        if held is None or slot >= held.shape[0]:  # grow the summaries, up to the cap
-            size = min(self.slots, max(16, 2 * (0 if held is None else held.shape[0])))
-            for name in self._summary_names():
-                grown, old = torch.zeros(size, h, d), getattr(self, name)
-                if old is not None:
-                    grown[: old.shape[0]] = old
-                setattr(self, name, grown)
-            frames = torch.zeros(size, dtype=torch.long)
+        if slot >= self.frames.shape[0]:  # grow the frames (8 bytes a block), up to the cap
+            frames = torch.zeros(min(self.slots, max(16, 2 * self.frames.shape[0])), dtype=torch.long)
             frames[: self.frames.shape[0]] = self.frames
             self.frames = frames
         k = self.stage_k.float() @ self._to_stream_frame(pos_shift, torch.float32, self.stage_k.device)
-        if self.score == "bound":
-            self.mins[slot] = k.amin(dim=1).cpu()
-            self.maxs[slot] = k.amax(dim=1).cpu()
-        else:
-            self.means[slot] = k.mean(dim=1).cpu()
+        summary = torch.stack([k.amax(dim=1), k.amin(dim=1)]) if self.score == "bound" else k.mean(dim=1)[None]
+        self.summaries.write(slot, summary[None])
         self.frames[slot] = pos_shift
         self.store.write(slot, torch.stack([self.stage_k, self.stage_v])[None])
         self.n_blocks += 1
@@ -205,7 +218,7 @@ class RecallMemory:
         """(D, D) R with x @ R == x rotated by -pos_shift (storage positions to stream indices)."""
         c = self._unshift
         if c is None or c[0] != pos_shift or c[1].dtype != dtype or c[1].device != device:
-            d = self.stage_k.shape[-1] if self.stage_k is not None else self._summary().shape[-1]
+            d = self.stage_k.shape[-1] if self.stage_k is not None else self.store.shape[-1]
             eye = torch.eye(d, dtype=dtype, device=device)
             cos, sin = self.rope.cos_sin(torch.tensor([-pos_shift], device=device), dtype)
             self._unshift = c = (pos_shift, apply_rotation(eye, cos, sin, self.rope.interleaved))
@@ -226,36 +239,40 @@ class RecallMemory:
         return self.store.read([slot])[0, 0].float(), int(self.frames[slot])
 
     # ---- selection -------------------------------------------------------------------------------
-    def _summary_names(self) -> tuple[str, ...]:
-        """The attributes holding this memory's summaries: min and max keys, or the mean key."""
-        return ("mins", "maxs") if self.score == "bound" else ("means",)
-
-    def _summary(self) -> torch.Tensor | None:
-        """The first summary tensor (allocated slots, H, D) of this memory's score."""
-        return getattr(self, self._summary_names()[0])
+    def summary(self) -> dict[str, torch.Tensor]:
+        """The held blocks' summaries, by slot (stored, H, D) float32, read from their file:
+        {"maxs", "mins"} (score "bound") or {"means"} (for snapshots, tests and diagnostics)."""
+        n = self.stored
+        if self.summaries is None or n == 0:
+            return {}
+        data = self.summaries.read(range(n))
+        return {name: data[:, i].contiguous() for i, name in enumerate(SUMMARIES[self.score])}
 
     def scores(self, query: torch.Tensor, pos_shift: int) -> torch.Tensor:
         """Selection scores of the held blocks, oldest first, for `query` (B=1, Hq, C, D) rotated by
         the model at storage positions (stream index + pos_shift): rotated to stream indices, as the
-        summaries are, then one float32 matrix-vector product per score term over the summaries in
-        place (no per-block or per-frame Python work): (n,) summed over all heads, or with
-        `select="head"` (Hkv, n), each KV head's score summed over its own query heads (a batched
-        product per head)."""
+        summaries are, then one float32 product per piece of the summary file (read SCAN_PIECE
+        records at a time into one small buffer, so the summaries are never all in RAM; no
+        per-block Python work): (n,) summed over all heads, or with `select="head"` (Hkv, n), each
+        KV head's score summed over its own query heads."""
         n = self.stored
-        hkv, d = self._summary().shape[1:]
+        hkv, d = self.summaries.shape[2:]
         q = query[0].float().cpu()  # (Hq, C, D)
         if pos_shift:
             q = q @ self._to_stream_frame(pos_shift, q.dtype, q.device)
         q = q.reshape(hkv, -1, d)  # (Hkv, G*C, D)
-        if self.score == "bound":
+        if self.score == "bound":  # records (max, min): sum q+ . max + sum q- . min
             pos = q.clamp(min=0).sum(1)  # (Hkv, D)
-            terms = [(self.maxs, pos), (self.mins, q.sum(1) - pos)]
+            v = torch.stack([pos, q.sum(1) - pos])  # (2, Hkv, D)
         else:
-            terms = [(self.means, q.sum(1))]
-        if self.per_head:  # (Hkv, n, D) @ (Hkv, D, 1): each KV head against its own summaries
-            out = sum((x[:n].transpose(0, 1) @ v[:, :, None])[..., 0] for x, v in terms)
-        else:
-            out = sum(x[:n].flatten(1) @ v.flatten() for x, v in terms)
+            v = q.sum(1)[None]  # (1, Hkv, D) against the mean key
+        parts = []
+        for x in self.summaries.pieces(n, SCAN_PIECE):  # (m, terms, Hkv, D)
+            if self.per_head:  # each KV head against its own summaries: (Hkv, m)
+                parts.append(torch.einsum("mthd,thd->hm", x, v))
+            else:
+                parts.append(x.reshape(x.shape[0], -1) @ v.flatten())
+        out = torch.cat(parts, dim=-1)
         if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
             out = torch.roll(out, -(self.n_blocks % self.slots), dims=-1)
         return out
@@ -352,13 +369,13 @@ class RecallMemory:
 
     # ---- snapshots -------------------------------------------------------------------------------
     def state(self) -> dict:
-        n = 0 if self._summary() is None else self._summary().shape[0]
         clone = lambda x: None if x is None else x.clone()  # noqa: E731
+        summary = self.summary()
         return {
             "n_blocks": self.n_blocks, "staged": self.staged, "stage_k": clone(self.stage_k),
-            "stage_v": clone(self.stage_v), "mins": clone(self.mins), "maxs": clone(self.maxs),
-            "means": clone(self.means),
-            "frames": self.frames[:n].clone(), "hold": None if self.hold is None else
+            "stage_v": clone(self.stage_v), "mins": summary.get("mins"), "maxs": summary.get("maxs"),
+            "means": summary.get("means"),
+            "frames": self.frames[: self.stored].clone(), "hold": None if self.hold is None else
             (self.hold[0], self.hold[1].clone(), self.hold[2].clone()),
             "store": None if self.store is None else self.store.read(range(min(self.stored, self.slots))),
             "chosen": self.chosen, "chosen_at": self.chosen_at,  # a decoded token may reuse the last choice
@@ -368,8 +385,7 @@ class RecallMemory:
         self.reset()
         self.n_blocks, self.staged = st["n_blocks"], st["staged"]
         self.stage_k, self.stage_v = st["stage_k"], st["stage_v"]
-        self.mins, self.maxs, self.frames = st["mins"], st["maxs"], st["frames"].clone()
-        self.means = st.get("means")  # states saved before the mean score have none
+        self.frames = st["frames"].clone()
         self.hold = st["hold"]
         self.chosen, self.chosen_at = st.get("chosen", ()), st.get("chosen_at")  # older states: the next token chooses
         if st["store"] is not None:
@@ -378,6 +394,8 @@ class RecallMemory:
                 self._open_store(data.shape[2], data.shape[4])
             if data.shape[0]:
                 self.store.write(0, data)
+        if self.stored:  # by slot; states saved while the summaries lived in RAM hold more slots: cut
+            self.summaries.write(0, torch.stack([st[name][: self.stored] for name in SUMMARIES[self.score]], dim=1))
 
 
 # ---- the layer's side: capturing evicted tokens, plans with recalled blocks ----------------------
