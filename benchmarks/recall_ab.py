@@ -6,7 +6,8 @@ in turn, one step each, their order rotating from step to step, so drift hits al
 Each recall engine first streams `--fill` tokens of the Gutenberg corpus through chunked prefill
 (its memory then holds about that many tokens); every engine then fills its 4+`--window` cache
 and decodes `--steps` steps after 20 warm-up steps. `--quant auto`, as the product runs. Prints p50 per engine and its ratio to
-streaming, then one JSON line.
+streaming, and how much the process's anonymous RSS grew while that engine filled (Linux), then one
+JSON line.
 
     PYTHONPATH=src python benchmarks/recall_ab.py --fill 100000 --recall 4x32e4,8x32e4
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from streaming_llm.bench.hardware import cpu_flags, cpu_model
+    from streaming_llm.bench.hardware import cpu_flags, cpu_model, rss_parts_mb
     from streaming_llm.core.config import StreamingConfig
     from streaming_llm.core.engine import StreamingLLM
     from streaming_llm.errors import UserError
@@ -58,11 +59,15 @@ def main(argv=None) -> int:
     if len(ids) < args.fill + args.window + 8:
         raise SystemExit(f"recall_ab: the corpus gave {len(ids)} tokens, fewer than --fill + --window")
     engines = {name: StreamingLLM(model, tok, config) for name, config in configs.items()}
+    grew = {}  # anonymous RSS MB added while each engine filled (its memory's RAM, and allocator slack)
     for name, engine in engines.items():
         fill = 0 if name == "streaming" else args.fill
         body = ids[: fill + args.window + 8]
+        before = rss_parts_mb().get("rss_anon_mb")
         for lo in tqdm(range(0, len(body), 4096), desc=f"fill {name}", file=sys.stderr):
             engine.feed(body[lo : lo + 4096], logits="none")
+        after = rss_parts_mb().get("rss_anon_mb")
+        grew[name] = None if before is None else round(after - before, 1)
     times = {name: [] for name in engines}
     names = list(engines)
     for i in range(20 + args.steps):
@@ -81,9 +86,9 @@ def main(argv=None) -> int:
             1, sum(m is not None for m in engine.cache.memories))
         rows.append({"engine": name, "tokens_in_memory": held, "p50_ms": round(p50, 2),
                      "p90_ms": round(sorted(times[name])[int(0.9 * (len(times[name]) - 1))], 2),
-                     "over_streaming": round(p50 / base, 3)})
+                     "over_streaming": round(p50 / base, 3), "fill_anon_rss_mb": grew[name]})
         print(f"{name:<10} memory {held:>7} tokens  p50 {p50:7.2f} ms  p90 {rows[-1]['p90_ms']:7.2f}  "
-              f"/ streaming {rows[-1]['over_streaming']:.3f}")
+              f"/ streaming {rows[-1]['over_streaming']:.3f}  anon RSS +{grew[name]} MB while it filled")
     print(json.dumps({"model": args.model, "cpu": cpu_model(), "amx": "amx_bf16" in cpu_flags(), "window": args.window,
                       "fill": args.fill, "steps": args.steps, "threads": args.threads,
                       "load_avg": round(os.getloadavg()[0], 2), "rows": rows}))
