@@ -1,0 +1,129 @@
+"""Diagnostic (issue 15, docs/recall_evals.md "Other choosing rules, tried on the paired prompts"):
+does another way of choosing the recalled blocks answer more of the pass-key prompts that count
+for the target? It re-answers only the paired prompts of a stored `reproduce passkey` run (dense
+answers them, the key sentence is outside streaming 4+W's window) with the recall method of that
+run, as `reproduce passkey` does (`passkey.answer`, `retrieval.engine_for`, chunks of 512), once
+per variant of the choosing rule, and prints each reply beside the stored one. Product code is
+untouched: each variant replaces one method of `RecallMemory` inside this script.
+
+Variants (`--variants`, comma-separated):
+  none       the engine's rule (checks that the stored replies are reproduced)
+  maxq       score of a block = max over the forward's queries of the bound summed over the
+             query heads (the engine sums over the queries too); a decode step (one query) is
+             unchanged, only chunks choose differently
+  maxall     max over query heads and queries of one head's bound
+  next       the K blocks taken as best block, its successor, 2nd best, its successor, ...
+             (a key sentence that straddles a block edge comes whole)
+  both       as next, with the predecessor too
+
+    PYTHONPATH=src .venv/bin/python docs/results/passkey_select_variants/variants.py \
+        --trials-csv docs/results/passkey_trials3/passkey/trials.csv --window 252 \
+        --lengths 256,512,1024 --depths 0.1,0.5,0.9 --variants none,maxq,maxall,next,both
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import torch
+
+from streaming_llm.core import recall
+from streaming_llm.eval import passkey
+from streaming_llm.eval import retrieval as rt
+from streaming_llm.eval.data import load_corpus
+from streaming_llm.models.special_tokens import stream_prefix
+
+ENGINE_TOP, ENGINE_SCORES = recall.RecallMemory._top, recall.RecallMemory.scores
+
+
+def query_scores(mem, query, pos_shift, reduce: str) -> torch.Tensor:
+    """(n,) scores of the held blocks, oldest first, with the bound per (query head, query)
+    reduced as `reduce` says (the summaries read whole: fine for a diagnostic)."""
+    summ = mem.summary()
+    hkv, d = mem.summaries.shape[2:]
+    q = query[0].float().cpu()
+    if pos_shift:
+        q = q @ mem._to_stream_frame(pos_shift, q.dtype, q.device)
+    hq, c, _ = q.shape
+    q = q.reshape(hkv, hq // hkv, c, d)
+    per = (torch.einsum("hgcd,nhd->nhgc", q.clamp(min=0), summ["maxs"])
+           + torch.einsum("hgcd,nhd->nhgc", q.clamp(max=0), summ["mins"]))  # (n, Hkv, G, C)
+    out = per.sum((1, 2)).amax(-1) if reduce == "maxq" else per.amax((1, 2, 3))
+    if mem.n_blocks > mem.slots:
+        out = torch.roll(out, -(mem.n_blocks % mem.slots), dims=-1)
+    return out
+
+
+def top_with_neighbours(mem, s: torch.Tensor, sides: tuple[int, ...]) -> tuple[int, ...]:
+    """Best block first, each followed by its neighbours at `sides` (held ones), until K."""
+    first = mem.n_blocks - mem.stored
+    if s.numel() <= mem.k:
+        return tuple(range(first, first + s.numel()))
+    out: list[int] = []
+    for i in torch.argsort(-s, stable=True).tolist():
+        for j in (i, *(i + d for d in sides)):
+            if 0 <= j < s.numel() and j not in out and len(out) < mem.k:
+                out.append(j)
+        if len(out) >= mem.k:
+            break
+    return tuple(sorted(first + i for i in out))
+
+
+def use(variant: str) -> None:
+    recall.RecallMemory._top, recall.RecallMemory.scores = ENGINE_TOP, ENGINE_SCORES
+    if variant in ("maxq", "maxall"):
+        recall.RecallMemory.scores = lambda mem, q, shift: query_scores(mem, q, shift, variant)
+    elif variant in ("next", "both"):
+        sides = (1,) if variant == "next" else (1, -1)
+        recall.RecallMemory._top = lambda mem, s: top_with_neighbours(mem, s, sides)
+    elif variant != "none":
+        raise SystemExit(f"unknown variant {variant!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials-csv", required=True)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--window", type=int, default=252)
+    ap.add_argument("--lengths", required=True)
+    ap.add_argument("--depths", required=True)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--variants", default="none,maxq,maxall,next,both")
+    a = ap.parse_args()
+
+    rows = list(csv.DictReader(open(a.trials_csv)))
+    key = lambda r: (r["variant"], int(r["length"]), float(r["depth"]), int(r["trial"]))  # noqa: E731
+    s_label = f"streaming 4+{a.window}"
+    r_label = next(r["method"] for r in rows if r["method"].startswith(s_label + " + recall"))
+    paired = ({key(r) for r in rows if r["method"] == "dense" and r["correct"] == "True"}
+              & {key(r) for r in rows if r["method"] == s_label and r["evicted"] == "True"})
+    stored = {key(r): r for r in rows if r["method"] == r_label}
+    model, tok = rt.load(a.model)
+    prompts = passkey.build_grid(tok, list(passkey.VARIANTS), [int(x) for x in a.lengths.split(",")],
+                                 [float(x) for x in a.depths.split(",")], a.trials, 0,
+                                 load_corpus("gutenberg").text, stream_prefix(tok, None))
+    prompts = [p for p in prompts if (p.variant, p.length, p.depth, p.trial) in paired]
+    spec = r_label.split(" + recall ")[1]
+    m = next(x for x in rt.method_list([a.window], rt.recall_list(spec)) if x.kind == "recall")
+    engine = rt.engine_for(model, tok, m, 512)
+    print(f"{a.model} {m.label}: {len(prompts)} paired prompts of {a.trials_csv}; stored answers "
+          f"{sum(stored[k]['correct'] == 'True' for k in paired)}/{len(paired)}", flush=True)
+    for variant in a.variants.split(","):
+        use(variant)
+        right = same = 0
+        for p in prompts:
+            res = passkey.answer(engine, p)
+            old = stored[(p.variant, p.length, p.depth, p.trial)]
+            right += res["correct"]
+            same += res["reply"] == old["reply"]
+            if res["correct"] != (old["correct"] == "True"):
+                print(f"  {variant}: {p.variant} {p.length} {p.depth} trial {p.trial}: {res['correct']} "
+                      f"{res['reply'][:40]!r} (stored {old['correct']} {old['reply'][:40]!r})", flush=True)
+        print(f"{variant:7s} {right}/{len(prompts)} ({right / len(prompts):.2f}); replies as stored: "
+              f"{same}/{len(prompts)}", flush=True)
+    use("none")
+
+
+if __name__ == "__main__":
+    main()
