@@ -15,6 +15,10 @@ Variants (`--variants`, comma-separated):
   next       the K blocks taken as best block, its successor, 2nd best, its successor, ...
              (a key sentence that straddles a block edge comes whole)
   both       as next, with the predecessor too
+  subN       the Quest bound over sub-blocks of N tokens (per-channel max and min of their keys,
+             computed here from the stored keys), a block's score per query head and query the
+             best of its sub-blocks, then summed as the engine sums; sub1 is the exact max of
+             q . k over the block's keys (a tighter bound costs summaries of block/N records)
 
     PYTHONPATH=src .venv/bin/python docs/results/passkey_select_variants/variants.py \
         --trials-csv docs/results/passkey_trials3/passkey/trials.csv --window 252 \
@@ -55,6 +59,33 @@ def query_scores(mem, query, pos_shift, reduce: str) -> torch.Tensor:
     return out
 
 
+def stream_keys(mem) -> torch.Tensor:
+    """(n, Hkv, B, D) float32 keys of the held blocks, oldest first, rotated to stream indices
+    (the frame the summaries are in)."""
+    slots = [b % mem.slots for b in mem.eligible()]
+    k = mem.store.read(slots)[:, 0].float()
+    for i, f in enumerate(mem.frames[slots].tolist()):
+        if f:
+            k[i] = k[i] @ mem._to_stream_frame(f, torch.float32, k.device)
+    return k
+
+
+def sub_block_scores(mem, query, pos_shift, sub: int) -> torch.Tensor:
+    """(n,) scores, oldest first: the bound of each sub-block of `sub` keys, the best sub-block
+    per (query head, query), summed over query heads and queries."""
+    k = stream_keys(mem)  # (n, Hkv, B, D)
+    n, hkv, b, d = k.shape
+    k = k.reshape(n, hkv, b // sub, sub, d)
+    mx, mn = k.amax(3), k.amin(3)  # (n, Hkv, S, D)
+    q = query[0].float().cpu()
+    if pos_shift:
+        q = q @ mem._to_stream_frame(pos_shift, q.dtype, q.device)
+    q = q.reshape(hkv, -1, q.shape[1], d)  # (Hkv, G, C, D)
+    per = (torch.einsum("hgcd,nhsd->nhgcs", q.clamp(min=0), mx)
+           + torch.einsum("hgcd,nhsd->nhgcs", q.clamp(max=0), mn))
+    return per.amax(-1).sum((1, 2, 3))
+
+
 def top_with_neighbours(mem, s: torch.Tensor, sides: tuple[int, ...]) -> tuple[int, ...]:
     """Best block first, each followed by its neighbours at `sides` (held ones), until K."""
     first = mem.n_blocks - mem.stored
@@ -74,6 +105,9 @@ def use(variant: str) -> None:
     recall.RecallMemory._top, recall.RecallMemory.scores = ENGINE_TOP, ENGINE_SCORES
     if variant in ("maxq", "maxall"):
         recall.RecallMemory.scores = lambda mem, q, shift: query_scores(mem, q, shift, variant)
+    elif variant.startswith("sub"):
+        size = int(variant[3:])
+        recall.RecallMemory.scores = lambda mem, q, shift: sub_block_scores(mem, q, shift, size)
     elif variant in ("next", "both"):
         sides = (1,) if variant == "next" else (1, -1)
         recall.RecallMemory._top = lambda mem, s: top_with_neighbours(mem, s, sides)
