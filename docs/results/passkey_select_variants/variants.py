@@ -19,6 +19,8 @@ Variants (`--variants`, comma-separated):
              computed here from the stored keys), a block's score per query head and query the
              best of its sub-blocks, then summed as the engine sums; sub1 is the exact max of
              q . k over the block's keys (a tighter bound costs summaries of block/N records)
+  shared     one choice per forward for every layer: the first recall layer's, by the engine's
+             rule (the later layers' queries come after it, so it is the one a single pass has)
 
     PYTHONPATH=src .venv/bin/python docs/results/passkey_select_variants/variants.py \
         --trials-csv docs/results/passkey_trials3/passkey/trials.csv --window 252 \
@@ -101,8 +103,23 @@ def top_with_neighbours(mem, s: torch.Tensor, sides: tuple[int, ...]) -> tuple[i
     return tuple(sorted(first + i for i in out))
 
 
+ENGINE_CHOOSE = recall.choose
+
+
+def choose_shared(layer, query) -> bool:
+    """Every recall layer takes the choice the first recall layer made in this forward (it
+    chooses first, by the engine's rule, from its own queries)."""
+    first = next(x for x in layer.owner.layers if getattr(x, "memory", None) is not None)
+    if layer is first:
+        return ENGINE_CHOOSE(layer, query)
+    mem, src = layer.memory, first.memory
+    mem.chosen, mem.chosen_at = src.chosen, src.chosen_at
+    return bool(mem.chosen)
+
+
 def use(variant: str) -> None:
     recall.RecallMemory._top, recall.RecallMemory.scores = ENGINE_TOP, ENGINE_SCORES
+    recall.choose = ENGINE_CHOOSE
     if variant in ("maxq", "maxall"):
         recall.RecallMemory.scores = lambda mem, q, shift: query_scores(mem, q, shift, variant)
     elif variant.startswith("sub"):
@@ -111,6 +128,8 @@ def use(variant: str) -> None:
     elif variant in ("next", "both"):
         sides = (1,) if variant == "next" else (1, -1)
         recall.RecallMemory._top = lambda mem, s: top_with_neighbours(mem, s, sides)
+    elif variant == "shared":
+        recall.choose = choose_shared
     elif variant != "none":
         raise SystemExit(f"unknown variant {variant!r}")
 
