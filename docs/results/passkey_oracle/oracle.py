@@ -60,14 +60,15 @@ def main():
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--trials", default=str(sc.TRIALS), help="the trials.csv whose prompts to answer")
     ap.add_argument("--windows", default="124,252")
-    ap.add_argument("--recall", default="4x32", help="KxB: the recall method of --trials")
+    ap.add_argument("--recall", default="4x32", help="KxB (or KxBeN): the recall method of --trials")
     args = ap.parse_args()
     from streaming_llm.eval import passkey as pk
     from streaming_llm.eval import retrieval as rt
 
     t_start = time.time()
-    k, b = (int(x) for x in args.recall.split("x"))
-    model, tok, prompts = sc.load_prompts(args.model, args.trials, [int(w) for w in args.windows.split(",")], k, b)
+    spec = rt.parse_recall(args.recall)  # KxB, or e.g. 8x32e4 (a choice lasts 4 decode steps)
+    k, b = spec[:2]
+    model, tok, prompts = sc.load_prompts(args.model, args.trials, [int(w) for w in args.windows.split(",")], k, b, spec)
     if args.pick:
         prompts = [prompts[int(i)] for i in args.pick.split(",")]
     columns = ["normal"] + [c for c in args.columns.split(",") if c in ("forced", "forced_q")] + ([args.scorer] if args.scorer else [])

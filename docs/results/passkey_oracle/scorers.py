@@ -146,10 +146,11 @@ def top_of(ids: list[int], s: torch.Tensor, k: int, forced=()) -> tuple[int, ...
 
 
 # ---- the prompts ----------------------------------------------------------------------------------
-def load_prompts(model_name="smollm2-135m-instruct", trials=TRIALS, windows=(124, 252), k=K, b=B):
+def load_prompts(model_name="smollm2-135m-instruct", trials=TRIALS, windows=(124, 252), k=K, b=B, recall=None):
     """(model, tokenizer, [(window, method label, Prompt, trials.csv row of the recall method)]):
     the prompts of `trials` (a `reproduce passkey` trials.csv of `model_name`) that dense answers
-    and whose key sentence streaming 4+w has evicted, for recall KxB at each window w."""
+    and whose key sentence streaming 4+w has evicted, for recall KxB at each window w (`recall`:
+    the method's whole `retrieval.parse_recall` tuple, e.g. for 8x32e4; default (k, b))."""
     from streaming_llm.eval import passkey as pk
     from streaming_llm.eval import retrieval as rt
     from streaming_llm.eval.data import load_corpus
@@ -163,7 +164,7 @@ def load_prompts(model_name="smollm2-135m-instruct", trials=TRIALS, windows=(124
     dense_ok = {cell(r) for r in rows if r["method"] == "dense" and r["correct"] == "True"}
     out = []
     for w in windows:
-        m = rt.Method("recall", w, (k, b))
+        m = rt.Method("recall", w, recall or (k, b))
         st = {cell(r): r for r in rows if r["method"] == rt.Method("streaming", w).label}
         rc = {cell(r): r for r in rows if r["method"] == m.label}
         for c in sorted(rc):
