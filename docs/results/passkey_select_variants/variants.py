@@ -4,7 +4,8 @@ for the target? It re-answers only the paired prompts of a stored `reproduce pas
 answers them, the key sentence is outside streaming 4+W's window) with the recall method of that
 run, as `reproduce passkey` does (`passkey.answer`, `retrieval.engine_for`, chunks of 512), once
 per variant of the choosing rule, and prints each reply beside the stored one. Product code is
-untouched: each variant replaces one method of `RecallMemory` inside this script.
+untouched: each variant replaces, inside this script, one method of `RecallMemory` or the
+module's `recall.choose` (twopass: also the answering of a prompt, `answer_twopass`).
 
 Variants (`--variants`, comma-separated):
   none       the engine's rule (checks that the stored replies are reproduced)
@@ -21,6 +22,10 @@ Variants (`--variants`, comma-separated):
              q . k over the block's keys (a tighter bound costs summaries of block/N records)
   shared     one choice per forward for every layer: the first recall layer's, by the engine's
              rule (the later layers' queries come after it, so it is the one a single pass has)
+  twopass    the question is fed twice: a first pass (its cache writes then undone by restoring
+             the stream's state) records every recall layer's bound scores; the second pass gives
+             every layer the K blocks with the highest sum over layers of those scores, z-scored
+             per layer (a consensus of all layers); the answer's decode steps choose as the engine
 
     PYTHONPATH=src .venv/bin/python docs/results/passkey_select_variants/variants.py \
         --trials-csv docs/results/passkey_trials3/passkey/trials.csv --window 252 \
@@ -117,6 +122,49 @@ def choose_shared(layer, query) -> bool:
     return bool(mem.chosen)
 
 
+def answer_twopass(engine, p) -> dict:
+    """`passkey.answer` with the question's choice made by a consensus of every recall layer
+    (variant `twopass`, see the module docstring)."""
+    engine.reset()
+    engine.feed(p.body, logits="none")
+    saved = engine.state_dict(copy=True)
+    scores, held = [], []
+
+    def collect(layer, query):
+        mem = layer.memory
+        if mem.stored > 1:
+            s = mem.scores(query, layer.owner.pos_shift[0])
+            scores.append((s - s.mean()) / s.std().clamp(min=1e-9))
+            held[:] = list(mem.eligible())
+        return ENGINE_CHOOSE(layer, query)
+
+    recall.choose = collect
+    engine.feed(p.question, logits="none")
+    engine.load_state_dict(saved)
+    pick = ()
+    if scores:
+        total = torch.stack(scores).sum(0)
+        k = min(engine.config.recall_blocks, total.numel())
+        pick = tuple(sorted(held[i] for i in torch.argsort(-total, stable=True)[:k].tolist()))
+
+    def forced(layer, query):
+        mem = layer.memory
+        if pick and query.shape[2] == len(p.question):  # the question's forward
+            mem.chosen, mem.chosen_at = pick, None
+            return True
+        return ENGINE_CHOOSE(layer, query)
+
+    recall.choose = forced
+    try:
+        budget, at_newline = passkey.ANSWER_BUDGET[passkey.VARIANTS[p.variant][2]]
+        reply = rt.greedy(engine, p.question, budget, passkey.stop_rule(p.key_format, at_newline))
+    finally:
+        recall.choose = ENGINE_CHOOSE
+    pattern, ignore_case = passkey.KEY_PATTERNS[p.key_format]
+    got, ok = rt.exact_match(reply, pattern, p.key, ignore_case)
+    return {"reply": reply, "parsed": got, "correct": ok}
+
+
 def use(variant: str) -> None:
     recall.RecallMemory._top, recall.RecallMemory.scores = ENGINE_TOP, ENGINE_SCORES
     recall.choose = ENGINE_CHOOSE
@@ -130,7 +178,7 @@ def use(variant: str) -> None:
         recall.RecallMemory._top = lambda mem, s: top_with_neighbours(mem, s, sides)
     elif variant == "shared":
         recall.choose = choose_shared
-    elif variant != "none":
+    elif variant not in ("none", "twopass"):
         raise SystemExit(f"unknown variant {variant!r}")
 
 
@@ -166,7 +214,7 @@ def main() -> None:
         use(variant)
         right = same = 0
         for p in prompts:
-            res = passkey.answer(engine, p)
+            res = answer_twopass(engine, p) if variant == "twopass" else passkey.answer(engine, p)
             old = stored[(p.variant, p.length, p.depth, p.trial)]
             right += res["correct"]
             same += res["reply"] == old["reply"]
