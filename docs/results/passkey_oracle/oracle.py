@@ -19,7 +19,7 @@ Per prompt it also prints, for the question's forward, the fraction of layers wh
 the key's block ("kb"; as key_blocks.py).
 
 STREAMING_LLM_THREADS=1 nice -n 10 env PYTHONPATH=src .venv/bin/python docs/results/passkey_oracle/oracle.py [--columns normal,forced,forced_q] [--scorer NAME] [--out FILE] [--pick I,J]
-    [--model M --trials CSV --windows W,.. --recall KxB]   (another model's or recall size's run; default: the one above)
+    [--model M --trials CSV --windows W,.. --recall KxB or KxBeN]   (another model's or recall size's run; default: the one above)
 """
 
 from __future__ import annotations
