@@ -13,6 +13,8 @@ Variants (`--variants`, comma-separated):
              query heads (the engine sums over the queries too); a decode step (one query) is
              unchanged, only chunks choose differently
   maxall     max over query heads and queries of one head's bound
+  lastq      the bound of the forward's last query only, summed over the query heads (the
+             question's last token, "is" in "The pass key is")
   next       the K blocks taken as best block, its successor, 2nd best, its successor, ...
              (a key sentence that straddles a block edge comes whole)
   both       as next, with the predecessor too
@@ -60,7 +62,12 @@ def query_scores(mem, query, pos_shift, reduce: str) -> torch.Tensor:
     q = q.reshape(hkv, hq // hkv, c, d)
     per = (torch.einsum("hgcd,nhd->nhgc", q.clamp(min=0), summ["maxs"])
            + torch.einsum("hgcd,nhd->nhgc", q.clamp(max=0), summ["mins"]))  # (n, Hkv, G, C)
-    out = per.sum((1, 2)).amax(-1) if reduce == "maxq" else per.amax((1, 2, 3))
+    if reduce == "maxq":
+        out = per.sum((1, 2)).amax(-1)
+    elif reduce == "lastq":
+        out = per[..., -1].sum((1, 2))
+    else:
+        out = per.amax((1, 2, 3))
     if mem.n_blocks > mem.slots:
         out = torch.roll(out, -(mem.n_blocks % mem.slots), dims=-1)
     return out
@@ -168,7 +175,7 @@ def answer_twopass(engine, p) -> dict:
 def use(variant: str) -> None:
     recall.RecallMemory._top, recall.RecallMemory.scores = ENGINE_TOP, ENGINE_SCORES
     recall.choose = ENGINE_CHOOSE
-    if variant in ("maxq", "maxall"):
+    if variant in ("maxq", "maxall", "lastq"):
         recall.RecallMemory.scores = lambda mem, q, shift: query_scores(mem, q, shift, variant)
     elif variant.startswith("sub"):
         size = int(variant[3:])
