@@ -24,8 +24,8 @@ Variants (`--variants`, comma-separated):
              q . k over the block's keys (a tighter bound costs summaries of block/N records)
   shared     one choice per forward for every layer: the first recall layer's, by the engine's
              rule (the later layers' queries come after it, so it is the one a single pass has)
-  twopass    the question is fed twice: a first pass (its cache writes then undone by restoring
-             the stream's state) records every recall layer's bound scores; the second pass gives
+  twopass    the question is fed twice: a first pass (body and question) records every recall
+             layer's bound scores; the second (`passkey.answer`, from the start) gives
              every layer the K blocks with the highest sum over layers of those scores, z-scored
              per layer (a consensus of all layers); the answer's decode steps choose as the engine
 
@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,9 @@ from streaming_llm.eval import retrieval as rt
 from streaming_llm.eval.data import load_corpus
 from streaming_llm.models.special_tokens import stream_prefix
 
+sys.path.insert(0, str(Path(__file__).parent.parent / "passkey_oracle"))
+import scorers as sc  # noqa: E402  (the oracle's helpers: queries and keys in the stream frame)
+
 ENGINE_TOP, ENGINE_SCORES = recall.RecallMemory._top, recall.RecallMemory.scores
 
 
@@ -54,12 +59,7 @@ def query_scores(mem, query, pos_shift, reduce: str) -> torch.Tensor:
     """(n,) scores of the held blocks, oldest first, with the bound per (query head, query)
     reduced as `reduce` says (the summaries read whole: fine for a diagnostic)."""
     summ = mem.summary()
-    hkv, d = mem.summaries.shape[2:]
-    q = query[0].float().cpu()
-    if pos_shift:
-        q = q @ mem._to_stream_frame(pos_shift, q.dtype, q.device)
-    hq, c, _ = q.shape
-    q = q.reshape(hkv, hq // hkv, c, d)
+    q = sc._q(mem, query, pos_shift)  # (Hkv, G, C, D)
     per = (torch.einsum("hgcd,nhd->nhgc", q.clamp(min=0), summ["maxs"])
            + torch.einsum("hgcd,nhd->nhgc", q.clamp(max=0), summ["mins"]))  # (n, Hkv, G, C)
     if reduce == "maxq":
@@ -73,28 +73,14 @@ def query_scores(mem, query, pos_shift, reduce: str) -> torch.Tensor:
     return out
 
 
-def stream_keys(mem) -> torch.Tensor:
-    """(n, Hkv, B, D) float32 keys of the held blocks, oldest first, rotated to stream indices
-    (the frame the summaries are in)."""
-    slots = [b % mem.slots for b in mem.eligible()]
-    k = mem.store.read(slots)[:, 0].float()
-    for i, f in enumerate(mem.frames[slots].tolist()):
-        if f:
-            k[i] = k[i] @ mem._to_stream_frame(f, torch.float32, k.device)
-    return k
-
-
 def sub_block_scores(mem, query, pos_shift, sub: int) -> torch.Tensor:
     """(n,) scores, oldest first: the bound of each sub-block of `sub` keys, the best sub-block
     per (query head, query), summed over query heads and queries."""
-    k = stream_keys(mem)  # (n, Hkv, B, D)
+    k = sc.keys(mem)  # (n, Hkv, B, D), oldest first, in the stream frame
     n, hkv, b, d = k.shape
     k = k.reshape(n, hkv, b // sub, sub, d)
     mx, mn = k.amax(3), k.amin(3)  # (n, Hkv, S, D)
-    q = query[0].float().cpu()
-    if pos_shift:
-        q = q @ mem._to_stream_frame(pos_shift, q.dtype, q.device)
-    q = q.reshape(hkv, -1, q.shape[1], d)  # (Hkv, G, C, D)
+    q = sc._q(mem, query, pos_shift)  # (Hkv, G, C, D)
     per = (torch.einsum("hgcd,nhsd->nhgcs", q.clamp(min=0), mx)
            + torch.einsum("hgcd,nhsd->nhgcs", q.clamp(max=0), mn))
     return per.amax(-1).sum((1, 2, 3))
@@ -131,10 +117,9 @@ def choose_shared(layer, query) -> bool:
 
 def answer_twopass(engine, p) -> dict:
     """`passkey.answer` with the question's choice made by a consensus of every recall layer
-    (variant `twopass`, see the module docstring)."""
-    engine.reset()
-    engine.feed(p.body, logits="none")
-    saved = engine.state_dict(copy=True)
+    (variant `twopass`, see the module docstring). The first pass feeds the body and the question
+    and records the scores; `passkey.answer` then resets the engine and feeds the body again (the
+    engine is exact, so its state before the question is the first pass's)."""
     scores, held = [], []
 
     def collect(layer, query):
@@ -145,9 +130,13 @@ def answer_twopass(engine, p) -> dict:
             held[:] = list(mem.eligible())
         return ENGINE_CHOOSE(layer, query)
 
+    engine.reset()
+    engine.feed(p.body, logits="none")
     recall.choose = collect
-    engine.feed(p.question, logits="none")
-    engine.load_state_dict(saved)
+    try:
+        engine.feed(p.question, logits="none")
+    finally:
+        recall.choose = ENGINE_CHOOSE
     pick = ()
     if scores:
         total = torch.stack(scores).sum(0)
@@ -163,13 +152,9 @@ def answer_twopass(engine, p) -> dict:
 
     recall.choose = forced
     try:
-        budget, at_newline = passkey.ANSWER_BUDGET[passkey.VARIANTS[p.variant][2]]
-        reply = rt.greedy(engine, p.question, budget, passkey.stop_rule(p.key_format, at_newline))
+        return passkey.answer(engine, p)
     finally:
         recall.choose = ENGINE_CHOOSE
-    pattern, ignore_case = passkey.KEY_PATTERNS[p.key_format]
-    got, ok = rt.exact_match(reply, pattern, p.key, ignore_case)
-    return {"reply": reply, "parsed": got, "correct": ok}
 
 
 def use(variant: str) -> None:
