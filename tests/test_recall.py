@@ -85,22 +85,24 @@ def test_recall_matches_the_literal_rule(arch, chunk, select):
     assert (plain[-30:] - out[-30:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("score, records", [("mean", ["means"]), ("both", ["maxs", "mins", "means"])])
 @pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_recall_by_mean_key_matches_the_literal_rule_and_chooses_otherwise(arch, select):
-    """`recall_score="mean"`: the attention and positions are the rule's (the reference takes the
-    engine's choices), the summaries are the mean keys alone, and the choice differs from the
-    bound's on the same stream (not a renamed bound)."""
+def test_recall_by_mean_key_matches_the_literal_rule_and_chooses_otherwise(arch, select, score, records):
+    """`recall_score="mean"` and `"both"`: the attention and positions are the rule's (the
+    reference takes the engine's choices), the summaries are the mean keys alone (both: the
+    bound's and the mean keys), and the choice differs from the bound's on the same stream (not a
+    renamed bound)."""
     model = tiny_model(arch)
     ids = ids_for(110)
     kw = dict(sinks=S, window=W, chunk_size=7, recall_blocks=K, block_size=B, recall_select=select)
-    e = engine(model, recall_score="mean", **kw)
+    e = engine(model, recall_score=score, **kw)
     traces = traced(e)
     out = e.feed(ids)
     layer = next(i for i, m in enumerate(e.cache.memories) if m is not None)
     mem = e.cache.memories[layer]
     summary = mem.summary()
-    assert list(summary) == ["means"] and summary["means"].shape == (mem.stored, model.config.num_key_value_heads, 16)
+    assert list(summary) == records and summary["means"].shape == (mem.stored, model.config.num_key_value_heads, 16)
     ref = RecallReference(model, S, W, B, find_rotary_module(model), traces).feed(ids)
     close(out, ref, atol=1e-4)
     bound = engine(model, **kw)
@@ -140,11 +142,18 @@ def test_generate_with_recall_matches_the_rule_and_off_by_one(select):
     assert ref[39:].argmax(-1).tolist() == toks
 
 
-def _naive_choice(mem, query, pos_shift, inv_freq):
+def _naive_choice(mem, query, pos_shift, inv_freq, score=None):
     """Top-K blocks by the documented score, from every stored key of every held block: keys and
     query both rotated to stream indices (storage position minus their frame's shift). The bound
     (or, with `score="mean"`, q . the block's mean key) is summed over every head (one choice), or,
-    for a per-head memory, per KV head over its own query heads (one choice per KV head)."""
+    for a per-head memory, per KV head over its own query heads (one choice per KV head). With
+    `score="both"`: the bound's ranking and the mean key's, their 1st, 1st, 2nd, 2nd, ... (each
+    block once) until K."""
+    score = score or mem.score
+    if score == "both":
+        ranks = [_naive_choice(mem, query, pos_shift, inv_freq, s + "_order") for s in ("bound", "mean")]
+        pick = lambda a, b: tuple(sorted(list(dict.fromkeys(x for pair in zip(a, b) for x in pair))[: mem.k]))  # noqa: E731
+        return tuple(map(pick, *ranks)) if mem.per_head else pick(*ranks)
     hkv = mem.store.shape[2]
     q = _rotate(query[0].double(), torch.full((query.shape[2],), -pos_shift), inv_freq)  # (Hq, C, D)
     qf = q.reshape(hkv, -1, q.shape[-1])
@@ -152,12 +161,15 @@ def _naive_choice(mem, query, pos_shift, inv_freq):
     for b in mem.eligible():
         keys, frame = mem.block_keys(b)  # (H, block, D)
         keys = _rotate(keys.double(), torch.full((keys.shape[1],), -frame), inv_freq)
-        if mem.score == "mean":
+        if score.startswith("mean"):
             scores.append(((qf * keys.mean(1)[:, None]).sum((1, 2)), b))
             continue
         lo, hi = keys.amin(1), keys.amax(1)  # (H, D)
         scores.append((torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum((1, 2)), b))
-    top = lambda pick: tuple(sorted(b for _, b in sorted((-pick(s).item(), b) for s, b in scores)[: mem.k]))  # noqa: E731
+    if score.endswith("_order"):  # every held block, best first (ties: the older first)
+        top = lambda pick: tuple(b for _, b in sorted((-pick(s).item(), b) for s, b in scores))  # noqa: E731
+    else:
+        top = lambda pick: tuple(sorted(b for _, b in sorted((-pick(s).item(), b) for s, b in scores)[: mem.k]))  # noqa: E731
     if mem.per_head:
         return tuple(top(lambda s, h=h: s[h]) for h in range(hkv))
     return top(lambda s: s.sum())
@@ -201,7 +213,7 @@ def test_recall_every_reuses_a_decoded_tokens_choice_and_still_matches_the_rule(
         StreamingConfig(recall_every=0)
 
 
-@pytest.mark.parametrize("score", ["bound", "mean"])
+@pytest.mark.parametrize("score", ["bound", "mean", "both"])
 @pytest.mark.parametrize("select", SELECTS)
 def test_selection_equals_brute_force_over_all_keys(select, score, monkeypatch):
     from streaming_llm.core import recall
@@ -303,7 +315,7 @@ def test_bfloat16_store_stays_close_to_float32():
     assert (a - b).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("select, score", [("layer", "bound"), ("head", "bound"), ("layer", "mean")])
+@pytest.mark.parametrize("select, score", [("layer", "bound"), ("head", "bound"), ("layer", "mean"), ("head", "both")])
 def test_state_dict_with_recall_continues_identically_and_reset_forgets(select, score):
     model = tiny_model("llama")
     ids = ids_for(140)
@@ -350,7 +362,7 @@ def test_batches_refuse_recall_clearly():
     (dict(recall_blocks=2, positions="absolute"), "--positions cache"),
     (dict(recall_blocks=2, recall_select="heads"), "--recall-select must be one of layer, head"),
     (dict(recall_select=None), "--recall-select"),
-    (dict(recall_score="quest"), "--recall-score must be one of bound, mean"),
+    (dict(recall_score="quest"), "--recall-score must be one of bound, mean, both"),
 ])
 def test_bad_recall_config_values_are_user_errors(bad, words):
     with pytest.raises(UserError, match=words):

@@ -114,7 +114,11 @@ def test_recall_specs_name_the_selection():
     assert [(m.config().recall_score, m.config().recall_every, m.config().recall_select) for m in mean] == [
         ("mean", 1, "layer"), ("mean", 4, "layer"), ("mean", 1, "head")]
     assert rt.method_list([124], [(4, 32)])[2].config().recall_score == "bound"
-    for bad in ("4x32mm", "4x32mh", "4x32em4"):
+    both = rt.method_list([124], rt.recall_list("16x32be4,4x32hB"))[2:]  # 'b': the bound and the mean key in turn
+    assert [m.label for m in both] == ["streaming 4+124 + recall 16x32be4", "streaming 4+124 + recall 4x32hb"]
+    assert [(m.config().recall_score, m.config().recall_every, m.config().recall_select) for m in both] == [
+        ("both", 4, "layer"), ("both", 1, "head")]
+    for bad in ("4x32mm", "4x32mh", "4x32em4", "4x32mb", "4x32bm"):
         with pytest.raises(UserError, match="KxB"):
             rt.parse_recall(bad)
 

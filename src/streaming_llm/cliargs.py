@@ -52,8 +52,10 @@ def add_recall_select_argument(p) -> None:
                    "(each KV head its own, by the bound of its own query heads; default: %(default)s)")
     p.add_argument("--recall-score", default="bound", choices=RECALL_SCORES,
                    help="how a block is scored against the queries: bound (Quest's upper bound from per-channel key "
-                   "minima and maxima) or mean (q . the block's mean key, half the summary RAM; it answered fewer "
-                   "pass keys than bound on both offline models, docs/recall_evals.md; default: %(default)s)")
+                   "minima and maxima), mean (q . the block's mean key, half the summary RAM; alone it answered "
+                   "fewer pass keys than bound on both offline models) or both (the bound's best block, the mean "
+                   "key's best, the bound's second, ...; 1.5x the bound's summary RAM; with 16 blocks it meets the "
+                   "pass-key target on both offline models, docs/recall_evals.md; default: %(default)s)")
 
 
 def add_recall_arguments(p) -> None:

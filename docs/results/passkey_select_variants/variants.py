@@ -24,6 +24,10 @@ Variants (`--variants`, comma-separated):
              q . k over the block's keys (a tighter bound costs summaries of block/N records)
   shared     one choice per forward for every layer: the first recall layer's, by the engine's
              rule (the later layers' queries come after it, so it is the one a single pass has)
+  mix        the bound and the mean key (`--recall-score mean`) together: the bound's best block,
+             the mean's best, the bound's second, the mean's second, ... until K (each once);
+             the engine has it since as `--recall-score both` (spec `KxBb`)
+  sumz       the sum of the bound's and the mean key's scores, each z-scored over the held blocks
   twopass    the question is fed twice: a first pass (body and question) records every recall
              layer's bound scores; the second (`passkey.answer`, from the start) gives
              every layer the K blocks with the highest sum over layers of those scores, z-scored
@@ -101,7 +105,36 @@ def top_with_neighbours(mem, s: torch.Tensor, sides: tuple[int, ...]) -> tuple[i
     return tuple(sorted(first + i for i in out))
 
 
+def mean_key_scores(mem, query, pos_shift) -> torch.Tensor:
+    """(n,) q . (the block's mean key), summed over query heads and queries, oldest first (the
+    engine's `--recall-score mean`, computed here from the stored keys)."""
+    mean = sc.keys(mem).mean(2)  # (n, Hkv, D)
+    return torch.einsum("hgcd,nhd->n", sc._q(mem, query, pos_shift), mean)
+
+
+def select_two(mem, query, pos_shift, how: str) -> tuple:
+    """The K blocks by the bound and the mean key together: `mix` takes the bound's best, the
+    mean's best, the bound's second, ... (each block once); `sumz` ranks by the sum of the two
+    scores, each z-scored over the held blocks."""
+    if mem.stored == 0 or mem.k == 0:
+        return ()
+    bound, mean = ENGINE_SCORES(mem, query, pos_shift), mean_key_scores(mem, query, pos_shift)
+    first = mem.n_blocks - mem.stored
+    if bound.numel() <= mem.k:
+        return tuple(range(first, first + bound.numel()))
+    if how == "sumz":
+        z = lambda x: (x - x.mean()) / x.std().clamp(min=1e-9)  # noqa: E731
+        return mem._top(z(bound) + z(mean))
+    out: list[int] = []
+    for pair in zip(torch.argsort(-bound, stable=True).tolist(), torch.argsort(-mean, stable=True).tolist()):
+        for i in pair:
+            if i not in out and len(out) < mem.k:
+                out.append(i)
+    return tuple(sorted(first + i for i in out))
+
+
 ENGINE_CHOOSE = recall.choose
+ENGINE_SELECT = recall.RecallMemory.select
 
 
 def choose_shared(layer, query) -> bool:
@@ -159,6 +192,7 @@ def answer_twopass(engine, p) -> dict:
 
 def use(variant: str) -> None:
     recall.RecallMemory._top, recall.RecallMemory.scores = ENGINE_TOP, ENGINE_SCORES
+    recall.RecallMemory.select = ENGINE_SELECT
     recall.choose = ENGINE_CHOOSE
     if variant in ("maxq", "maxall", "lastq"):
         recall.RecallMemory.scores = lambda mem, q, shift: query_scores(mem, q, shift, variant)
@@ -168,6 +202,8 @@ def use(variant: str) -> None:
     elif variant in ("next", "both"):
         sides = (1,) if variant == "next" else (1, -1)
         recall.RecallMemory._top = lambda mem, s: top_with_neighbours(mem, s, sides)
+    elif variant in ("mix", "sumz"):
+        recall.RecallMemory.select = lambda mem, q, shift: select_two(mem, q, shift, variant)
     elif variant == "shared":
         recall.choose = choose_shared
     elif variant not in ("none", "twopass"):
@@ -183,6 +219,8 @@ def main() -> None:
     ap.add_argument("--depths", required=True)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--variants", default="none,maxq,maxall,next,both")
+    ap.add_argument("--recall", help="answer with this recall spec (e.g. 16x32e4) instead of the stored run's; "
+                                     "the replies are still compared with the stored run's")
     a = ap.parse_args()
 
     rows = list(csv.DictReader(open(a.trials_csv)))
@@ -197,7 +235,7 @@ def main() -> None:
                                  [float(x) for x in a.depths.split(",")], a.trials, 0,
                                  load_corpus("gutenberg").text, stream_prefix(tok, None))
     prompts = [p for p in prompts if (p.variant, p.length, p.depth, p.trial) in paired]
-    spec = r_label.split(" + recall ")[1]
+    spec = a.recall or r_label.split(" + recall ")[1]
     m = next(x for x in rt.method_list([a.window], rt.recall_list(spec)) if x.kind == "recall")
     engine = rt.engine_for(model, tok, m, 512)
     print(f"{a.model} {m.label}: {len(prompts)} paired prompts of {a.trials_csv}; stored answers "

@@ -26,7 +26,7 @@ DEFAULT_RECALL_MEMORY_TOKENS = 131_072
 RECALL_DTYPES = ("float32", "bfloat16")
 # How a layer chooses its recalled blocks: one choice shared by all heads, or one per KV head.
 RECALL_SELECTS = ("layer", "head")
-RECALL_SCORES = ("bound", "mean")  # StreamingConfig.recall_score: Quest's bound, or q . mean key
+RECALL_SCORES = ("bound", "mean", "both")  # StreamingConfig.recall_score: Quest's bound, q . mean key, or both in turn
 # How model weights may be held: the one home of these choices (loading, quantize, the CLI, bench).
 
 
@@ -52,7 +52,8 @@ class StreamingConfig:
       decode steps one choice lasts (1: every forward chooses; N: a decoded token reuses the
       choice of the last decode step that chose, for N-1 steps, while its blocks are held; a chunk
       always chooses). `recall_score`: how a block is scored against the queries: `bound` (Quest's
-      upper bound from per-channel key minima and maxima) or `mean` (q . the block's mean key).
+      upper bound from per-channel key minima and maxima), `mean` (q . the block's mean key) or
+      `both` (the bound's best block, the mean key's best, the bound's second, ... until K).
     """
 
     method: str = "streaming"

@@ -17,7 +17,10 @@ score. `score="bound"` (the default): the Quest-style upper bound of the query-k
 query q and a block with per-channel key minimum mn and maximum mx, bound = sum_c max(q_c*mn_c,
 q_c*mx_c). `score="mean"`: q . (the block's mean key), the block's mean query-key score, as
 InfLLM's representative keys do with one representative (the summary is then the mean key alone,
-half the bytes of max and min). The selection score is the per-query score summed over every query
+half the bytes of max and min). `score="both"` keeps all three vectors and ranks the blocks by
+each score apart; the choice takes the bound's best block, the mean key's best, the bound's
+second, the mean key's second, ... (each block once) until `recall_blocks` (on the pass key the two
+scores miss different keys: docs/recall_evals.md). The selection score is the per-query score summed over every query
 head and every query of the forward (one selection per layer, shared by all its heads; a chunk's
 queries all see the same blocks). With `select="head"` each KV head chooses its own
 `recall_blocks` blocks instead, by the score of its own summary summed over its own
@@ -66,7 +69,10 @@ import torch
 from .rope import LayerRope, apply_rotation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SUMMARIES = {"bound": ("maxs", "mins"), "mean": ("means",)}  # a summary record's vectors, by score
+# A score is one or two rankers, each reading some of a block's summary vectors; a summary record
+# holds every vector its score's rankers read, in this order.
+RANKERS = {"bound": (("maxs", "mins"),), "mean": (("means",),), "both": (("maxs", "mins"), ("means",))}
+SUMMARIES = {score: tuple(name for ranker in rankers for name in ranker) for score, rankers in RANKERS.items()}
 SCAN_PIECE = 256  # summary records per pread of a scan: a buffer that stays in the CPU's cache
 
 
@@ -207,7 +213,8 @@ class RecallMemory:
             frames[: self.frames.shape[0]] = self.frames
             self.frames = frames
         k = self.stage_k.float() @ self._to_stream_frame(pos_shift, torch.float32, self.stage_k.device)
-        summary = torch.stack([k.amax(dim=1), k.amin(dim=1)]) if self.score == "bound" else k.mean(dim=1)[None]
+        vectors = {"maxs": lambda: k.amax(dim=1), "mins": lambda: k.amin(dim=1), "means": lambda: k.mean(dim=1)}
+        summary = torch.stack([vectors[name]() for name in SUMMARIES[self.score]])
         self.summaries.write(slot, summary[None])
         self.frames[slot] = pos_shift
         self.store.write(slot, torch.stack([self.stage_k, self.stage_v])[None])
@@ -241,7 +248,8 @@ class RecallMemory:
     # ---- selection -------------------------------------------------------------------------------
     def summary(self) -> dict[str, torch.Tensor]:
         """The held blocks' summaries, by slot (stored, H, D) float32, read from their file:
-        {"maxs", "mins"} (score "bound") or {"means"} (for snapshots, tests and diagnostics)."""
+        {"maxs", "mins"} (score "bound"), {"means"} ("mean") or all three ("both") (for snapshots,
+        tests and diagnostics)."""
         n = self.stored
         if self.summaries is None or n == 0:
             return {}
@@ -254,38 +262,45 @@ class RecallMemory:
         summaries are, then one float32 product per piece of the summary file (read SCAN_PIECE
         records at a time into one small buffer, so the summaries are never all in RAM; no
         per-block Python work): (n,) summed over all heads, or with `select="head"` (Hkv, n), each
-        KV head's score summed over its own query heads."""
+        KV head's score summed over its own query heads; with score "both" a leading dimension of 2
+        (the bound's scores, then the mean key's)."""
         n = self.stored
         hkv, d = self.summaries.shape[2:]
         q = query[0].float().cpu()  # (Hq, C, D)
         if pos_shift:
             q = q @ self._to_stream_frame(pos_shift, q.dtype, q.device)
         q = q.reshape(hkv, -1, d)  # (Hkv, G*C, D)
-        if self.score == "bound":  # records (max, min): sum q+ . max + sum q- . min
-            pos = q.clamp(min=0).sum(1)  # (Hkv, D)
-            v = torch.stack([pos, q.sum(1) - pos])  # (2, Hkv, D)
-        else:
-            v = q.sum(1)[None]  # (1, Hkv, D) against the mean key
+        # per summary vector, what it is multiplied with: records (max, min) give the bound
+        # sum q+ . max + sum q- . min; the mean key gives (sum q) . mean
+        total, pos = q.sum(1), q.clamp(min=0).sum(1)  # (Hkv, D)
+        against = {"maxs": pos, "mins": total - pos, "means": total}
+        rankers, at = [], 0  # per ranker: (its records' slice of the summary terms, (terms, Hkv, D))
+        for ranker in RANKERS[self.score]:
+            rankers.append((slice(at, at + len(ranker)), torch.stack([against[name] for name in ranker])))
+            at += len(ranker)
         parts = []
         for x in self.summaries.pieces(n, SCAN_PIECE):  # (m, terms, Hkv, D)
-            if self.per_head:  # each KV head against its own summaries: (Hkv, m)
-                parts.append(torch.einsum("mthd,thd->hm", x, v))
-            else:
-                parts.append(x.reshape(x.shape[0], -1) @ v.flatten())
+            if self.per_head:  # each KV head against its own summaries: (rankers, Hkv, m)
+                parts.append(torch.stack([torch.einsum("mthd,thd->hm", x[:, t], v) for t, v in rankers]))
+            else:  # (rankers, m)
+                parts.append(torch.stack([x[:, t].reshape(x.shape[0], -1) @ v.flatten() for t, v in rankers]))
         out = torch.cat(parts, dim=-1)
         if self.n_blocks > self.slots:  # slots wrapped: the oldest held block is in slot n_blocks % slots
             out = torch.roll(out, -(self.n_blocks % self.slots), dims=-1)
-        return out
+        return out if out.shape[0] > 1 else out[0]
 
     def select(self, query: torch.Tensor, pos_shift: int) -> tuple:
         """The ids of the chosen blocks, in stream order: the top `recall_blocks` by `scores`
-        (all of them when fewer are held; ties to the older block); with `select="head"` one such
-        tuple per KV head. () when nothing is held."""
+        (all of them when fewer are held; ties to the older block); with score "both" the bound's
+        best, the mean key's best, the bound's second best, ... (each block once) until
+        `recall_blocks`; with `select="head"` one such tuple per KV head. () when nothing is held."""
         if self.stored == 0 or self.k == 0:
             return ()
         s = self.scores(query, pos_shift)
+        if self.score != "both":
+            s = s[None]  # one ranker
         if self.per_head:
-            return tuple(self._top(row) for row in s)
+            return tuple(self._top(s[:, h]) for h in range(s.shape[1]))
         return self._top(s)
 
     def reuses(self, n: int) -> bool:
@@ -301,13 +316,18 @@ class RecallMemory:
         return ids if self.per_head else (ids,)
 
     def _top(self, s: torch.Tensor) -> tuple[int, ...]:
-        first = self.n_blocks - self.stored
-        if s.numel() <= self.k:
-            return tuple(range(first, first + s.numel()))
-        vals, top = torch.topk(s, self.k + 1)  # one more, to see a tie at the cut
-        if vals[-2] == vals[-1]:  # a tie at the K-th place goes to the older block: the stable sort decides
-            top = torch.argsort(-s, stable=True)
-        return tuple(sorted(first + i for i in top[: self.k].tolist()))
+        """The `recall_blocks` block ids the rankers' scores `s` (rankers, n) choose, in stream
+        order: one ranker's top K, or the rankers' bests taken in turn (each block once)."""
+        first, n = self.n_blocks - self.stored, s.shape[-1]
+        if n <= self.k:
+            return tuple(range(first, first + n))
+        if s.shape[0] == 1:
+            vals, top = torch.topk(s[0], self.k + 1)  # one more, to see a tie at the cut
+            if vals[-2] == vals[-1]:  # a tie at the K-th place goes to the older block: the stable sort decides
+                top = torch.argsort(-s[0], stable=True)
+            return tuple(sorted(first + i for i in top[: self.k].tolist()))
+        orders = torch.argsort(-s, dim=-1, stable=True)[:, : self.k].T.flatten().tolist()  # 1st of each, 2nd of each, ...
+        return tuple(sorted(first + i for i in list(dict.fromkeys(orders))[: self.k]))
 
     def recalled(self, ids: tuple, sink_shift: int, like: torch.Tensor):
         """Keys/values (1, H, R, D) of the chosen blocks `ids` (one tuple, or one per KV head),

@@ -34,6 +34,7 @@ CHUNK = 512  # tokens per forward while feeding the text (the question is always
 # the target rule (issue 15): a cell counts where the answer is outside the window and dense
 # answers at least DENSE_ANSWERS of it; there recall must reach RATIO x dense, streaming <= NEAR_ZERO
 DENSE_ANSWERS, RATIO, NEAR_ZERO = 0.5, 0.8, 0.1
+SCORE_LETTERS = {"bound": "", "mean": "m", "both": "b"}  # a recall spec's letter for `--recall-score`
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Method:
     the same total cache, 0+(4+W); `recall` is (blocks, block size) on top of 4+W, or (blocks,
     block size, "head") for per-KV-head selection (label `KxBh`), or (blocks, block size, select,
     N) for a choice that lasts N decode steps (label `KxBeN`, `KxBheN`), or (blocks, block size,
-    select, N, "mean") for blocks scored by their mean key (label `KxBm`, `KxBmeN`)."""
+    select, N, "mean") for blocks scored by their mean key (label `KxBm`, `KxBmeN`), or by the bound
+    and the mean key in turn (`"both"`, label `KxBb`, `KxBbeN`)."""
 
     kind: str  # dense | window | streaming | recall
     window: int | None = None
@@ -59,7 +61,7 @@ class Method:
         if self.recall is None:
             return base
         return (f"{base} + recall {self.recall[0]}x{self.recall[1]}" + ("h" if self.select == "head" else "")
-                + ("m" if self.score == "mean" else "") + (f"e{self.every}" if self.every > 1 else ""))
+                + SCORE_LETTERS[self.score] + (f"e{self.every}" if self.every > 1 else ""))
 
     @property
     def select(self) -> str:
@@ -73,7 +75,7 @@ class Method:
 
     @property
     def score(self) -> str:
-        """How the recall method scores blocks: `bound` or `mean` (`StreamingConfig.recall_score`)."""
+        """How the recall method scores blocks: `bound`, `mean` or `both` (`StreamingConfig.recall_score`)."""
         return self.recall[4] if self.recall is not None and len(self.recall) > 4 else "bound"
 
     @property
@@ -100,16 +102,18 @@ def parse_recall(spec: str) -> tuple:
     """'4x32' -> (4, 32): K recalled blocks of B tokens, one choice per layer; '4x32h' ->
     (4, 32, "head"): the same, each KV head choosing its own blocks; '4x32e4' -> (4, 32, "layer",
     4), '4x32he4' -> (4, 32, "head", 4): a choice lasts 4 decode steps; '4x32m' / '4x32me4' ->
-    (4, 32, "layer", 1 / 4, "mean"): blocks scored by their mean key (`--recall-score mean`)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*([mM]?)\s*(?:[eE](\d+))?\s*", spec)
+    (4, 32, "layer", 1 / 4, "mean"): blocks scored by their mean key (`--recall-score mean`);
+    '16x32be4' -> (16, 32, "layer", 4, "both"): by the bound and the mean key in turn."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*([mMbB]?)\s*(?:[eE](\d+))?\s*", spec)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1 or (m.group(5) is not None and int(m.group(5)) < 1):
         raise UserError(f"--recall takes KxB specs such as 4x32 (blocks x block size; 4x32h: per-head "
-                        f"selection; 4x32m: blocks scored by their mean key; 4x32e4: a choice lasts 4 decode "
+                        f"selection; 4x32m: blocks scored by their mean key; 4x32b: by the bound and the mean key "
+                        f"in turn; 4x32e4: a choice lasts 4 decode "
                         f"steps), got {spec!r}")
     k, b, select = int(m.group(1)), int(m.group(2)), "head" if m.group(3) else "layer"
     every = int(m.group(5)) if m.group(5) is not None else 1
     if m.group(4):
-        return k, b, select, every, "mean"
+        return k, b, select, every, "mean" if m.group(4) in "mM" else "both"
     if every > 1:
         return k, b, select, every
     return (k, b) + (("head",) if m.group(3) else ())
