@@ -12,7 +12,8 @@ JSON line.
     PYTHONPATH=src python benchmarks/recall_ab.py --fill 100000 --recall 4x32e4,8x32e4
 
 A spec is a `reproduce passkey --recall` spec: KxB, with optional h (`--recall-select head`), m
-(`--recall-score mean`) and eN (`--recall-every N`). It measures; it chooses nothing.
+(`--recall-score mean`) or b (`--recall-score both`) and eN (`--recall-every N`). It measures; it
+chooses nothing.
 """
 
 from __future__ import annotations
