@@ -142,37 +142,41 @@ def test_generate_with_recall_matches_the_rule_and_off_by_one(select):
     assert ref[39:].argmax(-1).tolist() == toks
 
 
-def _naive_choice(mem, query, pos_shift, inv_freq, score=None):
-    """Top-K blocks by the documented score, from every stored key of every held block: keys and
-    query both rotated to stream indices (storage position minus their frame's shift). The bound
-    (or, with `score="mean"`, q . the block's mean key) is summed over every head (one choice), or,
-    for a per-head memory, per KV head over its own query heads (one choice per KV head). With
-    `score="both"`: the bound's ranking and the mean key's, their 1st, 1st, 2nd, 2nd, ... (each
-    block once) until K."""
-    score = score or mem.score
-    if score == "both":
-        ranks = [_naive_choice(mem, query, pos_shift, inv_freq, s + "_order") for s in ("bound", "mean")]
-        pick = lambda a, b: tuple(sorted(list(dict.fromkeys(x for pair in zip(a, b) for x in pair))[: mem.k]))  # noqa: E731
-        return tuple(map(pick, *ranks)) if mem.per_head else pick(*ranks)
+def _naive_order(mem, query, pos_shift, inv_freq, score):
+    """Every held block, best first (ties: the older first), by the documented score `score`
+    ("bound" or "mean"), from every stored key of every held block: keys and query both rotated
+    to stream indices (storage position minus their frame's shift). The bound (or q . the block's
+    mean key) is summed over every head (one ranking), or, for a per-head memory, per KV head over
+    its own query heads (one ranking per KV head)."""
     hkv = mem.store.shape[2]
     q = _rotate(query[0].double(), torch.full((query.shape[2],), -pos_shift), inv_freq)  # (Hq, C, D)
     qf = q.reshape(hkv, -1, q.shape[-1])
-    scores = []  # per block: (H,) bound of each KV head's own queries
+    scores = []  # per block: (H,) score of each KV head's own queries
     for b in mem.eligible():
         keys, frame = mem.block_keys(b)  # (H, block, D)
         keys = _rotate(keys.double(), torch.full((keys.shape[1],), -frame), inv_freq)
-        if score.startswith("mean"):
+        if score == "mean":
             scores.append(((qf * keys.mean(1)[:, None]).sum((1, 2)), b))
             continue
         lo, hi = keys.amin(1), keys.amax(1)  # (H, D)
         scores.append((torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum((1, 2)), b))
-    if score.endswith("_order"):  # every held block, best first (ties: the older first)
-        top = lambda pick: tuple(b for _, b in sorted((-pick(s).item(), b) for s, b in scores))  # noqa: E731
-    else:
-        top = lambda pick: tuple(sorted(b for _, b in sorted((-pick(s).item(), b) for s, b in scores)[: mem.k]))  # noqa: E731
+    order = lambda pick: tuple(b for _, b in sorted((-pick(s).item(), b) for s, b in scores))  # noqa: E731
     if mem.per_head:
-        return tuple(top(lambda s, h=h: s[h]) for h in range(hkv))
-    return top(lambda s: s.sum())
+        return tuple(order(lambda s, h=h: s[h]) for h in range(hkv))
+    return order(lambda s: s.sum())
+
+
+def _naive_choice(mem, query, pos_shift, inv_freq):
+    """The K blocks `mem`'s score chooses, in stream order, from `_naive_order`: its top K, or with
+    `score="both"` the bound's ranking and the mean key's taken in turn, 1st, 1st, 2nd, 2nd, ...
+    (each block once) until K."""
+    top = lambda order: tuple(sorted(order[: mem.k]))  # noqa: E731
+    if mem.score == "both":
+        ranks = [_naive_order(mem, query, pos_shift, inv_freq, s) for s in ("bound", "mean")]
+        top = lambda a, b: tuple(sorted(list(dict.fromkeys(x for pair in zip(a, b) for x in pair))[: mem.k]))  # noqa: E731
+    else:
+        ranks = [_naive_order(mem, query, pos_shift, inv_freq, mem.score)]
+    return tuple(map(top, *ranks)) if mem.per_head else top(*ranks)
 
 
 @pytest.mark.parametrize("select", SELECTS)

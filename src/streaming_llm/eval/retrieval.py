@@ -35,6 +35,7 @@ CHUNK = 512  # tokens per forward while feeding the text (the question is always
 # answers at least DENSE_ANSWERS of it; there recall must reach RATIO x dense, streaming <= NEAR_ZERO
 DENSE_ANSWERS, RATIO, NEAR_ZERO = 0.5, 0.8, 0.1
 SCORE_LETTERS = {"bound": "", "mean": "m", "both": "b"}  # a recall spec's letter for `--recall-score`
+LETTER_SCORES = {letter: score for score, letter in SCORE_LETTERS.items() if letter}
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def parse_recall(spec: str) -> tuple:
     4), '4x32he4' -> (4, 32, "head", 4): a choice lasts 4 decode steps; '4x32m' / '4x32me4' ->
     (4, 32, "layer", 1 / 4, "mean"): blocks scored by their mean key (`--recall-score mean`);
     '16x32be4' -> (16, 32, "layer", 4, "both"): by the bound and the mean key in turn."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*([mMbB]?)\s*(?:[eE](\d+))?\s*", spec)
+    letters = "".join(LETTER_SCORES)
+    m = re.fullmatch(rf"\s*(\d+)\s*[xX]\s*(\d+)\s*([hH]?)\s*([{letters}{letters.upper()}]?)\s*(?:[eE](\d+))?\s*", spec)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1 or (m.group(5) is not None and int(m.group(5)) < 1):
         raise UserError(f"--recall takes KxB specs such as 4x32 (blocks x block size; 4x32h: per-head "
                         f"selection; 4x32m: blocks scored by their mean key; 4x32b: by the bound and the mean key "
@@ -113,7 +115,7 @@ def parse_recall(spec: str) -> tuple:
     k, b, select = int(m.group(1)), int(m.group(2)), "head" if m.group(3) else "layer"
     every = int(m.group(5)) if m.group(5) is not None else 1
     if m.group(4):
-        return k, b, select, every, "mean" if m.group(4) in "mM" else "both"
+        return k, b, select, every, LETTER_SCORES[m.group(4).lower()]
     if every > 1:
         return k, b, select, every
     return (k, b) + (("head",) if m.group(3) else ())
