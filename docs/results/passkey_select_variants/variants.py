@@ -91,7 +91,9 @@ def sub_block_scores(mem, query, pos_shift, sub: int) -> torch.Tensor:
 
 
 def top_with_neighbours(mem, s: torch.Tensor, sides: tuple[int, ...]) -> tuple[int, ...]:
-    """Best block first, each followed by its neighbours at `sides` (held ones), until K."""
+    """Best block first, each followed by its neighbours at `sides` (held ones), until K. `s`:
+    one ranker's scores (1, n), as `RecallMemory._top` gets them."""
+    s = s[0]
     first = mem.n_blocks - mem.stored
     if s.numel() <= mem.k:
         return tuple(range(first, first + s.numel()))
@@ -114,23 +116,16 @@ def mean_key_scores(mem, query, pos_shift) -> torch.Tensor:
 
 def select_two(mem, query, pos_shift, how: str) -> tuple:
     """The K blocks by the bound and the mean key together: `mix` takes the bound's best, the
-    mean's best, the bound's second, ... (each block once); `sumz` ranks by the sum of the two
-    scores, each z-scored over the held blocks."""
+    mean's best, the bound's second, ... (each block once: the engine's `_top` over two rankers,
+    as `--recall-score both` does); `sumz` ranks by the sum of the two scores, each z-scored over
+    the held blocks."""
     if mem.stored == 0 or mem.k == 0:
         return ()
     bound, mean = ENGINE_SCORES(mem, query, pos_shift), mean_key_scores(mem, query, pos_shift)
-    first = mem.n_blocks - mem.stored
-    if bound.numel() <= mem.k:
-        return tuple(range(first, first + bound.numel()))
     if how == "sumz":
         z = lambda x: (x - x.mean()) / x.std().clamp(min=1e-9)  # noqa: E731
-        return mem._top(z(bound) + z(mean))
-    out: list[int] = []
-    for pair in zip(torch.argsort(-bound, stable=True).tolist(), torch.argsort(-mean, stable=True).tolist()):
-        for i in pair:
-            if i not in out and len(out) < mem.k:
-                out.append(i)
-    return tuple(sorted(first + i for i in out))
+        return mem._top((z(bound) + z(mean))[None])
+    return mem._top(torch.stack([bound, mean]))
 
 
 ENGINE_CHOOSE = recall.choose
