@@ -23,7 +23,7 @@ from streaming_llm.core.engine import StreamingLLM
 from streaming_llm.core.sampling import SamplingParams
 from streaming_llm.server.conversations import TextConversation, pack_state, unpack_state
 from streaming_llm.server.snapshots import DeltaPolicy, apply_delta, changed_slots, layer_shapes, store_turn
-from streaming_llm.server.store import MemoryStore, SessionRecord, SQLiteStore
+from streaming_llm.server.store import PAGE_SIZE, MemoryStore, SessionRecord, SQLiteStore
 from test_server import CONFIG, MODEL, Server, converse, one_thread, run_redis, tiny  # noqa: F401 (fixtures used by name)
 
 REDIS = shutil.which("redis-server")
@@ -269,7 +269,12 @@ def test_a_database_written_before_deltas_still_loads(tiny, tmp_path):
             kinds.append((r["session"]["loaded_from"], r["session"]["snapshot_kind"]))
             list(conv.reply(text, 3, GREEDY)[2])
     assert kinds == [("snapshot", "full"), ("memory", "delta"), ("memory", "delta")]
-    assert_same(restored(SQLiteStore(tmp_path / "sessions.sqlite3"), "old")[1], conv.state())
+    old = SQLiteStore(tmp_path / "sessions.sqlite3")
+    assert_same(restored(old, "old")[1], conv.state())
+    # the old file keeps SQLite's default pages; a new one gets the store's large pages (faster blob writes)
+    assert old._db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    new = SQLiteStore(tmp_path / "new.sqlite3")
+    assert new._db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE != 4096
 
 
 def test_deltas_off_stores_every_turn_whole(tiny, tmp_path):

@@ -45,6 +45,10 @@ from ..errors import UserError
 SCHEMA_VERSION = 2  # 2: the chain and deltas tables
 DEFAULT_MAX_DELTAS = 64  # deltas a chain may hold before compaction (snapshots.DeltaPolicy; here: no torch import)
 WAL_SIZE_LIMIT = 8 << 20  # bytes a truncated WAL may keep between checkpoints (journal_size_limit)
+# SQLite's largest page: a snapshot blob is a chain of overflow pages, each a WAL frame of its own; a put
+# of 5 / 20 / 47 MB took 29-40 / 137-166 / 363-370 ms with the default 4 KiB pages against 15-17 / 74-88
+# / 213-214 ms (benchmarks/store_wal.py; docs/server.md "Bounded disk")
+PAGE_SIZE = 65536
 
 
 class StaleChain(Exception):
@@ -210,7 +214,10 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._closed = False
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: deletions give space back
+        # both take effect on a new file only (an existing one keeps its own), and the page size only before
+        # auto_vacuum: pages of PAGE_SIZE, and deletions give their space back
+        self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
