@@ -9,6 +9,7 @@ turns are `long_chat.user_messages` (the long-chat benchmark's generated message
 
     PYTHONPATH=src python benchmarks/recall_chat.py                         # every fact, recall 4x32 and control
     PYTHONPATH=src python benchmarks/recall_chat.py --facts locker --fillers 6
+    PYTHONPATH=src python benchmarks/recall_chat.py --recall-blocks 16 --recall-score both --recall-every 4
 
 Writes to --out (default docs/results/recall_chat/): per (fact, mode) the terminal output
 `<fact>_<mode>.txt` and the chat's transcript `<fact>_<mode>.jsonl`; `summary.json` and
@@ -26,6 +27,7 @@ import re
 import sys
 from pathlib import Path
 
+from streaming_llm.core.config import RECALL_SCORES
 from streaming_llm.models import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--recall-blocks", type=int, default=4)
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--recall-score", choices=RECALL_SCORES, default=None, help="passed to the chat (default: its own)")
+    p.add_argument("--recall-every", type=int, default=None, help="passed to the chat (default: its own)")
     p.add_argument("--fillers", type=int, default=DEFAULT_FILLERS, help="turns of other talk between fact and question")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--facts", default=",".join(FACTS), help=f"comma list of {', '.join(FACTS)}")
@@ -99,6 +103,9 @@ def chat_argv(args, mode: str, transcript: Path) -> list[str]:
             "--max-new-tokens", str(args.max_new_tokens), "--transcript", str(transcript)]
     if mode == "recall":
         argv += ["--recall-blocks", str(args.recall_blocks), "--block-size", str(args.block_size)]
+        for flag, value in (("--recall-score", args.recall_score), ("--recall-every", args.recall_every)):
+            if value is not None:
+                argv += [flag, str(value)]
     return argv
 
 
