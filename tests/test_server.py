@@ -184,7 +184,8 @@ def test_sqlite_store_and_snapshot_roundtrip(tmp_path, tiny):
 def test_models_health_and_chat_stream_equals_nonstream(server):
     client = server.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["decode_attention"].startswith(("native (", "torch SDPA ("))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     text, full = chat(client, messages, n=16)
     assert full.object == "chat.completion" and full.choices[0].finish_reason in ("stop", "length")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from . import mixed
+from . import mixed, native
 from .cache import KWARG
 from .plan import AttentionPlan
 from .rope import apply_rotation
@@ -71,6 +71,8 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
     if plan.sink_delta is None and softcap is None:  # decode: one fused kernel over the whole buffer
         if plan.row_lengths is not None:
             return rowwise_decode_attention(q, plan, scale)
+        if plan.mask is None and q.shape[2] == 1:
+            return single_query_attention(q, plan.keys, plan.values, (plan.keys.shape[2],) * q.shape[0], scale)
         mask = None if plan.mask is None else plan.mask[:, None]  # (B, 1, 1, N)
         return F.scaled_dot_product_attention(q, plan.keys, plan.values, attn_mask=mask, scale=scale, enable_gqa=True)
     if plan.sink_delta is None:
@@ -98,19 +100,31 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
 
 def rowwise_decode_attention(q: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
     """One decoded token per row, rows at different stages: each row attends over exactly its own
-    slots, `plan.row_lengths`, unmasked, in one call per run of rows of the same length (a slice of
-    the buffers, no copy) - the call its stream makes alone. One masked call over the longest row
-    would be cheaper, but the fused kernel's sums depend on the key length (padding with masked
-    keys changes the last bits in 136 of 300 random trials, bfloat16), and a bfloat16 model's next
-    linear layer rounds its input, so such a difference can turn a greedy reply: with it, replies
-    batched beside other streams did not stay the text of the same stream alone."""
-    outs, lengths, i = [], plan.row_lengths, 0
+    slots, `plan.row_lengths`, unmasked (`single_query_attention`) - what its stream does alone.
+    One masked call over the longest row would be simpler, but torch's fused kernel's sums depend
+    on the key length (padding with masked keys changes the last bits in 136 of 300 random
+    trials, bfloat16), and a bfloat16 model's next linear layer rounds its input, so such a
+    difference can turn a greedy reply: with it, replies batched beside other streams did not stay
+    the text of the same stream alone."""
+    return single_query_attention(q, plan.keys, plan.values, plan.row_lengths, scale)
+
+
+def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths, scale: float):
+    """q (B, Hq, 1, D), row i unmasked over keys/values[i, :, :lengths[i]]: the native kernel
+    (`native.py`: all rows in one call, a row's bits independent of the others) where it applies,
+    else torch's SDPA, one call per run of rows of the same length (a slice of the buffers, no
+    copy). A stream alone and the same stream in a batch both come here, so they take the same
+    kernel and get the same bits."""
+    out = native.decode(q, keys, values, lengths, scale)
+    if out is not None:
+        return out
+    outs, i = [], 0
     while i < len(lengths):
         j = i + 1
         while j < len(lengths) and lengths[j] == lengths[i]:
             j += 1
         n = lengths[i]
-        outs.append(F.scaled_dot_product_attention(q[i:j], plan.keys[i:j, :, :n], plan.values[i:j, :, :n],
+        outs.append(F.scaled_dot_product_attention(q[i:j], keys[i:j, :, :n], values[i:j, :, :n],
                                                    scale=scale, enable_gqa=True))
         i = j
     return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -202,8 +216,9 @@ def causal_attention(q, k, v, attention_mask, scale, softcap, sliding_window, of
     """Ordinary causal attention, queries aligned to the end of the keys, optional sliding window."""
     c, n = q.shape[-2], k.shape[-2]
     if attention_mask is None and softcap is None and not off_by_one and sliding_window is None and (c == n or c == 1):
-        # is_causal aligns to the top left, so a single (last) query goes unmasked instead
-        return F.scaled_dot_product_attention(q, k, v, is_causal=c > 1, scale=scale, enable_gqa=True)
+        if c == 1:  # is_causal aligns to the top left, so a single (last) query goes unmasked
+            return single_query_attention(q, k, v, (n,) * q.shape[0], scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     qi = torch.arange(n - c, n, device=q.device)[:, None]
     ki = torch.arange(n, device=q.device)[None, :]
     mask = ki <= qi

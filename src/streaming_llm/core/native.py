@@ -1,0 +1,133 @@
+"""The native decode attention: `decode_attention.c`, compiled on this machine and called through ctypes.
+
+Why: decoding attends one query per row over that row's own keys. torch's CPU flash kernel spends
+45-60 us on such a call over a few hundred keys (against about 10 us of arithmetic and memory),
+and a batch of streams at different stages needs one call per row, so in a server's 8-row decode
+step the attention took 12.8 of 38.6 ms (docs/server_measurements.md, "Where 8 sessions stop").
+The C function does every row and KV head of a layer in one call, on torch's own OpenMP threads.
+
+What: `decode(q, keys, values, lengths, scale)` returns the attention of q (B, Hq, 1, D) over
+`keys[i, :, :lengths[i]]` (B, Hkv, N, D; grouped-query heads share them) as (B, Hq, 1, D), or None
+where the kernel does not apply (not float32 on the CPU, more than one query, autograd, head
+shapes past the C limits) or is not available; the caller then uses torch's SDPA. Each (row, KV
+head) is one task with fixed loops, so a row's bits do not depend on the other rows: a stream
+alone and the same stream in a batch take the same call and get the same bits.
+
+Build: `$CC` (default `cc`) with `FLAGS` into `<cache>/native/decode_attention-<hash>.so`, the hash
+of the source, the flags, the compiler's version and this CPU's identity (`-march=native`), once
+per machine (written under a temporary name, then renamed). Loaded after torch, so its OpenMP
+calls run in torch's libgomp; if that would put a second OpenMP runtime in the process, it is not
+used. Not available: not Linux, no compiler, a failed build, or `STREAMING_LLM_NATIVE=0`;
+`status()` says which kernel decodes and why. The choice is made once per process.
+
+What it does NOT do: masks, bfloat16 caches, chunks of several queries, sink rotation (the
+callers in `attention.py` keep torch for those), or any Windows/macOS build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+ENV = "STREAMING_LLM_NATIVE"  # "0": never build or use the kernel
+BUILD_TIMEOUT_S = 120
+_OPENMP_LIBS = ("libgomp", "libiomp", "libomp")
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel, or None; why), decided once per process."""
+    if os.environ.get(ENV, "1") == "0":
+        return None, f"torch SDPA ({ENV}=0)"
+    if not sys.platform.startswith("linux"):
+        return None, f"torch SDPA (no native build on {sys.platform})"
+    cc = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None, f"torch SDPA (no C compiler: {cc!r} not found)"
+    try:
+        path = _build(cc, version)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"torch SDPA (building {SOURCE.name} failed: {str(e).strip()[:300]})"
+    maps_before = _openmp_runtimes()
+    lib = ctypes.CDLL(str(path))
+    if len(_openmp_runtimes() | maps_before) > 1:
+        return None, "torch SDPA (the native build would run a second OpenMP runtime beside torch's)"
+    lib.decode_attention.restype = ctypes.c_int
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int  # noqa: N806, E741
+    lib.decode_attention.argtypes = [P, L, L, P, P, L, L, L, P, I, I, I, I, ctypes.c_float, I, P]
+    return lib, f"native ({path.name}, {version})"
+
+
+def _build(cc: str, version: str) -> Path:
+    from ..models.calibrate import cpu_identity
+    from ..models.loading import cache_dir
+
+    source = SOURCE.read_bytes()
+    key = json.dumps({"source": hashlib.sha256(source).hexdigest(), "flags": FLAGS, "cc": version,
+                      "machine": platform.machine(), "cpu": cpu_identity()}, sort_keys=True)
+    folder = cache_dir() / "native"
+    path = folder / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}"
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise OSError(done.stderr or f"{cc} exited with {done.returncode}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (Linux /proc/self/maps), by file name."""
+    try:
+        with open("/proc/self/maps") as f:
+            names = {Path(line.split()[-1]).name for line in f if "/" in line}
+    except OSError:
+        return set()
+    return {n for n in names if n.startswith(_OPENMP_LIBS)}
+
+
+def status() -> str:
+    """Which kernel decodes in this process, and why (e.g. "native (...)", "torch SDPA (no C compiler ...)")."""
+    return _library()[1]
+
+
+def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths, scale: float) -> torch.Tensor | None:
+    """Attention of q (B, Hq, 1, D) over keys/values[i, :, :lengths[i]] (B, Hkv, N, D), as
+    (B, Hq, 1, D); None where the kernel does not apply or is not available (see the module doc)."""
+    if q.dim() != 4 or q.shape[2] != 1 or keys.dim() != 4 or len(lengths) != q.shape[0]:
+        return None
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, keys, values)):
+        return None
+    if keys.stride() != values.stride() or keys.shape != values.shape or (torch.is_grad_enabled() and q.requires_grad):
+        return None
+    if min(lengths) < 1 or max(lengths) > keys.shape[2]:
+        return None
+    lib = _library()[0]
+    if lib is None:
+        return None
+    b, hq, _, d = q.shape
+    out = torch.empty(b, hq, 1, d, dtype=torch.float32)
+    lens = (ctypes.c_long * b)(*lengths)
+    rc = lib.decode_attention(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(),
+                              keys.stride(0), keys.stride(1), keys.stride(2), lens, b, hq, keys.shape[1], d,
+                              float(scale), torch.get_num_threads(), out.data_ptr())
+    return out if rc == 0 else None
