@@ -40,7 +40,7 @@ def test_the_kernel_is_built_and_used_here():
 @needs_cc
 @pytest.mark.parametrize("b,hq,hkv,d,n,lengths", [
     (1, 9, 3, 64, 1024, [1024]), (3, 9, 3, 64, 300, [1, 150, 300]), (4, 4, 4, 16, 50, [7, 50, 33, 2]),
-    (2, 8, 2, 80, 70, [70, 69]), (2, 16, 1, 32, 5000, [4999, 5000]),
+    (2, 8, 2, 80, 70, [70, 69]), (2, 16, 1, 32, 5000, [4999, 5000]), (1, 4, 2, 128, 33, [33]),
 ])
 def test_it_computes_what_sdpa_computes(b, hq, hkv, d, n, lengths):
     q, k, v = case(b, hq, hkv, d, n)
@@ -76,6 +76,7 @@ def test_it_declines_what_it_does_not_do():
     assert native.decode(q, k, v[:, :, :, :32], [40, 40], 0.125) is None  # keys and values differ in shape
     assert native.decode(*case(1, 34, 2, 64, 8)[:3], [8], 0.125) is None  # 17 query heads per KV head
     assert native.decode(*case(1, 2, 2, 512, 8)[:3], [8], 0.125) is None  # head dimension past the C limit
+    assert native.decode(*case(1, 2, 2, 24, 8)[:3], [8], 0.125) is None  # nor a multiple of 16
     with torch.enable_grad():
         assert native.decode(q.clone().requires_grad_(), k, v, [40, 40], 0.125) is None
 

@@ -29,9 +29,45 @@ static inline float exp_nonpositive(float x) {
     return p * two_n;
 }
 
-static void one_task(const float *q, long q_sb, long q_sh, const float *k, const float *v, long kv_sb,
-                     long kv_sh, long kv_sn, long n, int b, int hk, int G, int Hq, int D, float scale,
-                     float *out) {
+/* GCC/Clang vector extensions: 16 floats, lowered to whatever SIMD the target has (-march=native). */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int i16 __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) {
+    v16 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline float hsum16(v16 x) {  /* lanes pairwise, 8, 4, 2, 1 apart: a fixed order */
+    x += __builtin_shuffle(x, (i16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    x += __builtin_shuffle(x, (i16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    x += __builtin_shuffle(x, (i16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    x += __builtin_shuffle(x, (i16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return x[0];
+}
+
+static inline float sum(const float *x, long n) {  /* 16 lanes (element i into lane i % 16), then hsum16 */
+    v16 lanes = {0};
+    float tail = 0.f;
+    long i = 0;
+    for (; i + 16 <= n; i += 16) lanes += load16(x + i);
+    for (; i < n; i++) tail += x[i];
+    return hsum16(lanes) + tail;
+}
+
+static inline float maximum(const float *x, long n) {  /* n >= 1; order does not matter for a max */
+    float m = x[0];
+    for (long i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* One (row, KV head): its G query heads over its n keys. D is a multiple of 16 up to MAX_DIM; inlined
+ * with a constant D (see decode_attention) so the per-head vectors stay in registers. */
+static inline __attribute__((always_inline)) void one_task(
+        const float *q, long q_sb, long q_sh, const float *k, const float *v, long kv_sb, long kv_sh, long kv_sn,
+        long n, int b, int hk, int G, int Hq, const int D, float scale, float *out) {
+    const int nv = D / 16;
     float *o = out + ((long)b * Hq + (long)hk * G) * D;
     if (n <= 0) {
         memset(o, 0, sizeof(float) * G * D);
@@ -40,52 +76,52 @@ static void one_task(const float *q, long q_sb, long q_sh, const float *k, const
     float stack_scores[STACK_SCORES];
     float *s = (long)G * n <= STACK_SCORES ? stack_scores : (float *)malloc(sizeof(float) * G * n);
     const float *kb = k + b * kv_sb + hk * kv_sh, *vb = v + b * kv_sb + hk * kv_sh;
-    float qs[MAX_GROUP][MAX_DIM], acc[MAX_GROUP][MAX_DIM], inv[MAX_GROUP];
     for (int g = 0; g < G; g++) {
         const float *qh = q + b * q_sb + (long)(hk * G + g) * q_sh;
-        for (int d = 0; d < D; d++) qs[g][d] = qh[d] * scale;
-    }
-    for (long j = 0; j < n; j++) {  /* scores, each key read once for the whole group */
-        const float *kj = kb + j * kv_sn;
-        for (int g = 0; g < G; g++) {
-            float lanes[16] = {0}, sum = 0.f;
-            int d = 0;
-            for (; d + 16 <= D; d += 16)
-                for (int l = 0; l < 16; l++) lanes[l] += qs[g][d + l] * kj[d + l];
-            for (; d < D; d++) sum += qs[g][d] * kj[d];
-            for (int l = 0; l < 16; l++) sum += lanes[l];
-            s[g * n + j] = sum;
+        v16 qv[MAX_DIM / 16];
+        for (int c = 0; c < nv; c++) qv[c] = load16(qh + 16 * c) * scale;
+        float *sg = s + g * n;
+        for (long j = 0; j < n; j++) {  /* scores */
+            const float *kj = kb + j * kv_sn;
+            v16 acc = qv[0] * load16(kj);
+            for (int c = 1; c < nv; c++) acc += qv[c] * load16(kj + 16 * c);
+            sg[j] = hsum16(acc);
         }
-    }
-    for (int g = 0; g < G; g++) {  /* softmax weights, unnormalized */
-        float *sg = s + g * n, m = sg[0], z = 0.f;
-        for (long j = 1; j < n; j++) m = sg[j] > m ? sg[j] : m;
+        float m = maximum(sg, n);  /* softmax weights */
         for (long j = 0; j < n; j++) sg[j] = exp_nonpositive(sg[j] - m);
-        for (long j = 0; j < n; j++) z += sg[j];
-        inv[g] = 1.f / z;
-        for (int d = 0; d < D; d++) acc[g][d] = 0.f;
-    }
-    for (long j = 0; j < n; j++) {  /* weighted values, each value read once for the whole group */
-        const float *vj = vb + j * kv_sn;
-        for (int g = 0; g < G; g++) {
-            float p = s[g * n + j];
-            for (int d = 0; d < D; d++) acc[g][d] += p * vj[d];
+        float inv = 1.f / sum(sg, n);
+        v16 acc[MAX_DIM / 16];  /* weighted values */
+        for (int c = 0; c < nv; c++) acc[c] = (v16){0};
+        for (long j = 0; j < n; j++) {
+            const float *vj = vb + j * kv_sn;
+            float p = sg[j];
+            for (int c = 0; c < nv; c++) acc[c] += p * load16(vj + 16 * c);
+        }
+        for (int c = 0; c < nv; c++) {
+            v16 r = acc[c] * inv;
+            memcpy(o + (long)g * D + 16 * c, &r, sizeof r);
         }
     }
-    for (int g = 0; g < G; g++)
-        for (int d = 0; d < D; d++) o[(long)g * D + d] = acc[g][d] * inv[g];
     if (s != stack_scores) free(s);
 }
 
 /* q: element (b, h, d) at q[b*q_sb + h*q_sh + d]; k, v: (b, hk, j, d) at b*kv_sb + hk*kv_sh + j*kv_sn + d;
- * out: contiguous (B, Hq, D). Returns 0, or -1 for shapes beyond MAX_GROUP / MAX_DIM (nothing written). */
+ * out: contiguous (B, Hq, D). Returns 0, or -1 for shapes it does not do: more than MAX_GROUP query
+ * heads per KV head, D not a multiple of 16 or past MAX_DIM (nothing written). */
 int decode_attention(const float *q, long q_sb, long q_sh, const float *k, const float *v, long kv_sb,
                      long kv_sh, long kv_sn, const long *lengths, int B, int Hq, int Hkv, int D,
                      float scale, int threads, float *out) {
-    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > MAX_GROUP || D > MAX_DIM || D <= 0) return -1;
+    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > MAX_GROUP || D > MAX_DIM || D <= 0 || D % 16 != 0) return -1;
     int G = Hq / Hkv;
     #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int t = 0; t < B * Hkv; t++)
-        one_task(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_sn, lengths[t / Hkv], t / Hkv, t % Hkv, G, Hq, D, scale, out);
+    for (int t = 0; t < B * Hkv; t++) {
+        int b = t / Hkv, hk = t % Hkv;
+        long n = lengths[b];
+        switch (D) {  /* the common head sizes as constants, so the loops over D unroll */
+        case 64: one_task(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_sn, n, b, hk, G, Hq, 64, scale, out); break;
+        case 128: one_task(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_sn, n, b, hk, G, Hq, 128, scale, out); break;
+        default: one_task(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_sn, n, b, hk, G, Hq, D, scale, out); break;
+        }
+    }
     return 0;
 }
