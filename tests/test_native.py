@@ -115,3 +115,17 @@ def test_native_off_by_environment(monkeypatch):
         assert native.status() == f"torch SDPA ({native.ENV}=0)"
     finally:
         native._library.cache_clear()
+
+
+@needs_cc
+def test_a_damaged_build_in_the_cache_is_built_again(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STREAMING_LLM_CACHE": str(tmp_path), native.ENV: "1"}
+    code = "from streaming_llm.core import native; print(native.status())"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    (built,) = (tmp_path / "native").glob("*.so")
+    built.write_bytes(b"not a shared library")
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert first.startswith("native (") and again == first and built.stat().st_size > 1000

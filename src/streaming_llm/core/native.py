@@ -57,12 +57,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None, f"torch SDPA (no C compiler: {cc!r} not found)"
-    try:
-        path = _build(cc, version)
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"torch SDPA (building {SOURCE.name} failed: {str(e).strip()[:300]})"
     maps_before = _openmp_runtimes()
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib, path = _load(cc, version)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"torch SDPA (building or loading {SOURCE.name} failed: {str(e).strip()[:300]})"
     if len(_openmp_runtimes() | maps_before) > 1:
         return None, "torch SDPA (the native build would run a second OpenMP runtime beside torch's)"
     lib.decode_attention.restype = ctypes.c_int
@@ -71,28 +70,35 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, f"native ({path.name}, {version})"
 
 
-def _build(cc: str, version: str) -> Path:
+def _cached_path(cc: str, version: str) -> Path:
+    """Where this machine's build lives: named by the source, flags, compiler and CPU it depends on."""
     from ..models.calibrate import cpu_identity
     from ..models.loading import cache_dir
 
-    source = SOURCE.read_bytes()
-    key = json.dumps({"source": hashlib.sha256(source).hexdigest(), "flags": FLAGS, "cc": version,
+    key = json.dumps({"source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "flags": FLAGS, "cc": version,
                       "machine": platform.machine(), "cpu": cpu_identity()}, sort_keys=True)
-    folder = cache_dir() / "native"
-    path = folder / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _load(cc: str, version: str) -> tuple[ctypes.CDLL, Path]:
+    """This machine's build, built first if it is not in the cache (or cannot be loaded from it)."""
+    path = _cached_path(cc, version)
     if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}"
+        try:
+            return ctypes.CDLL(str(path)), path
+        except OSError:  # a damaged file: build it again
+            path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}"
     try:
         done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(done.stderr or f"{cc} exited with {done.returncode}")
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # whole or not at all, also with another process building beside this one
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return ctypes.CDLL(str(path)), path
 
 
 def _openmp_runtimes() -> set[str]:
