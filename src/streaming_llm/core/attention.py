@@ -69,10 +69,9 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
     if plan.causal:  # nothing evicted yet: what dense attention does
         return causal_attention(q, plan.keys, plan.values, None, scale, softcap, None, plan.zero_slot)
     if plan.sink_delta is None and softcap is None:  # decode: one fused kernel over the whole buffer
-        if plan.row_lengths is not None:
-            return rowwise_decode_attention(q, plan, scale)
-        if plan.mask is None and q.shape[2] == 1:
-            return single_query_attention(q, plan.keys, plan.values, (plan.keys.shape[2],) * q.shape[0], scale)
+        if plan.row_lengths is not None or (plan.mask is None and q.shape[2] == 1):  # rows at any stages, or full
+            lengths = plan.row_lengths or (plan.keys.shape[2],) * q.shape[0]
+            return single_query_attention(q, plan.keys, plan.values, lengths, scale)
         mask = None if plan.mask is None else plan.mask[:, None]  # (B, 1, 1, N)
         return F.scaled_dot_product_attention(q, plan.keys, plan.values, attn_mask=mask, scale=scale, enable_gqa=True)
     if plan.sink_delta is None:
@@ -98,23 +97,17 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
     )
 
 
-def rowwise_decode_attention(q: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
-    """One decoded token per row, rows at different stages: each row attends over exactly its own
-    slots, `plan.row_lengths`, unmasked (`single_query_attention`) - what its stream does alone.
-    One masked call over the longest row would be simpler, but torch's fused kernel's sums depend
-    on the key length (padding with masked keys changes the last bits in 136 of 300 random
+def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths, scale: float):
+    """q (B, Hq, 1, D), row i unmasked over keys/values[i, :, :lengths[i]] - rows at different stages
+    each over exactly its own slots, what its stream does alone: the native kernel (`native.py`: all
+    rows in one call, a row's bits independent of the others) where it applies, else torch's SDPA,
+    one call per run of rows of the same length (a slice of the buffers, no copy). A stream alone
+    and the same stream in a batch both come here, so they take the same kernel and get the same
+    bits. One masked call over the longest row would be simpler, but torch's fused kernel's sums
+    depend on the key length (padding with masked keys changes the last bits in 136 of 300 random
     trials, bfloat16), and a bfloat16 model's next linear layer rounds its input, so such a
     difference can turn a greedy reply: with it, replies batched beside other streams did not stay
     the text of the same stream alone."""
-    return single_query_attention(q, plan.keys, plan.values, plan.row_lengths, scale)
-
-
-def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths, scale: float):
-    """q (B, Hq, 1, D), row i unmasked over keys/values[i, :, :lengths[i]]: the native kernel
-    (`native.py`: all rows in one call, a row's bits independent of the others) where it applies,
-    else torch's SDPA, one call per run of rows of the same length (a slice of the buffers, no
-    copy). A stream alone and the same stream in a batch both come here, so they take the same
-    kernel and get the same bits."""
     out = native.decode(q, keys, values, lengths, scale)
     if out is not None:
         return out

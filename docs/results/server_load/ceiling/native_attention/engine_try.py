@@ -6,6 +6,9 @@ and 8, both variants alternated three times in one process; prints p50 ms per st
 
     gcc -O3 -march=native -fopenmp -fno-math-errno -shared -fPIC decode_attention.c -o da.so -lm
     PYTHONPATH=src python docs/results/server_load/ceiling/native_attention/engine_try.py
+
+It patches `attention.rowwise_decode_attention`, which the engine had when this ran (commit
+d488bfa) and no longer has: it measures that commit, run on a checkout of it.
 """
 from pathlib import Path
 import ctypes, sys, time, statistics, torch, torch.nn.functional as F
