@@ -1,4 +1,4 @@
-"""The native decode attention (core/native.py, core/decode_attention.c): what torch's SDPA computes,
+"""The native decode attention (models/native.py, models/decode_attention.c): what torch's SDPA computes,
 each row's bits independent of the other rows and of the thread count, the cases it declines, and
 the engine falling back to SDPA where the kernel is not available."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streaming_llm.core import native
+from streaming_llm.models import native
 from streaming_llm.core.batch import StreamBatch
 from streaming_llm.core.config import StreamingConfig
 from streaming_llm.core.engine import StreamingLLM
@@ -123,7 +123,7 @@ def test_a_damaged_build_in_the_cache_is_built_again(tmp_path):
     import sys
 
     env = {**os.environ, "STREAMING_LLM_CACHE": str(tmp_path), native.ENV: "1"}
-    code = "from streaming_llm.core import native; print(native.status())"
+    code = "from streaming_llm.models import native; print(native.status())"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     (built,) = (tmp_path / "native").glob("*.so")
     built.write_bytes(b"not a shared library")

@@ -117,10 +117,11 @@ def machine_info(device: str = "cpu") -> dict:
         "device": device,
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    if str(device) == "cpu":  # which kernel decodes the attention (core/native.py), as the measured children see it
-        from ..core import native
+    if str(device) == "cpu":  # which kernels run attention and int4/int8 linears (models/native.py), as the children see it
+        from ..models import native
 
         info["decode_attention"] = native.status()
+        info["quantized_linear"] = native.linear_status()
     try:
         import psutil
 

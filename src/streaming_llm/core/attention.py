@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from . import mixed, native
+from . import mixed
+from ..models import native
 from .cache import KWARG
 from .plan import AttentionPlan
 from .rope import apply_rotation
@@ -99,7 +100,7 @@ def planned_attention(q: torch.Tensor, plan: AttentionPlan, scale: float, softca
 
 def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths, scale: float):
     """q (B, Hq, 1, D), row i unmasked over keys/values[i, :, :lengths[i]] - rows at different stages
-    each over exactly its own slots, what its stream does alone: the native kernel (`native.py`: all
+    each over exactly its own slots, what its stream does alone: the native kernel (`models/native.py`: all
     rows in one call, a row's bits independent of the others) where it applies, else torch's SDPA,
     one call per run of rows of the same length (a slice of the buffers, no copy). A stream alone
     and the same stream in a batch both come here, so they take the same kernel and get the same

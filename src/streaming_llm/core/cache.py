@@ -28,8 +28,10 @@ attention; see `attention.py`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -47,6 +49,17 @@ class _Pending:
     rows: tuple[int, ...]
     seen: tuple[int, ...]  # tokens each row had seen before this forward
     written: bool  # the chunk is already in the buffers (single token per row)
+
+
+def zeros_like_device(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed buffer on `like`'s device. On the CPU from calloc (numpy), whose large blocks are
+    fresh zero pages from the OS: no fill, so no OpenMP team on the calling thread (a server's turn
+    thread allocating a session's 47 MB ring beside the model thread's forward took up to 0.4 s with
+    torch.zeros' parallel fill) and the pages are faulted in by the first copy into them."""
+    if like.device.type != "cpu" or math.prod(shape) == 0:
+        return like.new_zeros(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class SinkWindowLayer(CacheLayerMixin):
@@ -75,9 +88,9 @@ class SinkWindowLayer(CacheLayerMixin):
         b, h, d = self.owner.n_rows, key_states.shape[1], key_states.shape[-1]
         n = self.sinks + self.window + int(self.zero_slot)
         kv = self.owner.kv_dtype or key_states.dtype  # the ring's storage dtype (bfloat16: half the reads)
-        self.keys = key_states.new_zeros(b, h, n, d, dtype=kv)
-        self.values = value_states.new_zeros(b, h, n, value_states.shape[-1], dtype=kv)
-        self.sink_keys = key_states.new_zeros(b, h, self.sinks, d)  # the originals, in the model's dtype
+        self.keys = zeros_like_device(key_states, (b, h, n, d), kv)
+        self.values = zeros_like_device(value_states, (b, h, n, value_states.shape[-1]), kv)
+        self.sink_keys = zeros_like_device(key_states, (b, h, self.sinks, d), key_states.dtype)  # the originals
         self.device = key_states.device
         self.is_initialized = True
 

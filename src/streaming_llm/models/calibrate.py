@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_VERSION = 5  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice; 4: no bf16 copy where fp16 exists; 5: bf16 beside fp16 on AMX, 64 rows timed
+CACHE_VERSION = 6  # 2: entries record wide_rows; 3: wide_kind, each kind's timings, the head's own choice; 4: no bf16 copy where fp16 exists; 5: bf16 beside fp16 on AMX, 64 rows timed; 6: 128 and 256 rows (the native int4 kernel wins to 64 rows where torch's lost from 64)
 _WIDE_KEYS = ("wide_rows", "wide_kind", "head_wide_rows", "head_wide_kind")
 RECALIBRATE_ENV = "STREAMING_LLM_RECALIBRATE"
 CALIBRATE_ENV = "STREAMING_LLM_CALIBRATE"
@@ -58,7 +58,7 @@ TIMED = ("int4", "int8", "none")
 PREFILL = 64  # cached tokens during the timed steps: enough to be a decode step, small enough to be quick
 WARMUP = 2
 STEPS = 8
-WIDE_ROWS = (2, 4, 8, 16, 32, 64)  # tokens per timed forward (single-token decode never takes the wide path)
+WIDE_ROWS = (2, 4, 8, 16, 32, 64, 128, 256)  # tokens per timed forward (single-token decode never takes the wide path)
 WIDE_REPS = 2
 WIDE_MARGIN = 0.9  # a wide copy must be at least 10% faster to be used
 HEAD_ROWS = (1,) + WIDE_ROWS  # rows per timed call of the head alone
@@ -97,13 +97,16 @@ def allowed_modes(model) -> list[str]:
 
 
 def machine_key(model) -> dict:
-    """What a calibration depends on: the CPU, the thread count, torch, the model's shapes."""
+    """What a calibration depends on: the CPU, the thread count, torch, the kernel of the int4/int8
+    linears (`native.linear_status`), the model's shapes."""
     import torch
+
+    from . import native
 
     text = model.config.get_text_config(decoder=True)
     shapes = {k: getattr(text, k, None) for k in _SHAPE_KEYS}
-    return {**cpu_identity(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "model": shapes, "version": CACHE_VERSION}
+    return {**cpu_identity(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "linear": native.linear_status(), "model": shapes, "version": CACHE_VERSION}
 
 
 def cache_path(key: dict, kind: str = "quant") -> Path:

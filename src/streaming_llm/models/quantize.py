@@ -2,10 +2,18 @@
 
 Decoding one token reads every weight once, so it is memory-bound: fewer bytes per weight is
 fewer milliseconds. `quantize_linears(model, mode)` swaps each `nn.Linear` (the output head
-included) for a `QuantLinear` that calls PyTorch's packed kernels with bfloat16 inputs (their
-float32 paths are 20-90x slower on this CPU) and returns float32 (`_weight_int8pack_mm`: per-output-channel scales; `_weight_int4pack_mm_for_cpu`:
-asymmetric groups of 32 with a scale and a zero point, the same layout as GGUF Q4_1, so the
-default model's 4-bit weights map onto it almost exactly). Embedding lookups stay as they are.
+included) for a `QuantLinear` holding int8 weights (per-output-channel scales) or int4 ones
+(asymmetric groups of 32 with a scale and a minimum, the same layout as GGUF Q4_1, so the default
+model's 4-bit weights map onto it almost exactly), float32 in and out. Two kernels run them:
+- the native one (`models/qlinear.c` via `native.linear`, where the CPU has AVX512-VNNI and a C
+  compiler is present): each row's inputs quantized to int8 per group of 32, exact byte-product
+  sums, scales and minimums in float16 (`pack_native`; a layer whose scales float16 cannot hold
+  keeps torch's kernel). Its cost grows slowly with the rows: a batch of 8 rows or a chunk rides
+  almost free;
+- else PyTorch's packed kernels with bfloat16 inputs (their float32 paths are 20-90x slower on
+  this CPU): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (scale and zero point in
+  bfloat16).
+Both give a row the same bits whatever other rows share its call. Embedding lookups stay as they are.
 
 Many-row inputs (batched decode, chunked prefill) can take a *wide* copy of the weights instead,
 whose cost stays almost flat in the rows: bfloat16 through oneDNN (AMX where the CPU has it) or
@@ -24,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import QUANT_CHOICES, kv_ring
+from . import QUANT_CHOICES, kv_ring, native
 
 GROUP = 32
 COMPUTE = torch.bfloat16  # the kernels' fast input dtype; outputs are cast back
@@ -70,31 +78,45 @@ class QuantLinear(nn.Module):
         self.wide = None
         if self.wide_rows is not None:
             self.wide = w.to(COMPUTE) if wide_kind == "bf16" else torch.ops.quantized.linear_prepack_fp16(w, None)
+        self.native = False  # the weights are in qlinear.c's layout (models/native.py), not torch's
+        self.register_buffer("mins", None)
         if bits == 16:
             self.register_buffer("qweight", w.to(COMPUTE))
             self.register_buffer("scales", None)
         elif bits == 8:
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scales", scale.to(COMPUTE))
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int32)
+            packed = pack_native(q + 128, scale, -128 * scale, 8)
+            if packed is None:
+                self.register_buffer("qweight", q.to(torch.int8))
+                self.register_buffer("scales", scale.to(COMPUTE))
         elif bits == 4:
             n, k = w.shape
             g = w.view(n, k // GROUP, GROUP)
             lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
             scale = ((hi - lo) / 15).clamp(min=1e-12)
             q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).view(n, k)
-            # kernel convention: w = (q - 8) * scale + zero
-            sz = torch.cat([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-            self.register_buffer("scales", sz.to(COMPUTE))
+            packed = pack_native(q, scale[..., 0], lo[..., 0], 4)
+            if packed is None:  # torch's kernel convention: w = (q - 8) * scale + zero
+                sz = torch.cat([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+                self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+                self.register_buffer("scales", sz.to(COMPUTE))
         else:
             raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+        if bits != 16 and packed is not None:
+            self.native = True
+            for name, t in zip(("qweight", "scales", "mins"), packed):
+                self.register_buffer(name, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(COMPUTE)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if self.native and not self._takes_wide(x):  # int8 codes of the inputs, per group of 32 (qlinear.c)
+            y = native.linear(x2, self.qweight, self.scales, self.mins, self.bits == 4, self.bits, self.out_features)
+            return self._finish(x, y)
+        x2 = x2.to(COMPUTE)
         if self.bits == 16:
             y = torch.nn.functional.linear(x2, self.qweight)
-        elif self.wide_rows is not None and x.dim() > 1 and x.shape[-2] >= self.wide_rows:  # tokens per stream
+        elif self._takes_wide(x):
             if self.wide_kind == "bf16":
                 y = torch.nn.functional.linear(x2, self.wide)
             else:  # float32 in and out; x2 is already rounded to bfloat16 as the packed kernels see it
@@ -103,6 +125,13 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
+        return self._finish(x, y)
+
+    def _takes_wide(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the wide copy: at least `wide_rows` tokens per stream."""
+        return self.wide_rows is not None and x.dim() > 1 and x.shape[-2] >= self.wide_rows
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -110,7 +139,41 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         wide = "" if self.wide_rows is None else f", {self.wide_kind} from {self.wide_rows} tokens per stream"
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{wide}"
+        kernel = ", native" if self.native else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}{kernel}{wide}"
+
+
+NATIVE_TILE = 16  # outputs per tile of qlinear.c
+F16_SMALLEST = 2.0 ** -14  # float16's smallest normal number
+
+
+def pack_native(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int):
+    """(weights, scales, mins) in qlinear.c's layout (its header comment) for w = codes * scale +
+    mins, codes (N, K) unsigned (int4: 0..15, int8: 0..255), scale and mins (N, K/32) for int4,
+    (N,) for int8; None where the native linear does not run here or does not fit: no AVX512-VNNI
+    build (`native.linear_available`), N not a multiple of 16, or a scale or minimum that float16
+    cannot hold to its full precision (then the layer keeps torch's packed kernel)."""
+    n, k = codes.shape
+    if not native.linear_available() or n % NATIVE_TILE or k % GROUP:
+        return None
+    sm = torch.stack([scale, mins]).float()
+    if not bool(((sm == 0) | ((sm.abs() >= F16_SMALLEST) & (sm.abs() <= 65504))).all()):
+        return None
+    return native_layout(codes, scale, mins, bits)
+
+
+def native_layout(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int):
+    """`pack_native`'s layout without its checks (N a multiple of 16, K of 32)."""
+    n, k = codes.shape
+    t, g = n // NATIVE_TILE, k // GROUP
+    if bits == 4:
+        c = codes.view(t, NATIVE_TILE, g, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # tile, group, chunk, lane, j, nibble
+        weights = (c[..., 0] | (c[..., 1] << 4)).to(torch.uint8).contiguous()
+        per = lambda v: v.reshape(t, NATIVE_TILE, g).permute(0, 2, 1).contiguous().half()  # noqa: E731
+    else:
+        weights = codes.view(t, NATIVE_TILE, g * 8, 4).permute(0, 2, 1, 3).to(torch.uint8).contiguous()
+        per = lambda v: v.reshape(t, NATIVE_TILE).contiguous().half()  # noqa: E731
+    return weights.view(-1), per(scale), per(mins)
 
 
 def wide_thresholds(model: nn.Module) -> tuple[int | None, int | None]:

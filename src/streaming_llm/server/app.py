@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..core.sampling import DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingParams
-from ..core import native
+from ..models import native
 from . import schemas as S
 from .metrics import CONTENT_TYPE, Metrics, RequestCounter
 from .replicas import SessionBusy
@@ -273,7 +273,8 @@ def create_app(manager: SessionManager, settings: Settings) -> FastAPI:
         stats = await manager.io.call(manager.store.stats)
         return {"status": "ok", "model": settings.model_name, "sessions_in_memory": len(manager.live),
                 "queued_model_jobs": manager.worker.pending, "batch": manager.batch_info(), **stats, **manager.counters,
-                "recall": _recall_info(manager.config), "decode_attention": native.status()}
+                "recall": _recall_info(manager.config), "decode_attention": native.status(),
+                "quantized_linear": native.linear_status()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics():

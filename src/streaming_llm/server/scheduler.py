@@ -96,8 +96,11 @@ class Scheduler:
         self._running = True
         self.stats = {"forwards": 0, "decode_steps": 0, "decode_tokens": 0, "prefill_chunks": 0,
                       "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0, "row_moves": 0,
-                      "mixed_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "mixed_s": 0.0, "calls_s": 0.0}
-        # (model-thread seconds by kind of forward: decode rows only, a prefill chunk only, both)
+                      "mixed_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "mixed_s": 0.0, "calls_s": 0.0,
+                      "gather_s": 0.0, "gather_cutoffs": 0}
+        # (model-thread seconds by kind of forward: decode rows only, a prefill chunk only, both;
+        # gather_s: waiting for decoding rows' next requests after a forward, gather_cutoffs: rounds
+        # that went ahead without some of them because gather_ms passed)
         self._thread = threading.Thread(target=self._loop, name="batch-model", daemon=True)
         self._thread.start()
 
@@ -201,13 +204,16 @@ class Scheduler:
             while self._running and not self._pending and not self._calls:
                 self._cv.wait()
             deadline = self._last_forward + self.gather_s
+            t0 = time.perf_counter()
             while self._running and not self._calls:
                 waiting = {r.row for r in self._pending}
                 missing = self._decoding - waiting
                 left = deadline - time.perf_counter()
                 if not missing or left <= 0:
+                    self.stats["gather_cutoffs"] += bool(missing)
                     break
                 self._cv.wait(left)
+            self.stats["gather_s"] += time.perf_counter() - t0
             calls = list(self._calls)
             self._calls.clear()
             if calls:  # attach/detach first; requests wait for the next round

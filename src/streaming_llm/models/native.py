@@ -1,27 +1,35 @@
-"""The native decode attention: `decode_attention.c`, compiled on this machine and called through ctypes.
+"""The native kernels: `decode_attention.c` and `qlinear.c`, compiled on this machine into one
+library and called through ctypes.
 
 Why: decoding attends one query per row over that row's own keys. torch's CPU flash kernel spends
 45-60 us on such a call over a few hundred keys (against about 10 us of arithmetic and memory),
 and a batch of streams at different stages needs one call per row, so in a server's 8-row decode
 step the attention took 12.8 of 38.6 ms (docs/server_measurements.md, "Where 8 sessions stop").
-The C function does every row and KV head of a layer in one call, on torch's own OpenMP threads.
+And torch's packed int4 kernel multiplies in float32, so its cost grows with the rows (3.9 ms per
+token of the default model's linears for one row, 12.8 for eight): `qlinear.c` quantizes each
+row's inputs to int8 per group of 32 (as llama.cpp does) and sums the byte products with
+AVX512-VNNI, 64 per instruction.
 
 What: `decode(q, keys, values, lengths, scale)` returns the attention of q (B, Hq, 1, D) over
 `keys[i, :, :lengths[i]]` (B, Hkv, N, D; grouped-query heads share them) as (B, Hq, 1, D), or None
 where the kernel does not apply (not float32 on the CPU, more than one query, autograd, head
-shapes past the C limits) or is not available; the caller then uses torch's SDPA. Each (row, KV
-head) is one task with fixed loops, so a row's bits do not depend on the other rows: a stream
-alone and the same stream in a batch take the same call and get the same bits.
+shapes past the C limits) or is not available; the caller then uses torch's SDPA.
+`linear(x, weights, scales, mins, per_group, bits, out_features)` is a quantized linear in the
+layout `models/quantize.py` packs (`linear_available()`: whether this build has the VNNI path; the
+caller uses torch's packed kernels where it has not). In both, a row's bits do not depend on the
+other rows or the thread count: a stream alone and the same stream in a batch get the same bits.
 
-Build: `$CC` (default `cc`) with `FLAGS` into `<cache>/native/decode_attention-<hash>.so`, the hash
-of the source, the flags, the compiler's version and this CPU's identity (`-march=native`), once
-per machine (written under a temporary name, then renamed). Loaded after torch, so its OpenMP
-calls run in torch's libgomp; if that would put a second OpenMP runtime in the process, it is not
-used. Not available: not Linux, no compiler, a failed build, or `STREAMING_LLM_NATIVE=0`;
-`status()` says which kernel decodes and why. The choice is made once per process.
+Build: `$CC` (default `cc`) with `FLAGS` into `<cache>/native/native-<hash>.so`, the hash of the
+sources, the flags, the compiler's version and this CPU's identity (`-march=native`), once per
+machine (written under a temporary name, then renamed). Loaded after torch, so its OpenMP calls
+run in torch's libgomp; if that would put a second OpenMP runtime in the process, it is not used.
+Not available: not Linux, no compiler, a failed build, or `STREAMING_LLM_NATIVE=0` (both kernels
+off: torch's SDPA and packed int4/int8 kernels); `status()` says which kernels run and why. The
+choice is made once per process.
 
 What it does NOT do: masks, bfloat16 caches, chunks of several queries, sink rotation (the
-callers in `attention.py` keep torch for those), or any Windows/macOS build.
+callers in `core/attention.py` keep torch for those); linears without AVX512-VNNI; any
+Windows/macOS build.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("decode_attention.c", "qlinear.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 ENV = "STREAMING_LLM_NATIVE"  # "0": never build or use the kernel
 BUILD_TIMEOUT_S = 120
@@ -61,12 +69,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     try:
         lib, path = _load(cc, version)
     except (OSError, subprocess.SubprocessError) as e:
-        return None, f"torch SDPA (building or loading {SOURCE.name} failed: {str(e).strip()[:300]})"
+        return None, f"torch SDPA (building or loading the native kernels failed: {str(e).strip()[:300]})"
     if len(_openmp_runtimes() | maps_before) > 1:
         return None, "torch SDPA (the native build would run a second OpenMP runtime beside torch's)"
     lib.decode_attention.restype = ctypes.c_int
     P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int  # noqa: N806, E741
     lib.decode_attention.argtypes = [P, L, L, P, P, L, L, L, P, I, I, I, I, ctypes.c_float, I, P]
+    lib.qlinear.restype = lib.qlinear_fast.restype = ctypes.c_int
+    lib.qlinear.argtypes = [P, L, L, L, P, P, P, I, I, L, P, I, I]
     return lib, f"native ({path.name}, {version})"
 
 
@@ -75,9 +85,9 @@ def _cached_path(cc: str, version: str) -> Path:
     from ..models.calibrate import cpu_identity
     from ..models.loading import cache_dir
 
-    key = json.dumps({"source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "flags": FLAGS, "cc": version,
-                      "machine": platform.machine(), "cpu": cpu_identity()}, sort_keys=True)
-    return cache_dir() / "native" / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    key = json.dumps({"sources": [hashlib.sha256(p.read_bytes()).hexdigest() for p in SOURCES], "flags": FLAGS,
+                      "cc": version, "machine": platform.machine(), "cpu": cpu_identity()}, sort_keys=True)
+    return cache_dir() / "native" / f"native-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def _load(cc: str, version: str) -> tuple[ctypes.CDLL, Path]:
@@ -91,7 +101,7 @@ def _load(cc: str, version: str) -> tuple[ctypes.CDLL, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}"
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(done.stderr or f"{cc} exited with {done.returncode}")
@@ -114,6 +124,38 @@ def _openmp_runtimes() -> set[str]:
 def status() -> str:
     """Which kernel decodes in this process, and why (e.g. "native (...)", "torch SDPA (no C compiler ...)")."""
     return _library()[1]
+
+
+def linear_status() -> str:
+    """Which kernel runs the int4/int8 linears in this process, and why."""
+    lib, why = _library()
+    if lib is None:
+        return "torch packed kernels" + why[len("torch SDPA"):]
+    return "native (AVX512-VNNI)" if lib.qlinear_fast() else "torch packed kernels (this CPU has no AVX512-VNNI)"
+
+
+def linear_available() -> bool:
+    """Whether `linear` runs here (the native library with its AVX512-VNNI path)."""
+    lib = _library()[0]
+    return lib is not None and bool(lib.qlinear_fast())
+
+
+def linear(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, per_group: bool,
+           bits: int, out_features: int, portable: bool = False) -> torch.Tensor:
+    """x (M, K) float32 @ the packed weights (`qlinear.c`'s layout) -> (M, out_features) float32.
+    `portable`: the plain-C path (the same bits; slow: for tests). Raises where it cannot run:
+    callers check `linear_available()` once, when they pack."""
+    lib = _library()[0]
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not available: {status()}")
+    x = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    rc = lib.qlinear(x.data_ptr(), m, k, x.stride(0), weights.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+                     int(per_group), bits, out_features, y.data_ptr(), torch.get_num_threads(), int(portable))
+    if rc != 0:
+        raise RuntimeError(f"qlinear failed ({rc}) for x {tuple(x.shape)}, {bits} bits, {out_features} outputs")
+    return y
 
 
 def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths, scale: float) -> torch.Tensor | None:

@@ -1,0 +1,198 @@
+/* y = x W^T for weight-only quantized linears (int4 in groups of 32 with a scale and a minimum, or
+ * int8 per output channel), x float32 (M rows), y float32. Built and called by native.py; the
+ * weight layout is made by models/quantize.py (`pack_native`).
+ *
+ * Arithmetic (llama.cpp's Q8 activations): each row's inputs are quantized per group of 32 to int8,
+ *   xq = round(x * 127 / max|x|), a = max|x| / 127, b = a * sum(xq),
+ * and the weights are unsigned codes u (int4: 0..15, int8: q + 128) with w = u * s + lo per group
+ * (int8: lo = -128 s), so a group's part of an output is a * s * sum(u * xq) + lo * b: an exact
+ * integer dot product (AVX512-VNNI's vpdpbusd: 64 byte products per instruction) and two float
+ * multiply-adds per group of 32.
+ *
+ * Layout: outputs in tiles of 16 (one vector lane per output). Per tile and group of 32 inputs,
+ * int4: 4 chunks of 64 bytes, byte 4*lane + j of chunk c holding input 8c + j in its low nibble and
+ * 8c + 4 + j in its high one; int8: 8 chunks, byte 4*lane + j of chunk c holding input 4c + j.
+ * s, lo: float16, [tile][group][16] (per_group) or [tile][16] (per channel).
+ *
+ * Exactness: a row's result depends on that row only (its own quantization, integer sums, then the
+ * groups in order, each lane alone), so a stream gets the same bits alone or among other rows, in
+ * any thread count. `portable` runs the same arithmetic in plain C (the same bits; for tests and
+ * for checking a build).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define QL_FAST 1
+#else
+#define QL_FAST 0
+#endif
+
+#define GS 32 /* inputs per group */
+#define NT 16 /* outputs per tile */
+#define MB 8  /* rows per block of the fast path */
+
+int qlinear_fast(void) { return QL_FAST; }
+
+static float half_to_float(uint16_t h) { /* exact: float16 -> float32 */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000 | (man << 13);
+    else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man == 0) bits = sign;
+    else { /* subnormal: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* One row's groups: xq (k int8), a and b (k/32 floats each). */
+static void quantize_row(const float *x, long k, int8_t *xq, float *a, float *b, int portable) {
+    for (long g = 0; g < k / GS; g++) {
+        const float *xg = x + g * GS;
+        float mx = 0.f;
+        for (int i = 0; i < GS; i++) mx = fmaxf(mx, fabsf(xg[i]));
+        float d = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
+        int sum = 0;
+#if QL_FAST
+        if (!portable) {
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg), _mm512_set1_ps(inv)));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + 16), _mm512_set1_ps(inv)));
+            _mm_storeu_si128((__m128i *)(xq + g * GS), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(xq + g * GS + 16), _mm512_cvtepi32_epi8(q1));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        } else
+#endif
+        {
+            for (int i = 0; i < GS; i++) {
+                int q = (int)lrintf(xg[i] * inv); /* round half to even, as cvtps under the default MXCSR */
+                xq[g * GS + i] = (int8_t)q;
+                sum += q;
+            }
+        }
+        a[g] = d;
+        b[g] = d * (float)sum;
+    }
+}
+
+/* Plain C: the same integer sums and float operations, lane by lane. */
+static void tile_portable(const int8_t *xq, const float *a, const float *b, long m, long k, const uint8_t *wt,
+                          const uint16_t *st, const uint16_t *lt, int per_group, int bits, float *y, long n, long t) {
+    long G = k / GS, wg_bytes = bits == 4 ? 256 : 512;
+    for (long r = 0; r < m; r++) {
+        float acc[NT] = {0};
+        for (long g = 0; g < G; g++) {
+            int32_t isum[NT] = {0};
+            const uint8_t *wg = wt + g * wg_bytes;
+            const int8_t *xg = xq + r * k + g * GS;
+            for (int lane = 0; lane < NT; lane++)
+                for (int i = 0; i < GS; i++) {
+                    int u;
+                    if (bits == 4) {
+                        int c = i / 8, j = i % 8;
+                        uint8_t byte = wg[64 * c + 4 * lane + (j & 3)];
+                        u = j < 4 ? (byte & 0x0F) : (byte >> 4);
+                    } else {
+                        u = wg[64 * (i / 4) + 4 * lane + (i % 4)];
+                    }
+                    isum[lane] += u * xg[i];
+                }
+            const uint16_t *sg = st + (per_group ? g * NT : 0), *lg = lt + (per_group ? g * NT : 0);
+            for (int lane = 0; lane < NT; lane++) {
+                float sa = half_to_float(sg[lane]) * a[r * G + g];
+                acc[lane] = fmaf((float)isum[lane], sa, acc[lane]);
+                acc[lane] = fmaf(half_to_float(lg[lane]), b[r * G + g], acc[lane]);
+            }
+        }
+        memcpy(y + r * n + t * NT, acc, sizeof acc);
+    }
+}
+
+#if QL_FAST
+static void tile_fast(const int8_t *xq, const float *a, const float *b, long m, long k, const uint8_t *wt,
+                      const uint16_t *st, const uint16_t *lt, int per_group, int bits, float *y, long n, long t) {
+    long G = k / GS, wg_bytes = bits == 4 ? 256 : 512;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (long r0 = 0; r0 < m; r0 += MB) {
+        int mb = m - r0 < MB ? (int)(m - r0) : MB;
+        __m512 acc[MB];
+        for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+        for (long g = 0; g < G; g++) {
+            __m512i isum[MB];
+            for (int r = 0; r < mb; r++) isum[r] = _mm512_setzero_si512();
+            const uint8_t *wg = wt + g * wg_bytes;
+            const int8_t *xg = xq + r0 * k + g * GS;
+            if (bits == 4) {
+                for (int c = 0; c < 4; c++) {
+                    __m512i w = _mm512_loadu_si512(wg + 64 * c);
+                    __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+                    for (int r = 0; r < mb; r++) {
+                        int32_t x0, x1;
+                        memcpy(&x0, xg + r * k + 8 * c, 4);
+                        memcpy(&x1, xg + r * k + 8 * c + 4, 4);
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], lo, _mm512_set1_epi32(x0));
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], hi, _mm512_set1_epi32(x1));
+                    }
+                }
+            } else {
+                for (int c = 0; c < 8; c++) {
+                    __m512i w = _mm512_loadu_si512(wg + 64 * c);
+                    for (int r = 0; r < mb; r++) {
+                        int32_t x0;
+                        memcpy(&x0, xg + r * k + 4 * c, 4);
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], w, _mm512_set1_epi32(x0));
+                    }
+                }
+            }
+            const uint16_t *sg = st + (per_group ? g * NT : 0), *lg = lt + (per_group ? g * NT : 0);
+            __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg));
+            __m512 l = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)lg));
+            for (int r = 0; r < mb; r++) {
+                long ag = (r0 + r) * G + g;
+                __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(a[ag]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), sa, acc[r]);
+                acc[r] = _mm512_fmadd_ps(l, _mm512_set1_ps(b[ag]), acc[r]);
+            }
+        }
+        for (int r = 0; r < mb; r++) _mm512_storeu_ps(y + (r0 + r) * n + t * NT, acc[r]);
+    }
+}
+#endif
+
+/* x: m rows of k floats, row r at x + r*x_stride; y: m x n contiguous. Returns 0; -1 for shapes it
+ * does not do (k not a multiple of 32, n not a multiple of 16, bits not 4 or 8), -2 where the fast
+ * path was asked for and this build has none, -3 when out of memory (nothing written then). */
+int qlinear(const float *x, long m, long k, long x_stride, const uint8_t *w, const uint16_t *s,
+            const uint16_t *lo, int per_group, int bits, long n, float *y, int threads, int portable) {
+    if (m <= 0 || k <= 0 || k % GS || n <= 0 || n % NT || (bits != 4 && bits != 8)) return -1;
+    if (!portable && !QL_FAST) return -2;
+    long G = k / GS;
+    int8_t *xq = malloc((size_t)(m * k));
+    float *ab = malloc(sizeof(float) * 2 * (size_t)(m * G));
+    if (!xq || !ab) {
+        free(xq);
+        free(ab);
+        return -3;
+    }
+    float *a = ab, *b = ab + m * G;
+    for (long r = 0; r < m; r++) quantize_row(x + r * x_stride, k, xq + r * k, a + r * G, b + r * G, portable);
+    long T = n / NT, wt_bytes = G * (bits == 4 ? 256 : 512), sc = per_group ? G * NT : NT;
+    #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (long t = 0; t < T; t++) {
+#if QL_FAST
+        if (!portable) {
+            tile_fast(xq, a, b, m, k, w + t * wt_bytes, s + t * sc, lo + t * sc, per_group, bits, y, n, t);
+            continue;
+        }
+#endif
+        tile_portable(xq, a, b, m, k, w + t * wt_bytes, s + t * sc, lo + t * sc, per_group, bits, y, n, t);
+    }
+    free(xq);
+    free(ab);
+    return 0;
+}
