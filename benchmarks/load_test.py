@@ -2,6 +2,9 @@
 
 `--sessions 1,4,8,16` runs each level in turn against the same server and prints one row per
 level plus the aggregate tokens/s of each level over the first one (measured in one run).
+`--rounds 3` runs that list three times in turn and adds each session count's median tok/s and
+the medians' ratios (every round printed too): on a host whose speed drifts within a minute, one
+level each says more about the drift than about batching.
 
 Every session is a multi-turn conversation sent the OpenAI way (the whole history each request,
 named with `session_id`, so the server prefills only the new turn). Requests are streamed to
@@ -25,6 +28,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,13 +167,13 @@ def level_batch(before: dict, after: dict) -> dict | None:
     return d
 
 
-async def run_load(args, sessions: int) -> dict:
+async def run_load(args, sessions: int, level: int = 0) -> dict:
     async with client(args, sessions + 2) as http:
         model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
         before = (await http.get("/health")).json()
         results: list[dict] = []
         t0, deadline = time.perf_counter(), time.monotonic() + args.time_cap_s
-        await asyncio.gather(*(run_session(http, model, i, args, deadline, results, sessions) for i in range(sessions)))
+        await asyncio.gather(*(run_session(http, model, i, args, deadline, results, level) for i in range(sessions)))
         wall = time.perf_counter() - t0
         health = (await http.get("/health")).json()
     return {**summarize(results, wall, model, args, health, sessions), "level_batch": level_batch(before, health)}
@@ -223,6 +227,21 @@ def print_table(s: dict) -> None:
         print(f"error: {e}")
 
 
+def rounds_table(summaries: list[dict], levels: list[int]) -> dict:
+    """Per session count over the rounds: every round's tok/s, the median, and the median over the
+    first count's median; printed as a table."""
+    out = {}
+    for n in dict.fromkeys(levels):
+        tps = [s["completion_tokens_per_s"] for s in summaries if s["sessions"] == n]
+        out[n] = {"tokens_per_s": tps, "median": statistics.median(tps)}
+    first = out[levels[0]]["median"] or None
+    print(f"{'sessions':>8} {'median tok/s':>13} {'x first':>8}  every round")
+    for n, row in out.items():
+        row["median_over_first"] = round(row["median"] / first, 2) if first else None
+        print(f"{n:>8} {row['median']:>13} {row['median_over_first']:>8}  {', '.join(map(str, row['tokens_per_s']))}")
+    return {str(n): row for n, row in out.items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -263,6 +282,9 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=DEFAULT_TURNS, help="requests per session")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--time-cap-s", type=float, default=DEFAULT_TIME_CAP_S, help="no request runs past this")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the --sessions list this many times in turn on the one server, and print each session "
+                   "count's median tok/s and the medians' ratios (a host whose speed drifts shows in the rounds)")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     p.add_argument("--warmup", type=int, default=1,
                    help="requests on a throwaway session before the first level, not counted (a new server's first "
@@ -274,8 +296,9 @@ def main(argv=None) -> int:
         p.error(f"--sessions: {args.sessions!r} is not a comma list of integers")
     if not levels or not all(1 <= n <= 256 for n in levels):
         p.error("need 1 <= --sessions <= 256")
-    if not (1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0 and 0 <= args.warmup <= 100):
-        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0, 0 <= --warmup <= 100")
+    if not (1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0 and 0 <= args.warmup <= 100
+            and 1 <= args.rounds <= 20):
+        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0, 0 <= --warmup <= 100, 1 <= --rounds <= 20")
     args.run_id = f"{int(time.time())}-{os.getpid()}"
     proc = None
     if args.serve:
@@ -285,8 +308,8 @@ def main(argv=None) -> int:
     try:
         if args.warmup:
             asyncio.run(warm_up(args))
-        for n in levels:
-            summaries.append(asyncio.run(run_load(args, n)))
+        for i, n in enumerate(levels * args.rounds):  # each level its own sessions (ids carry the level's index)
+            summaries.append(asyncio.run(run_load(args, n, i)))
             print_table(summaries[-1])
     finally:
         if proc is not None:
@@ -299,9 +322,10 @@ def main(argv=None) -> int:
             s["tokens_per_s_over_first"] = round(s["completion_tokens_per_s"] / base, 2) if base else None
             print(f"{s['sessions']:>8} {s['completion_tokens_per_s']:>8} {s['tokens_per_s_over_first']:>8} "
                   f"{s['ttft_ms']['p50']:>9} {s['ttft_ms']['p95']:>9} {s['per_token_ms']['p50']:>8} {s['per_token_ms']['p95']:>8}")
+    medians = rounds_table(summaries, levels) if args.rounds > 1 else None
     from streaming_llm.bench.hardware import cpu_model
 
-    result = summaries[0] if len(summaries) == 1 else {"levels": summaries}
+    result = summaries[0] if len(summaries) == 1 else {"levels": summaries, **({"medians": medians} if medians else {})}
     result = {"cpu": cpu_model(), **result}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

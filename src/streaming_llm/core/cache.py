@@ -59,7 +59,9 @@ def zeros_like_device(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> t
     if like.device.type != "cpu" or math.prod(shape) == 0:
         return like.new_zeros(shape, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    block = np.empty(nbytes, dtype=np.uint8)
+    block.fill(0)  # one thread's memset: the pages are touched here, not in a later forward
+    return torch.from_numpy(block).view(dtype).view(shape)
 
 
 class SinkWindowLayer(CacheLayerMixin):
