@@ -86,14 +86,16 @@ def test_move_keeps_the_stream_exact():
     assert (torch.cat([first, rest]) - ref).abs().max() < 1e-5 and batch.active == [0]
 
 
+@pytest.mark.parametrize("ride", [False, True])
 @pytest.mark.parametrize("wide", [False, True])
-def test_a_prompt_arriving_while_a_row_decodes_rides_in_its_forward_and_both_stay_exact(wide):
-    """The chunk rides in the decode step (float32), or, where that would change a kernel (int8
-    with a wide copy from 2 tokens per stream), runs in a forward of its own: exact either way."""
+def test_a_prompt_arriving_while_a_row_decodes_rides_in_its_forward_or_follows_it_and_both_stay_exact(wide, ride):
+    """By default the chunk runs in a forward of its own after the decode step; with ride_chunks it
+    rides in the decode step (float32), or, where that would change a kernel (int8 with a wide copy
+    from 2 tokens per stream), still runs apart: exact every way."""
     model = tiny_model("llama")
     if wide:
         quantize_linears(model, "int8", wide_rows=2)
-    sched = Scheduler(StreamingLLM(model, None, CONFIG), slots=3)
+    sched = Scheduler(StreamingLLM(model, None, CONFIG), slots=3, **({"ride_chunks": True} if ride else {}))
     a, b = StreamingLLM(model, None, CONFIG), StreamingLLM(model, None, CONFIG)
     ref_a, ref_b = StreamingLLM(model, None, CONFIG), StreamingLLM(model, None, CONFIG)
     row_a, row_b = sched.attach(a), sched.attach(b)
@@ -114,7 +116,7 @@ def test_a_prompt_arriving_while_a_row_decodes_rides_in_its_forward_and_both_sta
     blocker.join(30)
     stats = dict(sched.stats)
     sched.stop()
-    assert stats["mixed_steps"] == (0 if wide else 1)  # b's first chunk (of 3) rode in a's decode step
+    assert stats["mixed_steps"] == (1 if ride and not wide else 0)  # b's first chunk (of 3) rode in a's decode step
     assert stats["prefill_chunks"] == 3 + 3 and stats["decode_tokens"] == 1  # a's prompt, then b's
     assert torch.allclose(got_a, ref_a.feed([5], logits="last"), atol=1e-5)
     assert torch.allclose(got_b, ref_b.feed(pb, logits="all"), atol=1e-5)

@@ -454,15 +454,18 @@ def test_cli_serve_killed_mid_reply_loses_only_that_reply(tiny, tmp_path):
     assert info["loaded_from"] == "snapshot" and info["turns"] == 2 and not info["rebuilt"]
 
 
-def test_eight_batched_sessions_are_exact_and_isolated(tiny, tmp_path):
+@pytest.mark.parametrize("ride", [False, True])
+def test_eight_batched_sessions_are_exact_and_isolated(tiny, tmp_path, ride):
     """Eight sessions with distinct content stream at once (sharing forwards): each reply equals
-    the same request on a server that runs it alone, and no session sees another's tokens."""
+    the same request on a server that runs it alone, and no session sees another's tokens; with
+    prompts' chunks apart (the default) or riding in the decode forwards (`--ride-chunks`)."""
     _, model, tokenizer = tiny
     prompts = {f"iso{i}": [f"Session {i} says {'abcdefgh'[i] * (i + 2)}", "and then?"] for i in range(8)}
     with Server(model, tokenizer, tmp_path / "alone", max_batch=1) as srv:
         assert srv.manager.scheduler is None
         alone = {sid: conversation(srv.client(), sid, texts, 16) for sid, texts in prompts.items()}
-    with Server(model, tokenizer, tmp_path / "batched", max_batch=8) as srv:
+    with Server(model, tokenizer, tmp_path / "batched", max_batch=8, **({"ride_chunks": True} if ride else {})) as srv:
+        assert srv.manager.scheduler.ride_chunks == ride
         with cf.ThreadPoolExecutor(8) as pool:
             futures = {sid: pool.submit(conversation, srv.client(), sid, texts, 16) for sid, texts in prompts.items()}
             got = {sid: f.result(timeout=120) for sid, f in futures.items()}

@@ -9,16 +9,17 @@ decoding) runs on the caller's thread as before; only its forwards come here, as
 1. Gather. After a forward, wait until every row that was decoding has asked for its next token,
    or `gather_ms` passed (a reply whose client reads slowly is then served in the next round).
 2. Forward: ONE forward for every pending single-token request (decoding rows, in ascending
-   order: contiguous rows are read in place) and at most ONE chunk (`prefill_chunk` tokens, at
-   most the engine's chunk size) of the oldest multi-token request (a new prompt), laid end to end
-   (`StreamBatch.feed_mixed`, `core/mixed.py`): vLLM's chunked prefill, whose prefill tokens ride
-   in the decode batch. A long prompt therefore delays each decode round by one chunk's extra
-   tokens instead of stalling every other reply until it is done, and a chunk costs less inside
-   the decode step than in a forward of its own (one forward's fixed cost instead of two).
-   The chunk rides only where that leaves every row's bits as alone (`StreamBatch.mixes_exactly`:
-   on a quantized model, while the forward stays below the token count at which a wide copy of
-   the weights takes over); otherwise it runs in a forward of its own right after the decode.
-   A round with only decodes, or only a chunk, is an ordinary `StreamBatch.feed`.
+   order: contiguous rows are read in place), then at most ONE chunk (`prefill_chunk` tokens, at
+   most the engine's chunk size) of the oldest multi-token request (a new prompt) in a forward of
+   its own. A long prompt therefore delays each decode round by one chunk instead of stalling
+   every other reply until it is done, and the decoding rows have their tokens before the chunk
+   runs (their turn threads sample and stream while it does). With `ride_chunks` the chunk rides
+   in the decode forward instead, the rows' tokens laid end to end (`StreamBatch.feed_mixed`,
+   `core/mixed.py`): vLLM's chunked prefill, one forward's fixed cost instead of two; only where
+   that leaves every row's bits as alone (`StreamBatch.mixes_exactly`: on a quantized model,
+   while the forward stays below the token count at which a wide copy of the weights takes
+   over). Apart is the default: with the native int4 linears the server served 8 sessions
+   faster so (docs/server_measurements.md, "The native int4/int8 linears").
 Attach and detach run on the model thread too, between forwards, so nothing else ever touches
 the batch. When streams leave from the middle, the highest rows move down into the holes before
 the next decode (one row copy each), so the decoding rows stay contiguous and are read in place. Every row is exact (a row's logits equal the same stream alone; `core/batch.py`).
@@ -42,6 +43,7 @@ from ..core.batch import StreamBatch
 from ..core.engine import StreamingLLM
 
 DEFAULT_GATHER_MS = 5.0
+DEFAULT_RIDE_CHUNKS = False  # a prompt's chunk in a forward of its own after the decode (see step 2)
 
 
 class _Request:
@@ -83,8 +85,9 @@ class Scheduler:
     """The model thread and its batch of `slots` rows (see the module docstring)."""
 
     def __init__(self, engine: StreamingLLM, slots: int, prefill_chunk: int | None = None,
-                 gather_ms: float = DEFAULT_GATHER_MS):
+                 gather_ms: float = DEFAULT_GATHER_MS, ride_chunks: bool = DEFAULT_RIDE_CHUNKS):
         self.batch = StreamBatch(engine, slots)
+        self.ride_chunks = ride_chunks
         self.prefill_chunk = prefill_chunk or engine.config.chunk_size
         self.gather_s = gather_ms / 1000
         self._cv = threading.Condition()
@@ -239,7 +242,8 @@ class Scheduler:
             try:
                 if decodes:
                     self._compact()
-                chunk = self._next_chunk(prefill, self._mixed_chunk) if decodes and prefill is not None else None
+                rides = self.ride_chunks and decodes and prefill is not None
+                chunk = self._next_chunk(prefill, self._mixed_chunk) if rides else None
                 if chunk is not None and self.batch.mixes_exactly([(len(decodes), 1, "last"),
                                                                   (1, chunk[1] - chunk[0], chunk[2])]):
                     self._timed("mixed", self._mixed, decodes, prefill, chunk)  # every row stays exact

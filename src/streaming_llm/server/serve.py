@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, help="sessions kept in memory (the rest on disk)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help="replies decoded together in one forward (continuous batching; 1: one at a time)")
+    p.add_argument("--ride-chunks", action="store_true",
+                   help="a new prompt's chunk rides in the decoding rows' forward (vLLM's chunked prefill) instead "
+                   "of a forward of its own right after it (docs/server.md, Scheduling)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="max_tokens when a request gives none")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
@@ -121,9 +124,10 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
           max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT, default_max_tokens=DEFAULT_MAX_TOKENS,
           max_body_bytes=DEFAULT_MAX_BODY_BYTES, temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P, snapshot_dtype="model",
           store=None, session_ttl=None, max_stored_sessions=None, lease_ms=DEFAULT_LEASE_MS, max_batch=DEFAULT_MAX_BATCH,
-          max_snapshot_deltas=DEFAULT_MAX_DELTAS):
+          max_snapshot_deltas=DEFAULT_MAX_DELTAS, ride_chunks: bool | None = None):
     """The app and its session manager for a loaded model (used by `run` and by the tests).
-    `store`: an open SessionStore (default: the SQLite store in `data_dir`)."""
+    `store`: an open SessionStore (default: the SQLite store in `data_dir`); `ride_chunks`: None
+    for the scheduler's default (`scheduler.DEFAULT_RIDE_CHUNKS`)."""
     import torch
 
     from .app import Settings, create_app
@@ -139,7 +143,7 @@ def build(model, tokenizer, config, *, model_name: str, data_dir, api_key=None, 
         from .replicas import SharedSessionManager as cls
     manager = cls(model, tokenizer, config, model_name, store, max_sessions, dtype,
                   chat_factory(model, tokenizer, config), session_ttl, max_stored_sessions,
-                  max_batch=max_batch,
+                  max_batch=max_batch, **({} if ride_chunks is None else {"ride_chunks": ride_chunks}),
                   deltas=DeltaPolicy(enabled=max_snapshot_deltas > 0, max_deltas=max_snapshot_deltas))
     if getattr(store, "shared", False):
         manager.lease_ms = lease_ms
@@ -221,7 +225,7 @@ def _serve(args, api_key, store, store_kind, store_target) -> int:
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
         temperature=args.temperature, top_p=args.top_p, snapshot_dtype=args.snapshot_dtype, store=store,
         session_ttl=args.session_ttl, max_stored_sessions=args.max_stored_sessions, lease_ms=args.lease_ms,
-        max_batch=args.max_batch, max_snapshot_deltas=args.max_snapshot_deltas,
+        max_batch=args.max_batch, max_snapshot_deltas=args.max_snapshot_deltas, ride_chunks=args.ride_chunks,
     )
     where = {"memory": "memory only", "sqlite": store_target, "redis": store_target}[store_kind]
     print(f"serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..models import threads
 from ..core.sampling import SamplingParams
 from .conversations import TextConversation, unpack_state
-from .scheduler import Scheduler
+from .scheduler import DEFAULT_RIDE_CHUNKS, Scheduler
 from .snapshots import Chain, DeltaPolicy, apply_delta, chain_of, layer_shapes, store_turn
 from .stops import cut_at_stops
 from .store import SessionRecord, SessionStore
@@ -112,6 +112,7 @@ class SessionManager:
         *,
         max_batch: int,
         deltas: DeltaPolicy | None = None,
+        ride_chunks: bool = DEFAULT_RIDE_CHUNKS,
     ):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_name = model_name
@@ -128,7 +129,8 @@ class SessionManager:
         # OpenMP team per process); batched, that is the scheduler's, else the model worker's
         self.worker = ModelWorker("model", single_threaded=batched)
         self.io = ModelWorker("store-io", single_threaded=True)
-        self.scheduler = Scheduler(StreamingLLM(model, tokenizer, config), max_batch) if batched else None
+        self.scheduler = (Scheduler(StreamingLLM(model, tokenizer, config), max_batch, ride_chunks=ride_chunks)
+                          if batched else None)
         # one producer per running reply, plus starts and clean-ups of others
         self.turn_pool = ThreadPoolExecutor(max_workers=2 * max_batch + 2, thread_name_prefix="turn",
                                             initializer=threads.single_threaded) if batched else None
