@@ -6,13 +6,15 @@ times a few decode steps of each format (int4, int8, none) on the actual model, 
 step by step so that machine drift hits all three alike, and picks the fastest of the formats
 allowed for the model. The result is written to `<cache>/calibration/quant-<key>.json`, keyed by
 CPU model, CPU flags, torch thread count, torch version and the model's shapes; later loads read
-it (milliseconds). A result taken while other processes kept the CPUs busy is replaced by a new
+it (milliseconds); the key also names the kernel of the int4/int8 linears (`native.linear_status`:
+the native AVX512-VNNI one or torch's), whose timings differ. A result taken while other processes kept the CPUs busy is replaced by a new
 measurement at the first load on a quiet machine. `STREAMING_LLM_RECALIBRATE=1` forces a new
 measurement; `STREAMING_LLM_CALIBRATE=0` turns calibration off.
 
 Allowed formats (quality, not speed): int4 only for models whose decoder weights already sit on a
 4-bit grid (a Q4 GGUF: int4 reproduces them to bf16 rounding, +0.28% perplexity on the default
-model), and `none` always. int8 is timed and recorded but never chosen by auto: it re-rounds those
+model with torch's kernels; +0.66% with the native one, whose inputs are int8 codes per group of
+32), and `none` always. int8 is timed and recorded but never chosen by auto: it re-rounds those
 weights (+1.10% perplexity, over the 1% budget). A model with no allowed format but `none`, a
 device other than the CPU, or a failed measurement gets the rule auto had before calibration
 existed (`quantize.resolve_mode`): int4 for 4-bit-grid weights, else none.
@@ -21,7 +23,7 @@ Many-row inputs (batched decode of several streams, chunked prefill and evaluati
 int8 kernels' cost grows with the rows, while a matmul over a wider copy of the weights stays
 almost flat: bfloat16 through oneDNN (AMX where the CPU has it) or float16 through FBGEMM (x86
 builds of torch; the flat one on AVX2-only CPUs). So the same first load also times forwards of
-2, 4, ... 64 tokens through a copy of the model in the chosen format, its linears switched
+2, 4, ... 256 tokens through a copy of the model in the chosen format, its linears switched
 between the packed kernels and each wide copy (`wide_kinds`), interleaved, and records
 `wide_rows` and `wide_kind`: for each copy, the fewest rows from which it is (10%) faster at
 every larger count measured; of the copies that win somewhere, the one fastest at the most rows
