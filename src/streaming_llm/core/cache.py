@@ -52,10 +52,10 @@ class _Pending:
 
 
 def zeros_like_device(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed buffer on `like`'s device. On the CPU from calloc (numpy), whose large blocks are
-    fresh zero pages from the OS: no fill, so no OpenMP team on the calling thread (a server's turn
-    thread allocating a session's 47 MB ring beside the model thread's forward took up to 0.4 s with
-    torch.zeros' parallel fill) and the pages are faulted in by the first copy into them."""
+    """A zeroed buffer on `like`'s device. On the CPU one thread's memset (numpy) fills it: no
+    parallel fill, so no OpenMP team on the calling thread (a server's turn thread allocating a
+    session's 47 MB ring beside the model thread's forward took up to 0.4 s with torch.zeros'
+    parallel fill), and its pages are touched here, not by the first forward that writes them."""
     if like.device.type != "cpu" or math.prod(shape) == 0:
         return like.new_zeros(shape, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

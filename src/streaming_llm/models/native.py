@@ -48,14 +48,14 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("decode_attention.c", "qlinear.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
-ENV = "STREAMING_LLM_NATIVE"  # "0": never build or use the kernel
+ENV = "STREAMING_LLM_NATIVE"  # "0": never build or use the kernels
 BUILD_TIMEOUT_S = 120
 _OPENMP_LIBS = ("libgomp", "libiomp", "libomp")
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernel, or None; why), decided once per process."""
+    """(the loaded library, or None; why), decided once per process."""
     if os.environ.get(ENV, "1") == "0":
         return None, f"torch SDPA ({ENV}=0)"
     if not sys.platform.startswith("linux"):
@@ -82,8 +82,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 def _cached_path(cc: str, version: str) -> Path:
     """Where this machine's build lives: named by the source, flags, compiler and CPU it depends on."""
-    from ..models.calibrate import cpu_identity
-    from ..models.loading import cache_dir
+    from .calibrate import cpu_identity
+    from .loading import cache_dir
 
     key = json.dumps({"sources": [hashlib.sha256(p.read_bytes()).hexdigest() for p in SOURCES], "flags": FLAGS,
                       "cc": version, "machine": platform.machine(), "cpu": cpu_identity()}, sort_keys=True)
