@@ -3,8 +3,9 @@
 `--sessions 1,4,8,16` runs each level in turn against the same server and prints one row per
 level plus the aggregate tokens/s of each level over the first one (measured in one run).
 `--rounds 3` runs that list three times in turn and adds each session count's median tok/s and
-the medians' ratios (every round printed too): on a host whose speed drifts within a minute, one
-level each says more about the drift than about batching.
+the medians' ratios (every round printed too; also printed when a count repeats in the list,
+e.g. `--sessions 1,8,8,1` to balance a drift in time): on a host whose speed drifts within a
+minute, one level each says more about the drift than about batching.
 
 Every session is a multi-turn conversation sent the OpenAI way (the whole history each request,
 named with `session_id`, so the server prefills only the new turn). Requests are streamed to
@@ -228,7 +229,7 @@ def print_table(s: dict) -> None:
 
 
 def rounds_table(summaries: list[dict], levels: list[int]) -> dict:
-    """Per session count over the rounds: every round's tok/s, the median, and the median over the
+    """Per session count over its levels: every level's tok/s, the median, and the median over the
     first count's median; printed as a table."""
     out = {}
     for n in dict.fromkeys(levels):
@@ -320,9 +321,10 @@ def main(argv=None) -> int:
         print(f"{'sessions':>8} {'tok/s':>8} {'x first':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'tok p50':>8} {'tok p95':>8}")
         for s in summaries:
             s["tokens_per_s_over_first"] = round(s["completion_tokens_per_s"] / base, 2) if base else None
-            print(f"{s['sessions']:>8} {s['completion_tokens_per_s']:>8} {s['tokens_per_s_over_first']:>8} "
-                  f"{s['ttft_ms']['p50']:>9} {s['ttft_ms']['p95']:>9} {s['per_token_ms']['p50']:>8} {s['per_token_ms']['p95']:>8}")
-    medians = rounds_table(summaries, levels) if args.rounds > 1 else None
+            cells = (s["completion_tokens_per_s"], s["tokens_per_s_over_first"], s["ttft_ms"]["p50"], s["ttft_ms"]["p95"],
+                     s["per_token_ms"]["p50"], s["per_token_ms"]["p95"])  # None (e.g. no gaps to time) prints "-"
+            print(f"{s['sessions']:>8} " + " ".join(f"{'-' if v is None else v:>{w}}" for v, w in zip(cells, (8, 8, 9, 9, 8, 8))))
+    medians = rounds_table(summaries, levels) if len(summaries) > len(set(levels)) else None  # a count ran twice
     from streaming_llm.bench.hardware import cpu_model
 
     result = summaries[0] if len(summaries) == 1 else {"levels": summaries, **({"medians": medians} if medians else {})}

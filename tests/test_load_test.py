@@ -31,3 +31,12 @@ def test_rounds_give_each_level_its_own_sessions_and_a_median(tiny_dir, tmp_path
     assert set(medians) == {"1", "2"} and all(len(m["tokens_per_s"]) == 2 for m in medians.values())
     assert medians["1"]["median_over_first"] == 1.0
     assert "median tok/s" in capsys.readouterr().out
+
+
+def test_a_count_repeated_in_the_list_also_gets_its_median(tiny_dir, tmp_path):
+    out = tmp_path / "load.json"
+    argv = ["--serve", str(tiny_dir), "--serve-arg=--threads=1", "--sessions", "1,2,2,1", "--turns", "1",
+            "--max-tokens", "2", "--time-cap-s", "120", "--out", str(out)]
+    assert load_bench().main(argv) == 0
+    medians = json.loads(out.read_text())["medians"]
+    assert set(medians) == {"1", "2"} and all(len(m["tokens_per_s"]) == 2 for m in medians.values())
