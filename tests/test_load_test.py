@@ -31,12 +31,15 @@ def test_rounds_give_each_level_its_own_sessions_and_a_median(tiny_dir, tmp_path
     assert set(medians) == {"1", "2"} and all(len(m["tokens_per_s"]) == 2 for m in medians.values())
     assert medians["1"]["median_over_first"] == 1.0
     assert "median tok/s" in capsys.readouterr().out
+    assert levels[0]["server"]["batch"]["ride_chunks"] is False  # the default: chunks apart
 
 
-def test_a_count_repeated_in_the_list_also_gets_its_median(tiny_dir, tmp_path):
+def test_a_count_repeated_in_the_list_also_gets_its_median_and_serve_flags_reach_the_server(tiny_dir, tmp_path):
     out = tmp_path / "load.json"
-    argv = ["--serve", str(tiny_dir), "--serve-arg=--threads=1", "--sessions", "1,2,2,1", "--turns", "1",
-            "--max-tokens", "2", "--time-cap-s", "120", "--out", str(out)]
+    argv = ["--serve", str(tiny_dir), "--serve-arg=--threads=1", "--serve-arg=--ride-chunks", "--sessions", "1,2,2,1",
+            "--turns", "1", "--max-tokens", "2", "--time-cap-s", "120", "--out", str(out)]
     assert load_bench().main(argv) == 0
-    medians = json.loads(out.read_text())["medians"]
+    result = json.loads(out.read_text())
+    assert result["levels"][0]["server"]["batch"]["ride_chunks"] is True  # `serve --ride-chunks` reached the scheduler
+    medians = result["medians"]
     assert set(medians) == {"1", "2"} and all(len(m["tokens_per_s"]) == 2 for m in medians.values())

@@ -225,7 +225,7 @@ def _serve(args, api_key, store, store_kind, store_target) -> int:
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
         temperature=args.temperature, top_p=args.top_p, snapshot_dtype=args.snapshot_dtype, store=store,
         session_ttl=args.session_ttl, max_stored_sessions=args.max_stored_sessions, lease_ms=args.lease_ms,
-        max_batch=args.max_batch, max_snapshot_deltas=args.max_snapshot_deltas, ride_chunks=args.ride_chunks,
+        max_batch=args.max_batch, max_snapshot_deltas=args.max_snapshot_deltas, ride_chunks=args.ride_chunks or None,
     )
     where = {"memory": "memory only", "sqlite": store_target, "redis": store_target}[store_kind]
     print(f"serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "

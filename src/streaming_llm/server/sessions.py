@@ -160,7 +160,7 @@ class SessionManager:
         if self.scheduler is None:
             return {"enabled": False, "max_batch": 1}
         s = self.scheduler
-        return {"enabled": True, "max_batch": self.max_batch, "active_rows": s.active_rows,
+        return {"enabled": True, "max_batch": self.max_batch, "ride_chunks": s.ride_chunks, "active_rows": s.active_rows,
                 "queued_requests": s.queue_length,
                 **{k: round(v, 3) if isinstance(v, float) else v for k, v in s.stats.items()}}
 
