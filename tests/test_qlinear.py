@@ -107,6 +107,7 @@ def test_quant_linear_uses_it_and_stays_close_to_the_float_layer(bits):
     assert float((y - ref).norm() / ref.norm()) < (0.12 if bits == 4 else 0.02)
     # a decode row (1 token) equals the same token inside a chunk: each row is its own
     assert torch.equal(q(x[:, 1:2]), y[:, 1:2])
+    assert q(x[:, :0]).shape == (2, 0, 320)  # no rows in, none out
 
 
 @needs_vnni

@@ -151,6 +151,8 @@ def linear(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, mins: t
     x = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.float32)
+    if m == 0:  # no rows (as torch's kernels allow)
+        return y
     rc = lib.qlinear(x.data_ptr(), m, k, x.stride(0), weights.data_ptr(), scales.data_ptr(), mins.data_ptr(),
                      int(per_group), bits, out_features, y.data_ptr(), torch.get_num_threads(), int(portable))
     if rc != 0:
