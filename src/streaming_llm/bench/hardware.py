@@ -1,8 +1,8 @@
 """What the benchmark needs to know about the machine: who it is, how much memory a process holds,
 how fast memory can be read, and how many bytes a decode step must read at the least.
 
-- `machine_info()`: CPU model, cores, torch/transformers versions, threads, accelerator, the decode
-  attention's kernel.
+- `machine_info()`: CPU model, cores, torch/transformers versions, threads, accelerator, the kernels
+  of the decode attention and of the int4/int8 linears.
 - `rss_mb()` / `peak_rss_mb()` / `reset_peak_rss()`: resident memory of this process (Linux
   /proc, psutil elsewhere); `rss_parts_mb()`: its anonymous and file-backed parts (Linux). Resetting the high-water mark (Linux >= 4.0, `/proc/self/clear_refs`)
   lets a measurement exclude the transient peak of model loading.

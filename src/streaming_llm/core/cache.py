@@ -56,10 +56,10 @@ def zeros_like_device(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> t
     parallel fill, so no OpenMP team on the calling thread (a server's turn thread allocating a
     session's 47 MB ring beside the model thread's forward took up to 0.4 s with torch.zeros'
     parallel fill), and its pages are touched here, not by the first forward that writes them."""
-    if like.device.type != "cpu" or math.prod(shape) == 0:
+    count = math.prod(shape)
+    if like.device.type != "cpu" or count == 0:
         return like.new_zeros(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    block = np.empty(nbytes, dtype=np.uint8)
+    block = np.empty(count * dtype.itemsize, dtype=np.uint8)
     block.fill(0)  # one thread's memset: the pages are touched here, not in a later forward
     return torch.from_numpy(block).view(dtype).view(shape)
 

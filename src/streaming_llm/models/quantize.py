@@ -110,13 +110,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if self.native and not self._takes_wide(x):  # int8 codes of the inputs, per group of 32 (qlinear.c)
+        wide = self.wide_rows is not None and x.dim() > 1 and x.shape[-2] >= self.wide_rows  # tokens per stream
+        if self.native and not wide:  # int8 codes of the inputs, per group of 32 (qlinear.c)
             y = native.linear(x2, self.qweight, self.scales, self.mins, self.bits == 4, self.bits, self.out_features)
             return self._finish(x, y)
         x2 = x2.to(COMPUTE)
         if self.bits == 16:
             y = torch.nn.functional.linear(x2, self.qweight)
-        elif self._takes_wide(x):
+        elif wide:
             if self.wide_kind == "bf16":
                 y = torch.nn.functional.linear(x2, self.wide)
             else:  # float32 in and out; x2 is already rounded to bfloat16 as the packed kernels see it
@@ -126,10 +127,6 @@ class QuantLinear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
         return self._finish(x, y)
-
-    def _takes_wide(self, x: torch.Tensor) -> bool:
-        """Whether x goes through the wide copy: at least `wide_rows` tokens per stream."""
-        return self.wide_rows is not None and x.dim() > 1 and x.shape[-2] >= self.wide_rows
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = y.to(x.dtype)
