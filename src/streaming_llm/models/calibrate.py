@@ -100,7 +100,8 @@ def allowed_modes(model) -> list[str]:
 
 def machine_key(model) -> dict:
     """What a calibration depends on: the CPU, the thread count, torch, the kernel of the int4/int8
-    linears (`native.linear_status`), the model's shapes."""
+    linears (`native.linear_status`) and the native library's build (its file name hashes the
+    sources: a changed kernel is timed again), the model's shapes."""
     import torch
 
     from . import native
@@ -108,7 +109,7 @@ def machine_key(model) -> dict:
     text = model.config.get_text_config(decoder=True)
     shapes = {k: getattr(text, k, None) for k in _SHAPE_KEYS}
     return {**cpu_identity(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "linear": native.linear_status(), "model": shapes, "version": CACHE_VERSION}
+            "linear": native.linear_status(), "native": native.status(), "model": shapes, "version": CACHE_VERSION}
 
 
 def cache_path(key: dict, kind: str = "quant") -> Path:

@@ -14,6 +14,11 @@
  * 8c + 4 + j in its high one; int8: 8 chunks, byte 4*lane + j of chunk c holding input 4c + j.
  * s, lo: float16, [tile][group][16] (per_group) or [tile][16] (per channel).
  *
+ * Speed: a block of up to 8 rows shares each weight load; the block code is instantiated per row
+ * count (block_fast), so its sums live in registers (with a runtime count, gcc kept them on the
+ * stack: 2-3x slower), and a group's maximum is taken in vectors (the scalar loop cost more than
+ * the products at 33 rows).
+ *
  * Exactness: a row's result depends on that row only (its own quantization, integer sums, then the
  * groups in order, each lane alone), so a stream gets the same bits alone or among other rows, in
  * any thread count. `portable` runs the same arithmetic in plain C (the same bits; for tests and
@@ -56,13 +61,19 @@ static void quantize_row(const float *x, long k, int8_t *xq, float *a, float *b,
     for (long g = 0; g < k / GS; g++) {
         const float *xg = x + g * GS;
         float mx = 0.f;
-        for (int i = 0; i < GS; i++) mx = fmaxf(mx, fabsf(xg[i]));
+#if QL_FAST
+        __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
+        if (!portable) /* the same maximum (it does not depend on the order) */
+            mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        else
+#endif
+            for (int i = 0; i < GS; i++) mx = fmaxf(mx, fabsf(xg[i]));
         float d = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
         int sum = 0;
 #if QL_FAST
         if (!portable) {
-            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg), _mm512_set1_ps(inv)));
-            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + 16), _mm512_set1_ps(inv)));
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inv)));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inv)));
             _mm_storeu_si128((__m128i *)(xq + g * GS), _mm512_cvtepi32_epi8(q0));
             _mm_storeu_si128((__m128i *)(xq + g * GS + 16), _mm512_cvtepi32_epi8(q1));
             sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
@@ -114,62 +125,92 @@ static void tile_portable(const int8_t *xq, const float *a, const float *b, long
 }
 
 #if QL_FAST
-static void tile_fast(const int8_t *xq, const float *a, const float *b, long m, long k, const uint8_t *wt,
-                      const uint16_t *st, const uint16_t *lt, int per_group, int bits, float *y, long n, long t) {
-    long G = k / GS, wg_bytes = bits == 4 ? 256 : 512;
+/* Rows r0..r0+mb-1 of one tile. Always inlined with constant mb, bits and per_group (tile_fast's
+ * switch), so the loops unroll and the sums stay in registers. With few rows, each row sums in two
+ * vectors (split) so that more independent vpdpbusd chains are in flight; integer sums are exact in
+ * any order, so the bits are the same. */
+static inline __attribute__((always_inline)) void block_fast(const int8_t *xq, const float *a, const float *b,
+                                                             long k, const uint8_t *wt, const uint16_t *st,
+                                                             const uint16_t *lt, const int per_group, const int bits,
+                                                             float *y, long n, long t, long r0, const int mb) {
+    const long G = k / GS, wg_bytes = bits == 4 ? 256 : 512;
+    const int split = mb <= 4 ? 2 : 1;
     const __m512i mask = _mm512_set1_epi8(0x0F);
-    for (long r0 = 0; r0 < m; r0 += MB) {
-        int mb = m - r0 < MB ? (int)(m - r0) : MB;
-        __m512 acc[MB];
-        for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
-        for (long g = 0; g < G; g++) {
-            __m512i isum[MB];
-            for (int r = 0; r < mb; r++) isum[r] = _mm512_setzero_si512();
-            const uint8_t *wg = wt + g * wg_bytes;
-            const int8_t *xg = xq + r0 * k + g * GS;
-            if (bits == 4) {
-                for (int c = 0; c < 4; c++) {
-                    __m512i w = _mm512_loadu_si512(wg + 64 * c);
-                    __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
-                    for (int r = 0; r < mb; r++) {
-                        int32_t x0, x1;
-                        memcpy(&x0, xg + r * k + 8 * c, 4);
-                        memcpy(&x1, xg + r * k + 8 * c + 4, 4);
-                        isum[r] = _mm512_dpbusd_epi32(isum[r], lo, _mm512_set1_epi32(x0));
-                        isum[r] = _mm512_dpbusd_epi32(isum[r], hi, _mm512_set1_epi32(x1));
-                    }
-                }
-            } else {
-                for (int c = 0; c < 8; c++) {
-                    __m512i w = _mm512_loadu_si512(wg + 64 * c);
-                    for (int r = 0; r < mb; r++) {
-                        int32_t x0;
-                        memcpy(&x0, xg + r * k + 4 * c, 4);
-                        isum[r] = _mm512_dpbusd_epi32(isum[r], w, _mm512_set1_epi32(x0));
-                    }
+    __m512 acc[MB];
+    for (int r = 0; r < mb; r++) acc[r] = _mm512_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m512i isum[2][MB];
+        for (int h = 0; h < split; h++)
+            for (int r = 0; r < mb; r++) isum[h][r] = _mm512_setzero_si512();
+        const uint8_t *wg = wt + g * wg_bytes;
+        const int8_t *xg = xq + r0 * k + g * GS;
+        if (bits == 4) {
+            for (int c = 0; c < 4; c++) {
+                __m512i w = _mm512_loadu_si512(wg + 64 * c);
+                __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+                for (int r = 0; r < mb; r++) {
+                    int32_t x0, x1;
+                    memcpy(&x0, xg + r * k + 8 * c, 4);
+                    memcpy(&x1, xg + r * k + 8 * c + 4, 4);
+                    isum[0][r] = _mm512_dpbusd_epi32(isum[0][r], lo, _mm512_set1_epi32(x0));
+                    isum[split - 1][r] = _mm512_dpbusd_epi32(isum[split - 1][r], hi, _mm512_set1_epi32(x1));
                 }
             }
-            const uint16_t *sg = st + (per_group ? g * NT : 0), *lg = lt + (per_group ? g * NT : 0);
-            __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg));
-            __m512 l = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)lg));
-            for (int r = 0; r < mb; r++) {
-                long ag = (r0 + r) * G + g;
-                __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(a[ag]));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), sa, acc[r]);
-                acc[r] = _mm512_fmadd_ps(l, _mm512_set1_ps(b[ag]), acc[r]);
+        } else {
+            for (int c = 0; c < 8; c++) {
+                __m512i w = _mm512_loadu_si512(wg + 64 * c);
+                for (int r = 0; r < mb; r++) {
+                    int32_t x0;
+                    memcpy(&x0, xg + r * k + 4 * c, 4);
+                    isum[c % split][r] = _mm512_dpbusd_epi32(isum[c % split][r], w, _mm512_set1_epi32(x0));
+                }
             }
         }
-        for (int r = 0; r < mb; r++) _mm512_storeu_ps(y + (r0 + r) * n + t * NT, acc[r]);
+        const uint16_t *sg = st + (per_group ? g * NT : 0), *lg = lt + (per_group ? g * NT : 0);
+        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg));
+        __m512 l = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)lg));
+        for (int r = 0; r < mb; r++) {
+            long ag = (r0 + r) * G + g;
+            __m512i sum = split == 2 ? _mm512_add_epi32(isum[0][r], isum[1][r]) : isum[0][r];
+            __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(a[ag]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sa, acc[r]);
+            acc[r] = _mm512_fmadd_ps(l, _mm512_set1_ps(b[ag]), acc[r]);
+        }
+    }
+    for (int r = 0; r < mb; r++) _mm512_storeu_ps(y + (r0 + r) * n + t * NT, acc[r]);
+}
+
+#define QL_BLOCK(PG, BITS, MBC) block_fast(xq, a, b, k, wt, st, lt, PG, BITS, y, n, t, r0, MBC)
+#define QL_ROWS(PG, BITS)                                                                                    \
+    switch (mb) {                                                                                            \
+    case 1: QL_BLOCK(PG, BITS, 1); break;                                                                    \
+    case 2: QL_BLOCK(PG, BITS, 2); break;                                                                    \
+    case 3: QL_BLOCK(PG, BITS, 3); break;                                                                    \
+    case 4: QL_BLOCK(PG, BITS, 4); break;                                                                    \
+    case 5: QL_BLOCK(PG, BITS, 5); break;                                                                    \
+    case 6: QL_BLOCK(PG, BITS, 6); break;                                                                    \
+    case 7: QL_BLOCK(PG, BITS, 7); break;                                                                    \
+    default: QL_BLOCK(PG, BITS, 8); break;                                                                   \
+    }
+
+static void tile_fast(const int8_t *xq, const float *a, const float *b, long m, long k, const uint8_t *wt,
+                      const uint16_t *st, const uint16_t *lt, int per_group, int bits, float *y, long n, long t) {
+    for (long r0 = 0; r0 < m; r0 += MB) {
+        int mb = m - r0 < MB ? (int)(m - r0) : MB;
+        if (bits == 4) { QL_ROWS(1, 4) } /* the two layouts pack_native makes (qlinear checks) */
+        else { QL_ROWS(0, 8) }
     }
 }
 #endif
 
 /* x: m rows of k floats, row r at x + r*x_stride; y: m x n contiguous. Returns 0; -1 for shapes it
- * does not do (k not a multiple of 32, n not a multiple of 16, bits not 4 or 8), -2 where the fast
+ * does not do (k not a multiple of 32, n not a multiple of 16, bits not 4 with per_group or 8
+ * without), -2 where the fast
  * path was asked for and this build has none, -3 when out of memory (nothing written then). */
 int qlinear(const float *x, long m, long k, long x_stride, const uint8_t *w, const uint16_t *s,
             const uint16_t *lo, int per_group, int bits, long n, float *y, int threads, int portable) {
-    if (m <= 0 || k <= 0 || k % GS || n <= 0 || n % NT || (bits != 4 && bits != 8)) return -1;
+    if (m <= 0 || k <= 0 || k % GS || n <= 0 || n % NT || (bits != 4 && bits != 8) || per_group != (bits == 4))
+        return -1;
     if (!portable && !QL_FAST) return -2;
     long G = k / GS;
     int8_t *xq = malloc((size_t)(m * k));
