@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import PaperReference
-from streaming_llm.core.cache import StreamingCache
+from streaming_llm.core.cache import MAPPED_BYTES, StreamingCache, zeros_like_device
 from streaming_llm.core.config import StreamingConfig
 from streaming_llm.core.engine import StreamingLLM
 from streaming_llm.errors import UnsupportedModelError, UserError
@@ -290,3 +290,21 @@ def test_before_the_first_eviction_streaming_is_plain_causal_attention(monkeypat
     for chunk in (1, 4, 11):
         close(engine(model, sinks=3, window=8, chunk_size=chunk).feed(ids), dense)
     assert not other_paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_buffers_are_zero_writable_and_outlive_their_allocation(dtype):
+    """Big CPU buffers are anonymous maps (pages zeroed when first written), small ones memset:
+    both read as zeros, keep what is written after the allocation's locals are gone."""
+    import gc
+
+    like = torch.zeros(1)
+    for shape in ((1, 3, 1024, 64), (1, 3, 4, 64)):
+        big = torch.Size(shape).numel() * dtype.itemsize >= MAPPED_BYTES
+        t = zeros_like_device(like, shape, dtype)
+        gc.collect()
+        assert t.shape == shape and t.dtype == dtype and not bool(t.any())
+        t[0, 1, 2] = 7
+        gc.collect()
+        assert float(t.float().sum()) == 7 * shape[-1]
+        assert big == (shape[2] == 1024)
