@@ -11,6 +11,7 @@ deltas; a database written before deltas still loads. For the memory, SQLite and
 
 from __future__ import annotations
 
+import io
 import shutil
 import sqlite3
 import time
@@ -185,6 +186,13 @@ def test_compaction_bounds_the_chain_and_pruning_removes_it(kind, tiny, tmp_path
         kinds.append(what)
         assert chain.delta_bytes <= chain.full_bytes
     assert "delta" in kinds and kinds[1:].count("full") >= 2
+    for i in range(24, 30):  # end on a delta, whose chain the listing must count
+        if store.get("a").deltas:
+            break
+        list(conv.reply("abcdefgh", 1, GREEDY)[2])
+        record = SessionRecord("a", "text", MODEL, {}, conv.transcript(), None, i + 1, updated=time.time() - 100)
+        chain, _, what = store_turn(store, record, conv.state(), chain, layer_shapes(conv), policy)
+    assert store.get("a").deltas
     store.put(SessionRecord("b", "text", MODEL, {}, [], b"x", 1))
     if kind == "redis":
         store.release_lease("a")  # a leased session is never pruned
@@ -302,3 +310,29 @@ def test_other_methods_and_unknown_fields_are_stored_whole(tiny):
             chain, _, what = store_turn(store, record, state, chain, layer_shapes(conv), DeltaPolicy())
             kinds.append(what)
         assert kinds == ["full"] * 3 and chain is None
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_packed_state_keeps_only_the_filled_slots_and_unpacks_exactly(tiny, dtype):
+    """pack_state cuts each layer's keys and values at the slots its `seen` counter says it
+    filled (not a scan of the buffer): what unpacks is the stream's state, exactly."""
+    _, model, tokenizer = tiny
+    conv = TextConversation(model, tokenizer, CONFIG)
+    list(conv.reply("abcdefghij", 2, GREEDY)[2])  # 12 of 52 slots
+    state = conv.state()
+    packed = torch.load(io.BytesIO(pack_state(state, dtype)), weights_only=True)
+    layer = packed["engine"]["cache"]["layers"][0]
+    back = unpack_state(pack_state(state, dtype), torch.float32, "cpu")
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            expect = a if dtype is None or not a.is_floating_point() else a.to(dtype).float()
+            return torch.equal(expect, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    assert same(state, back)
+    assert layer["keys"]["__trimmed__"].shape[-2] == layer["seen"] == 12

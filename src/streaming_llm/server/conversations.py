@@ -58,16 +58,24 @@ def _untrim(d: dict) -> torch.Tensor:
 
 def pack_state(state: dict, dtype: torch.dtype | None = None) -> bytes:
     """torch.save bytes of a state dict: tensors on CPU, floating ones cast to `dtype` (if given)
-    and trimmed of trailing all-zero cache slots."""
+    and trimmed of trailing all-zero cache slots. A cache layer's keys and values are cut at the
+    slots its `seen` counter says it filled (sinks and ring fill in order and the rest stays zero,
+    `core/cache.py`), so the rest is not even read (an anonymous map's untouched pages stay
+    unmapped); other tensors are scanned (`_trim`)."""
 
-    def conv(x):
+    def conv(x, used=None):
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu()
             if not x.is_floating_point():
                 return x
+            if used is not None and x.dim() >= 3 and used < x.shape[-2]:
+                part = x[..., :used, :]
+                part = part.to(dtype) if dtype is not None and dtype != x.dtype else part.clone()  # not a view
+                return {"__trimmed__": part, "rows": x.shape[-2]}
             return _trim(x.to(dtype) if dtype is not None else x)
         if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
+            filled = x.get("seen") if "keys" in x and type(x.get("seen")) is int else None
+            return {k: conv(v, filled if k in ("keys", "values") else None) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return type(x)(conv(v) for v in x)
         return x
