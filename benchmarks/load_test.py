@@ -234,7 +234,7 @@ def rounds_table(summaries: list[dict], levels: list[int]) -> dict:
     out = {}
     for n in dict.fromkeys(levels):
         tps = [s["completion_tokens_per_s"] for s in summaries if s["sessions"] == n]
-        out[n] = {"tokens_per_s": tps, "median": statistics.median(tps)}
+        out[n] = {"tokens_per_s": tps, "median": round(statistics.median(tps), 1)}
     first = out[levels[0]]["median"] or None
     print(f"{'sessions':>8} {'median tok/s':>13} {'x first':>8}  every round")
     for n, row in out.items():
