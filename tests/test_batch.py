@@ -248,6 +248,7 @@ def test_a_stream_copied_buffer_to_buffer_equals_its_snapshot_and_continues_exac
         close(batch.feed([row], ids[n : n + 6][None], logits="all")[0], ref[n : n + 6])
         back = engine(model)
         back.feed(ids_for(9 * (S + W), seed=7))  # the engine's own cache held a longer stream
+        batch.make_room(back, row)  # faults in nothing new here, changes nothing
         batch.copy_out(row, back)
         snap = engine(model)
         snap.load_state_dict(batch.state(row))
@@ -255,11 +256,12 @@ def test_a_stream_copied_buffer_to_buffer_equals_its_snapshot_and_continues_exac
             assert torch.equal(a, b)
         assert back.tokens_seen == n + 6
         close(back.feed(ids[n + 6 :]), ref[n + 6 :])
-        for early in (False, True):  # a stream that never fed anything: its cache is allocated on the way out
+        for early in (None, False, True):  # a stream that never fed anything: its cache is allocated on the way out
             fresh = engine(model)
-            if early:  # or before, off the model thread (the scheduler's detach)
-                batch.make_room(fresh)
+            if early is not None:  # or before, off the model thread (the scheduler's detach), with the
+                batch.make_room(fresh, row if early else None)  # row: its slots zero-filled ahead
                 assert all(layer.is_initialized for layer in fresh.stream.cache.layers)
+                assert not any(bool(b.any()) for b in buffers(fresh.stream.cache, 0))
             batch.copy_out(row, fresh)
             close(fresh.feed(ids[n + 6 :]), ref[n + 6 :])
     with pytest.raises(UserError, match="cannot share a batch"):

@@ -70,12 +70,15 @@ class StreamBatch:
         self._free.remove(row)
         return row
 
-    def make_room(self, engine: StreamingLLM) -> None:
+    def make_room(self, engine: StreamingLLM, row: int | None = None) -> None:
         """Allocate `engine`'s own cache buffers if it has none yet (a stream that started in a
-        row), so that `copy_out` only copies. Safe on another thread than the forwards: it reads
-        only the batch's shapes, and an attached engine's own cache is not in use."""
+        row), and with `row` fault in the pages `copy_out(row, engine)` will write, so that it
+        only copies. Safe on another thread than the forwards while `row` is not fed: it reads
+        the batch's shapes and the row's counters, and writes only zeros, into the engine's own
+        cache's slots beyond its stream, which hold zeros (an attached engine's own cache is not in
+        use); a stale `row` (a scheduler moved the stream meanwhile) only faults fewer or more pages."""
         self._check_engine(engine)
-        engine.stream.cache.allocate_like(self.cache)
+        engine.stream.cache.allocate_like(self.cache, row)
 
     def copy_out(self, row: int, engine: StreamingLLM) -> None:
         """Copy row's stream into `engine`'s own cache, buffer to buffer (the row keeps it)."""

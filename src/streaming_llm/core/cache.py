@@ -384,11 +384,22 @@ class SinkWindowLayer(CacheLayerMixin):
             **({} if self.memory is None else {"recall": self.memory.state()}),
         }
 
-    def allocate_like(self, source: "SinkWindowLayer") -> None:
+    def allocate_like(self, source: "SinkWindowLayer", src: int | None = None) -> None:
         """Allocate this layer's buffers (if not yet) with `source`'s head shapes and dtypes, so a
-        later `copy_row(..., source=source)` only copies (allocating zeroed pages is the slow part)."""
+        later `copy_row(src, 0, source=source)` only copies (allocating zeroed pages is the slow
+        part). With `src`, the slots that copy will fill beyond this layer's own (row 0's) are
+        written with zeros now, which they hold already: a mapped buffer's pages are then faulted
+        in here, on the caller's thread, not during the copy (a server's model thread)."""
         if source.is_initialized and not self.is_initialized:
             self.lazy_initialization(source.sink_keys, source.values)
+        if src is None or not source.is_initialized:
+            return
+        full = self.sinks + self.window
+        mine, theirs = min(self.seen[0], full), min(source.seen[src], full)
+        if theirs > mine:
+            with torch.inference_mode():
+                self.keys[0, :, mine:theirs].zero_()
+                self.values[0, :, mine:theirs].zero_()
 
     @torch.inference_mode()
     def copy_row(self, src: int, dst: int, source: "SinkWindowLayer | None" = None) -> None:
@@ -591,10 +602,10 @@ class StreamingCache(Cache):
     def row_state(self, r: int = 0, copy: bool = True) -> dict:
         return {"pos_shift": self.pos_shift[r], "layers": [layer.row_state(r, copy) for layer in self.layers]}
 
-    def allocate_like(self, source: "StreamingCache") -> None:
+    def allocate_like(self, source: "StreamingCache", src: int | None = None) -> None:
         """`SinkWindowLayer.allocate_like` for every layer."""
         for layer, theirs in zip(self.layers, source.layers):
-            layer.allocate_like(theirs)
+            layer.allocate_like(theirs, src)
 
     def copy_row(self, src: int, dst: int, source: "StreamingCache | None" = None) -> None:
         """Row dst becomes a copy of row src of `source` (this cache by default, or another one

@@ -127,7 +127,7 @@ class Scheduler:
         row = engine.feeder
         if not isinstance(row, Row) or row.scheduler is not self:
             return
-        self.batch.make_room(engine)  # here, not on the model thread: a new stream's buffers take ~60 ms
+        self.batch.make_room(engine, row.row)  # here, not on the model thread (allocation, page faults)
         self.call(lambda: self._out(row.row, engine))
         engine.detach(load=False)  # the model thread has just put the row's stream there
 
