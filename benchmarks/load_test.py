@@ -5,7 +5,10 @@ level plus the aggregate tokens/s of each level over the first one (measured in 
 `--rounds 3` runs that list three times in turn and adds each session count's median tok/s and
 the medians' ratios (every round printed too; also printed when a count repeats in the list,
 e.g. `--sessions 1,8,8,1` to balance a drift in time): on a host whose speed drifts within a
-minute, one level each says more about the drift than about batching.
+minute, one level each says more about the drift than about batching. `--pause-s 10` idles that
+long before each level after the first: on a host that slows under sustained load (a 2-core cloud
+VM measured 13.7 ms per token in its first 10 s of load, up to 21 after), every level then
+starts from the same rested state.
 
 Every session is a multi-turn conversation sent the OpenAI way (the whole history each request,
 named with `session_id`, so the server prefills only the new turn). Requests are streamed to
@@ -286,6 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the --sessions list this many times in turn on the one server, and print each session "
                    "count's median tok/s and the medians' ratios (a host whose speed drifts shows in the rounds)")
+    p.add_argument("--pause-s", type=float, default=0.0,
+                   help="idle seconds before each level after the first (a host that slows under sustained load "
+                   "then starts every level alike; the pauses are not in any level's time)")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     p.add_argument("--warmup", type=int, default=1,
                    help="requests on a throwaway session before the first level, not counted (a new server's first "
@@ -298,8 +304,9 @@ def main(argv=None) -> int:
     if not levels or not all(1 <= n <= 256 for n in levels):
         p.error("need 1 <= --sessions <= 256")
     if not (1 <= args.turns <= 1000 and args.max_tokens >= 1 and args.time_cap_s > 0 and 0 <= args.warmup <= 100
-            and 1 <= args.rounds <= 20):
-        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0, 0 <= --warmup <= 100, 1 <= --rounds <= 20")
+            and 1 <= args.rounds <= 20 and 0 <= args.pause_s <= 600):
+        p.error("need 1 <= --turns <= 1000, --max-tokens >= 1, --time-cap-s > 0, 0 <= --warmup <= 100, 1 <= --rounds <= 20, "
+                "0 <= --pause-s <= 600")
     args.run_id = f"{int(time.time())}-{os.getpid()}"
     proc = None
     if args.serve:
@@ -310,6 +317,8 @@ def main(argv=None) -> int:
         if args.warmup:
             asyncio.run(warm_up(args))
         for i, n in enumerate(levels * args.rounds):  # each level its own sessions (ids carry the level's index)
+            if i and args.pause_s:
+                time.sleep(args.pause_s)
             summaries.append(asyncio.run(run_load(args, n, i)))
             print_table(summaries[-1])
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 
@@ -37,9 +38,12 @@ def test_rounds_give_each_level_its_own_sessions_and_a_median(tiny_dir, tmp_path
 def test_a_count_repeated_in_the_list_also_gets_its_median_and_serve_flags_reach_the_server(tiny_dir, tmp_path):
     out = tmp_path / "load.json"
     argv = ["--serve", str(tiny_dir), "--serve-arg=--threads=1", "--serve-arg=--ride-chunks", "--sessions", "1,2,2,1",
-            "--turns", "1", "--max-tokens", "2", "--time-cap-s", "120", "--out", str(out)]
+            "--turns", "1", "--max-tokens", "2", "--time-cap-s", "120", "--pause-s", "1", "--out", str(out)]
+    t0 = time.monotonic()
     assert load_bench().main(argv) == 0
     result = json.loads(out.read_text())
+    levels_s = sum(lv["wall_s"] for lv in result["levels"])
+    assert time.monotonic() - t0 >= 3 + levels_s  # a pause before each level after the first, in no level's time
     assert result["levels"][0]["server"]["batch"]["ride_chunks"] is True  # `serve --ride-chunks` reached the scheduler
     medians = result["medians"]
     assert set(medians) == {"1", "2"} and all(len(m["tokens_per_s"]) == 2 for m in medians.values())
