@@ -158,7 +158,7 @@ async def warm_up(args) -> None:
 
 
 BATCH_COUNTERS = ("forwards", "decode_steps", "decode_tokens", "prefill_chunks", "prefill_tokens", "row_moves",
-                  "mixed_steps", "decode_s", "prefill_s", "mixed_s", "calls_s", "gather_s", "gather_cutoffs")
+                  "mixed_steps", "decode_s", "prefill_s", "mixed_s", "calls_s", "gather_s", "gather_cutoffs", "prefill_shared")
 
 
 def level_batch(before: dict, after: dict) -> dict | None:

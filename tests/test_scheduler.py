@@ -120,3 +120,31 @@ def test_a_prompt_arriving_while_a_row_decodes_rides_in_its_forward_or_follows_i
     assert stats["prefill_chunks"] == 3 + 3 and stats["decode_tokens"] == 1  # a's prompt, then b's
     assert torch.allclose(got_a, ref_a.feed([5], logits="last"), atol=1e-5)
     assert torch.allclose(got_b, ref_b.feed(pb, logits="all"), atol=1e-5)
+
+
+def test_prompts_waiting_together_share_a_forward_and_each_stays_exact():
+    """Prompts pending at once (a burst of new sessions) go in one forward, each at the chunk
+    boundaries it has alone; each reply equals its engine alone, bit for bit."""
+    import time
+
+    model = tiny_model("llama")
+    config = StreamingConfig(sinks=2, window=10, chunk_size=16)
+    seeds = (0, 1, 2, 3)
+    alone = {s: reply(StreamingLLM(model, None, config), s, 8) for s in seeds}
+    sched = Scheduler(StreamingLLM(model, None, config), slots=4, gather_ms=20)
+    engines = {s: StreamingLLM(model, None, config) for s in seeds}
+    for s in seeds:
+        sched.attach(engines[s])
+    got, blocked = {}, threading.Event()
+    blocker = threading.Thread(target=lambda: sched.call(lambda: (blocked.set(), time.sleep(0.5))))
+    blocker.start()
+    blocked.wait(5)  # the model thread is busy: every prompt below is pending when it is free
+
+    def run(seed):
+        got[seed] = reply(engines[seed], seed, 8)
+
+    stats, errors = run_concurrently(sched, run, seeds, timeout=60)
+    blocker.join()
+    assert not errors
+    assert got == alone
+    assert stats["prefill_shared"] >= 2  # 7..10-token prompts, 16 tokens a forward: two or more shared one

@@ -9,11 +9,13 @@ decoding) runs on the caller's thread as before; only its forwards come here, as
 1. Gather. After a forward, wait until every row that was decoding has asked for its next token,
    or `gather_ms` passed (a reply whose client reads slowly is then served in the next round).
 2. Forward: ONE forward for every pending single-token request (decoding rows, in ascending
-   order: contiguous rows are read in place), then at most ONE chunk (`prefill_chunk` tokens, at
-   most the engine's chunk size) of the oldest multi-token request (a new prompt) in a forward of
-   its own. A long prompt therefore delays each decode round by one chunk instead of stalling
-   every other reply until it is done, and the decoding rows have their tokens before the chunk
-   runs (their turn threads sample and stream while it does). With `ride_chunks` the chunk rides
+   order: contiguous rows are read in place), then ONE forward of prompt chunks: the next chunk
+   (`prefill_chunk` tokens, at most the engine's chunk size) of the oldest multi-token request
+   (a new prompt), beside the next chunks of later prompts while all fit in `prefill_chunk`
+   tokens and every row stays exact (`_prefill`). A long prompt therefore delays each decode
+   round by one chunk instead of stalling every other reply until it is done, and the decoding
+   rows have their tokens before the chunk runs (their turn threads sample and stream while it
+   does). With `ride_chunks` the oldest prompt's chunk rides
    in the decode forward instead, the rows' tokens laid end to end (`StreamBatch.feed_mixed`,
    `core/mixed.py`): vLLM's chunked prefill, one forward's fixed cost instead of two; only where
    that leaves every row's bits as alone (`StreamBatch.mixes_exactly`: on a quantized model,
@@ -100,10 +102,11 @@ class Scheduler:
         self.stats = {"forwards": 0, "decode_steps": 0, "decode_tokens": 0, "prefill_chunks": 0,
                       "prefill_tokens": 0, "last_batch_size": 0, "max_batch_size": 0, "row_moves": 0,
                       "mixed_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "mixed_s": 0.0, "calls_s": 0.0,
-                      "gather_s": 0.0, "gather_cutoffs": 0}
+                      "gather_s": 0.0, "gather_cutoffs": 0, "prefill_shared": 0}
         # (model-thread seconds by kind of forward: decode rows only, a prefill chunk only, both;
         # gather_s: waiting for decoding rows' next requests after a forward, gather_cutoffs: rounds
-        # that went ahead without some of them because gather_ms passed)
+        # that went ahead without some of them because gather_ms passed; prefill_shared: prompt
+        # chunks that ran in a forward with another prompt's)
         self._thread = threading.Thread(target=self._loop, name="batch-model", daemon=True)
         self._thread.start()
 
@@ -202,7 +205,7 @@ class Scheduler:
                 self._decoding.add(dst)
 
     def _take(self):
-        """(calls, decode requests, one prefill request or None), waiting as the policy says."""
+        """(calls, decode requests, the waiting prompts oldest first), waiting as the policy says."""
         with self._cv:
             while self._running and not self._pending and not self._calls:
                 self._cv.wait()
@@ -220,17 +223,17 @@ class Scheduler:
             calls = list(self._calls)
             self._calls.clear()
             if calls:  # attach/detach first; requests wait for the next round
-                return calls, [], None
+                return calls, [], []
             decodes = [r for r in self._pending if r.ids.numel() == 1]
-            prefill = next((r for r in self._pending if r.ids.numel() > 1), None)
+            prompts = [r for r in self._pending if r.ids.numel() > 1]
             for r in decodes:
                 self._pending.remove(r)
-            return calls, decodes, prefill
+            return calls, decodes, prompts
 
     def _loop(self) -> None:
         while True:
-            calls, decodes, prefill = self._take()
-            if not self._running and not calls and not decodes and prefill is None:
+            calls, decodes, prompts = self._take()
+            if not self._running and not calls and not decodes and not prompts:
                 break
             t0 = time.perf_counter()
             for fn, args, fut in calls:
@@ -242,16 +245,16 @@ class Scheduler:
             try:
                 if decodes:
                     self._compact()
-                rides = self.ride_chunks and decodes and prefill is not None
-                chunk = self._next_chunk(prefill, self._mixed_chunk) if rides else None
+                rides = self.ride_chunks and decodes and prompts
+                chunk = self._next_chunk(prompts[0], self._mixed_chunk) if rides else None
                 if chunk is not None and self.batch.mixes_exactly([(len(decodes), 1, "last"),
                                                                   (1, chunk[1] - chunk[0], chunk[2])]):
-                    self._timed("mixed", self._mixed, decodes, prefill, chunk)  # every row stays exact
+                    self._timed("mixed", self._mixed, decodes, prompts[0], chunk)  # every row stays exact
                 else:
                     if decodes:
                         self._timed("decode", self._decode, decodes)
-                    if prefill is not None:
-                        self._timed("prefill", self._prefill_chunk, prefill)
+                    if prompts:
+                        self._timed("prefill", self._prefill, prompts)
             finally:
                 self.stats["calls_s"] += t1 - t0
                 self._last_forward = time.perf_counter()
@@ -279,16 +282,37 @@ class Scheduler:
         self.stats["forwards"] += 1
         self._decoded(reqs, logits)
 
-    def _prefill_chunk(self, req: _Request) -> None:
-        lo, hi, mode = self._next_chunk(req, self.prefill_chunk)
-        self._decoding.discard(req.row)
+    def _prefill(self, prompts: list[_Request]) -> None:
+        """The next chunk of the oldest prompt, and of every later one whose next chunk still fits:
+        at most `prefill_chunk` tokens in all, in ONE forward while that leaves every row's bits
+        as alone (`StreamBatch.mixes_exactly`). A prompt's chunks start at multiples of
+        `prefill_chunk` from its start whatever runs beside it (so its stream gets the same bits
+        as when it runs by itself); prompts that arrive together (a burst of new sessions, most
+        under 200 tokens) share one forward's fixed cost instead of queueing one per forward."""
+        parts, used = [], 0
+        for req in prompts:
+            lo, hi, mode = self._next_chunk(req, self.prefill_chunk)
+            more = parts + [(req, lo, hi, mode)]
+            if parts and (used + hi - lo > self.prefill_chunk or any(h - l > self._mixed_chunk for _, l, h, _ in more)
+                          or not self.batch.mixes_exactly([(1, h - l, m) for _, l, h, m in more])):
+                continue
+            parts, used = more, used + hi - lo
+        for req, *_ in parts:
+            self._decoding.discard(req.row)
         try:
-            out = self.batch.feed([req.row], req.ids[lo:hi][None], logits=mode)
+            if len(parts) == 1:
+                req, lo, hi, mode = parts[0]
+                outs = [self.batch.feed([req.row], req.ids[lo:hi][None], logits=mode)]
+            else:
+                outs = self.batch.feed_mixed([([req.row], req.ids[lo:hi][None], mode) for req, lo, hi, mode in parts])
+                self.stats["prefill_shared"] += len(parts)
         except BaseException as e:  # noqa: BLE001
-            self._fail(req, e)
+            for req, *_ in parts:
+                self._fail(req, e)
             return
         self.stats["forwards"] += 1
-        self._chunked(req, hi, out)
+        for (req, _, hi, _), out in zip(parts, outs):
+            self._chunked(req, hi, out)
 
     def _mixed(self, reqs: list[_Request], req: _Request, chunk: tuple[int, int, str]) -> None:
         """The decode requests and `req`'s next chunk (lo, hi, logits mode) in ONE forward
