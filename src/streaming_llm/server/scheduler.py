@@ -287,8 +287,8 @@ class Scheduler:
         at most `prefill_chunk` tokens in all, in ONE forward while that leaves every row's bits
         as alone (`StreamBatch.mixes_exactly`). A prompt's chunks start at multiples of
         `prefill_chunk` from its start whatever runs beside it (so its stream gets the same bits
-        as when it runs by itself); prompts that arrive together (a burst of new sessions, most
-        under 200 tokens) share one forward's fixed cost instead of queueing one per forward."""
+        as when it runs by itself); short prompts that arrive together (a burst of new sessions)
+        share one forward's fixed cost instead of queueing one per forward."""
         parts, used = [], 0
         for req in prompts:
             lo, hi, mode = self._next_chunk(req, self.prefill_chunk)
