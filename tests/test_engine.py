@@ -308,3 +308,18 @@ def test_cache_buffers_are_zero_writable_and_outlive_their_allocation(dtype):
         gc.collect()
         assert float(t.float().sum()) == 7 * shape[-1]
         assert big == (shape[2] == 1024)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_a_mapped_cache_buffer_is_private_to_a_forked_process():
+    import os
+
+    t = zeros_like_device(torch.zeros(1), (1, 3, 1024, 64), torch.float32)
+    t[0, 0, 0] = 1
+    pid = os.fork()
+    if pid == 0:  # the child writes its copy and leaves at once
+        t[0, 0, 0] = 5
+        t[0, 1, 7] = 5
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert float(t.sum()) == 64 and float(t[0, 1, 7].abs().sum()) == 0

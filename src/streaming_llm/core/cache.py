@@ -57,17 +57,18 @@ def zeros_like_device(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> t
     """A zeroed buffer on `like`'s device. On the CPU nothing fills it in parallel, so no OpenMP
     team starts on the calling thread (a server's turn thread allocating a session's 47 MB ring
     beside the model thread's forward took up to 0.4 s with torch.zeros' parallel fill): a buffer
-    of `MAPPED_BYTES` or more is an anonymous memory map, whose pages the kernel gives zeroed when
-    first written, so a stream pays (in time and memory) only for the slots it fills (a new
-    session's 4+1020 ring holding 200 tokens: 4-7 ms instead of 20-29 ms to allocate, 9.5 MB of
-    its 47 MB resident; docs/results/server_load/mapped_buffers/alloc.txt); a smaller one is one
-    thread's memset."""
+    of `MAPPED_BYTES` or more is an anonymous private memory map (POSIX), whose pages the kernel
+    gives zeroed when first written, so a stream pays (in time and memory) only for the slots it
+    fills (a new session's 4+1020 ring holding 200 tokens: 3-4 ms instead of 20-26 ms to
+    allocate, 9.5 MB of its 47 MB resident; docs/results/server_load/mapped_buffers/alloc.txt); a
+    smaller one, or any on a system without such maps, is one thread's memset."""
     count = math.prod(shape)
     if like.device.type != "cpu" or count == 0:
         return like.new_zeros(shape, dtype=dtype)
     nbytes = count * dtype.itemsize
-    if nbytes >= MAPPED_BYTES:  # the tensor holds the map; unmapped when the tensor is freed
-        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    if nbytes >= MAPPED_BYTES and hasattr(mmap, "MAP_PRIVATE"):  # POSIX; the tensor holds the map
+        block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: copy-on-write in a fork
+        return torch.frombuffer(block, dtype=dtype).view(shape)
     block = np.empty(nbytes, dtype=np.uint8)
     block.fill(0)
     return torch.from_numpy(block).view(dtype).view(shape)

@@ -5,7 +5,7 @@ import mmap, torch, gc, time, numpy as np, sys
 def mm(shape, dtype):
     n = 1
     for s in shape: n *= s
-    return torch.frombuffer(mmap.mmap(-1, n * dtype.itemsize), dtype=dtype).view(shape)
+    return torch.frombuffer(mmap.mmap(-1, n * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=dtype).view(shape)
 def old(shape, dtype):
     n=1
     for s in shape: n*=s
