@@ -1,5 +1,5 @@
 """The native quantized linear (models/qlinear.c through models/native.py, packed by
-models/quantize.py): the arithmetic its header states, the AVX512-VNNI path giving the plain-C
+models/quantize.py): the arithmetic its header states, the fast path (AVX512-VNNI or AVX2) giving the plain-C
 path's bits, each row's bits independent of the other rows and of the thread count, QuantLinear
 using it where it runs and torch's packed kernels where it declines."""
 
@@ -16,7 +16,7 @@ from streaming_llm.models.quantize import QuantLinear, native_layout, pack_nativ
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
                               reason="no C compiler (cc): the native kernels cannot be built here")
-needs_vnni = pytest.mark.skipif(not native.linear_available(),
+needs_fast = pytest.mark.skipif(not native.linear_available(),
                                 reason=f"the native linear does not run here: {native.linear_status()}")
 
 
@@ -65,10 +65,10 @@ def test_the_plain_c_path_computes_the_stated_arithmetic(bits):
     torch.testing.assert_close(y.double(), reference(x, codes, scale, mins, bits), rtol=1e-5, atol=1e-6)
 
 
-@needs_vnni
+@needs_fast
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 13, 40])  # every block size the VNNI path unrolls
-def test_the_vnni_path_gives_the_plain_c_paths_bits(bits, m):
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 13, 40])  # every block size the fast paths unroll (AVX512: 1-8 rows, AVX2: 1-4)
+def test_the_fast_path_gives_the_plain_c_paths_bits(bits, m):
     codes, scale, mins = (int4_case if bits == 4 else int8_case)(64, 160, seed=m)
     packed = native_layout(codes, scale, mins, bits)
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)) * 3
@@ -76,7 +76,7 @@ def test_the_vnni_path_gives_the_plain_c_paths_bits(bits, m):
     assert torch.equal(fast, native.linear(x, *packed, bits == 4, bits, 64, portable=True))
 
 
-@needs_vnni
+@needs_fast
 def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_threads():
     codes, scale, mins = int4_case(192, 576)
     packed = native_layout(codes, scale, mins, 4)
@@ -94,7 +94,7 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_threads():
     assert torch.equal(native.linear(x[::2], *packed, True, 4, 192), together[::2])
 
 
-@needs_vnni
+@needs_fast
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quant_linear_uses_it_and_stays_close_to_the_float_layer(bits):
     lin = torch.nn.Linear(576, 320, bias=True)
@@ -110,7 +110,7 @@ def test_quant_linear_uses_it_and_stays_close_to_the_float_layer(bits):
     assert q(x[:, :0]).shape == (2, 0, 320)  # no rows in, none out
 
 
-@needs_vnni
+@needs_fast
 def test_shapes_and_scales_it_cannot_hold_keep_torchs_kernels():
     assert pack_native(*int4_case(40, 64), 4) is None  # 40 outputs: not whole tiles of 16
     codes, scale, mins = int4_case(32, 64)
@@ -126,7 +126,7 @@ def test_shapes_and_scales_it_cannot_hold_keep_torchs_kernels():
 
 def test_status_names_the_linear_kernel():
     status = native.linear_status()
-    assert status.startswith(("native (AVX512-VNNI)", "torch packed kernels"))
+    assert status.startswith(("native (AVX512-VNNI)", "native (AVX2)", "torch packed kernels"))
     assert native.linear_available() == status.startswith("native")
 
 

@@ -7,7 +7,7 @@ step by step so that machine drift hits all three alike, and picks the fastest o
 allowed for the model. The result is written to `<cache>/calibration/quant-<key>.json`, keyed by
 CPU model, CPU flags, torch thread count, torch version and the model's shapes; later loads read
 it (milliseconds); the key also names the kernel of the int4/int8 linears (`native.linear_status`:
-the native AVX512-VNNI one or torch's), whose timings differ. A result taken while other processes kept the CPUs busy is replaced by a new
+the native AVX512-VNNI or AVX2 one, or torch's), whose timings differ. A result taken while other processes kept the CPUs busy is replaced by a new
 measurement at the first load on a quiet machine. `STREAMING_LLM_RECALIBRATE=1` forces a new
 measurement; `STREAMING_LLM_CALIBRATE=0` turns calibration off.
 

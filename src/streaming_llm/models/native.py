@@ -7,16 +7,16 @@ and a batch of streams at different stages needs one call per row, so in a serve
 step the attention took 12.8 of 38.6 ms (docs/server_measurements.md, "Where 8 sessions stop").
 And torch's packed int4 kernel multiplies in float32, so its cost grows with the rows (3.9 ms per
 token of the default model's linears for one row, 12.8 for eight): `qlinear.c` quantizes each
-row's inputs to int8 per group of 32 (as llama.cpp does) and sums the byte products with
-AVX512-VNNI, 64 per instruction.
+row's inputs to int8 per group of 32 (as llama.cpp does) and sums the byte products in integers
+with AVX512-VNNI (64 per instruction) or, on CPUs without it, AVX2 (32 per instruction pair).
 
 What: `decode(q, keys, values, lengths, scale)` returns the attention of q (B, Hq, 1, D) over
 `keys[i, :, :lengths[i]]` (B, Hkv, N, D; grouped-query heads share them) as (B, Hq, 1, D), or None
 where the kernel does not apply (not float32 on the CPU, more than one query, autograd, head
 shapes past the C limits) or is not available; the caller then uses torch's SDPA.
 `linear(x, weights, scales, mins, per_group, bits, out_features)` is a quantized linear in the
-layout `models/quantize.py` packs (`linear_available()`: whether this build has the VNNI path; the
-caller uses torch's packed kernels where it has not). In both, a row's bits do not depend on the
+layout `models/quantize.py` packs (`linear_available()`: whether this build has a vector path,
+AVX512-VNNI or AVX2; the caller uses torch's packed kernels where it has not). In both, a row's bits do not depend on the
 other rows or the thread count: a stream alone and the same stream in a batch get the same bits.
 
 Build: `$CC` (default `cc`) with `FLAGS` into `<cache>/native/native-<hash>.so`, the hash of the
@@ -28,7 +28,8 @@ off: torch's SDPA and packed int4/int8 kernels); `status()` says which kernels r
 choice is made once per process.
 
 What it does NOT do: masks, bfloat16 caches, chunks of several queries, sink rotation (the
-callers in `core/attention.py` keep torch for those); linears without AVX512-VNNI; any
+callers in `core/attention.py` keep torch for those); linears on CPUs with neither AVX512-VNNI nor
+AVX2 (with FMA and F16C); any
 Windows/macOS build.
 """
 
@@ -131,11 +132,12 @@ def linear_status() -> str:
     lib, why = _library()
     if lib is None:
         return "torch packed kernels" + why[len("torch SDPA"):]
-    return "native (AVX512-VNNI)" if lib.qlinear_fast() else "torch packed kernels (this CPU has no AVX512-VNNI)"
+    return {2: "native (AVX512-VNNI)", 1: "native (AVX2)"}.get(lib.qlinear_fast(),
+                                                              "torch packed kernels (this CPU has neither AVX512-VNNI nor AVX2)")
 
 
 def linear_available() -> bool:
-    """Whether `linear` runs here (the native library with its AVX512-VNNI path)."""
+    """Whether `linear` runs here (the native library with its AVX512-VNNI or AVX2 path)."""
     lib = _library()[0]
     return lib is not None and bool(lib.qlinear_fast())
 

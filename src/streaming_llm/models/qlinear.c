@@ -7,14 +7,18 @@
  * and the weights are unsigned codes u (int4: 0..15, int8: q + 128) with w = u * s + lo per group
  * (int8: lo = -128 s), so a group's part of an output is a * s * sum(u * xq) + lo * b: an exact
  * integer dot product (AVX512-VNNI's vpdpbusd: 64 byte products per instruction) and two float
- * multiply-adds per group of 32.
+ * multiply-adds per group of 32. Where AVX512-VNNI is missing, AVX2 does the same sums with
+ * vpmaddubsw (byte products summed in pairs into int16) and vpmaddwd: every int16 partial sum is
+ * bounded below 2^15 (|u| <= 15 per nibble, |xq| <= 127, at most 8 pair sums per slot; int8 weights
+ * are split into their two nibbles, u = 16 uh + ul), so no product saturates and the integer sums,
+ * and therefore the bits, are those of the other paths.
  *
  * Layout: outputs in tiles of 16 (one vector lane per output). Per tile and group of 32 inputs,
  * int4: 4 chunks of 64 bytes, byte 4*lane + j of chunk c holding input 8c + j in its low nibble and
  * 8c + 4 + j in its high one; int8: 8 chunks, byte 4*lane + j of chunk c holding input 4c + j.
  * s, lo: float16, [tile][group][16] (per_group) or [tile][16] (per channel).
  *
- * Speed: a block of up to 8 rows shares each weight load; the block code is instantiated per row
+ * Speed: a block of up to 8 rows (AVX2: 4, in two halves of 8 outputs) shares each weight load; the block code is instantiated per row
  * count (block_fast), so its sums live in registers (with a runtime count, gcc kept them on the
  * stack: 2-3x slower), and a group's maximum is taken in vectors (the scalar loop cost more than
  * the products at 33 rows).
@@ -30,16 +34,20 @@
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
-#define QL_FAST 1
+#define QL_FAST 2 /* AVX512-VNNI */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QL_FAST 1 /* AVX2 */
 #else
 #define QL_FAST 0
 #endif
 
 #define GS 32 /* inputs per group */
 #define NT 16 /* outputs per tile */
-#define MB 8  /* rows per block of the fast path */
+#define MB 8  /* rows per block of the AVX512 path */
+#define MB2 4 /* rows per block of the AVX2 path (16 vector registers) */
 
-int qlinear_fast(void) { return QL_FAST; }
+int qlinear_fast(void) { return QL_FAST; } /* 2: AVX512-VNNI, 1: AVX2, 0: plain C only */
 
 static float half_to_float(uint16_t h) { /* exact: float16 -> float32 */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
@@ -61,22 +69,46 @@ static void quantize_row(const float *x, long k, int8_t *xq, float *a, float *b,
     for (long g = 0; g < k / GS; g++) {
         const float *xg = x + g * GS;
         float mx = 0.f;
-#if QL_FAST
+#if QL_FAST == 2
         __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
         if (!portable) /* the same maximum (it does not depend on the order) */
             mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
         else
+#elif QL_FAST == 1
+        __m256 v[4];
+        if (!portable) {
+            const __m256 sign = _mm256_set1_ps(-0.f);
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xg + 8 * i);
+            __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        } else
 #endif
             for (int i = 0; i < GS; i++) mx = fmaxf(mx, fabsf(xg[i]));
         float d = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
         int sum = 0;
-#if QL_FAST
+#if QL_FAST == 2
         if (!portable) {
             __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inv)));
             __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inv)));
             _mm_storeu_si128((__m128i *)(xq + g * GS), _mm512_cvtepi32_epi8(q0));
             _mm_storeu_si128((__m128i *)(xq + g * GS + 16), _mm512_cvtepi32_epi8(q1));
             sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        } else
+#elif QL_FAST == 1
+        if (!portable) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+            /* packs interleave the 128-bit halves; the permutation puts the 32 codes back in order */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(xq + g * GS), p);
+            __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
         } else
 #endif
         {
@@ -124,7 +156,7 @@ static void tile_portable(const int8_t *xq, const float *a, const float *b, long
     }
 }
 
-#if QL_FAST
+#if QL_FAST == 2
 /* Rows r0..r0+mb-1 of one tile. Always inlined with constant mb, bits and per_group (tile_fast's
  * switch), so the loops unroll and the sums stay in registers. With few rows, each row sums in two
  * vectors (split) so that more independent vpdpbusd chains are in flight; integer sums are exact in
@@ -199,6 +231,77 @@ static void tile_fast(const int8_t *xq, const float *a, const float *b, long m, 
         int mb = m - r0 < MB ? (int)(m - r0) : MB;
         if (bits == 4) { QL_ROWS(1, 4) } /* the two layouts pack_native makes (qlinear checks) */
         else { QL_ROWS(0, 8) }
+    }
+}
+#elif QL_FAST == 1
+/* Rows r0..r0+mb-1 of one half (8 outputs) of one tile: AVX2, 8 lanes per vector (see the header
+ * for why the int16 partial sums cannot overflow). Instantiated per row count like block_fast. */
+static inline __attribute__((always_inline)) void block_avx2(const int8_t *xq, const float *a, const float *b,
+                                                             long k, const uint8_t *wt, const uint16_t *st,
+                                                             const uint16_t *lt, const int per_group, const int bits,
+                                                             float *y, long n, long t, long r0, const int mb,
+                                                             const int half) {
+    const long G = k / GS, wg_bytes = bits == 4 ? 256 : 512;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[MB2];
+    for (int r = 0; r < mb; r++) acc[r] = _mm256_setzero_ps();
+    for (long g = 0; g < G; g++) {
+        __m256i lo16[MB2], hi16[MB2], isum[MB2];
+        for (int r = 0; r < mb; r++) lo16[r] = hi16[r] = _mm256_setzero_si256();
+        const uint8_t *wg = wt + g * wg_bytes + 32 * half;
+        const int8_t *xg = xq + r0 * k + g * GS;
+        for (int c = 0; c < (bits == 4 ? 4 : 8); c++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(wg + 64 * c));
+            __m256i lo = _mm256_and_si256(w, mask), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+            for (int r = 0; r < mb; r++) {
+                int32_t x0, x1;
+                if (bits == 4) { /* low nibbles: inputs 8c..8c+3, high: 8c+4..8c+7, all in one sum */
+                    memcpy(&x0, xg + r * k + 8 * c, 4);
+                    memcpy(&x1, xg + r * k + 8 * c + 4, 4);
+                    lo16[r] = _mm256_add_epi16(lo16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
+                    lo16[r] = _mm256_add_epi16(lo16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+                } else { /* int8: inputs 4c..4c+3; the nibbles sum apart (u = 16 uh + ul) */
+                    memcpy(&x0, xg + r * k + 4 * c, 4);
+                    __m256i xb = _mm256_set1_epi32(x0);
+                    lo16[r] = _mm256_add_epi16(lo16[r], _mm256_maddubs_epi16(lo, xb));
+                    hi16[r] = _mm256_add_epi16(hi16[r], _mm256_maddubs_epi16(hi, xb));
+                }
+            }
+        }
+        for (int r = 0; r < mb; r++) {
+            isum[r] = _mm256_madd_epi16(lo16[r], ones);
+            if (bits == 8) isum[r] = _mm256_add_epi32(isum[r], _mm256_slli_epi32(_mm256_madd_epi16(hi16[r], ones), 4));
+        }
+        const uint16_t *sg = st + (per_group ? g * NT : 0) + 8 * half, *lg = lt + (per_group ? g * NT : 0) + 8 * half;
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sg));
+        __m256 l = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)lg));
+        for (int r = 0; r < mb; r++) {
+            long ag = (r0 + r) * G + g;
+            __m256 sa = _mm256_mul_ps(s, _mm256_set1_ps(a[ag]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), sa, acc[r]);
+            acc[r] = _mm256_fmadd_ps(l, _mm256_set1_ps(b[ag]), acc[r]);
+        }
+    }
+    for (int r = 0; r < mb; r++) _mm256_storeu_ps(y + (r0 + r) * n + t * NT + 8 * half, acc[r]);
+}
+
+#define QL_BLOCK2(PG, BITS, MBC) block_avx2(xq, a, b, k, wt, st, lt, PG, BITS, y, n, t, r0, MBC, half)
+#define QL_ROWS2(PG, BITS)                                                                                   \
+    switch (mb) {                                                                                            \
+    case 1: QL_BLOCK2(PG, BITS, 1); break;                                                                   \
+    case 2: QL_BLOCK2(PG, BITS, 2); break;                                                                   \
+    case 3: QL_BLOCK2(PG, BITS, 3); break;                                                                   \
+    default: QL_BLOCK2(PG, BITS, 4); break;                                                                  \
+    }
+
+static void tile_fast(const int8_t *xq, const float *a, const float *b, long m, long k, const uint8_t *wt,
+                      const uint16_t *st, const uint16_t *lt, int per_group, int bits, float *y, long n, long t) {
+    for (long r0 = 0; r0 < m; r0 += MB2) {
+        int mb = m - r0 < MB2 ? (int)(m - r0) : MB2;
+        for (int half = 0; half < 2; half++) {
+            if (bits == 4) { QL_ROWS2(1, 4) }
+            else { QL_ROWS2(0, 8) }
+        }
     }
 }
 #endif

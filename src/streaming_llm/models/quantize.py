@@ -5,8 +5,8 @@ fewer milliseconds. `quantize_linears(model, mode)` swaps each `nn.Linear` (the 
 included) for a `QuantLinear` holding int8 weights (per-output-channel scales) or int4 ones
 (asymmetric groups of 32 with a scale and a minimum, the same layout as GGUF Q4_1, so the default
 model's 4-bit weights map onto it almost exactly), float32 in and out. Two kernels run them:
-- the native one (`models/qlinear.c` via `native.linear`, where the CPU has AVX512-VNNI and a C
-  compiler is present): each row's inputs quantized to int8 per group of 32, exact byte-product
+- the native one (`models/qlinear.c` via `native.linear`, where the CPU has AVX512-VNNI or AVX2
+  and a C compiler is present): each row's inputs quantized to int8 per group of 32, exact byte-product
   sums, scales and minimums in float16 (`pack_native`; a layer whose scales float16 cannot hold
   keeps torch's kernel). Its cost grows slowly with the rows: a batch of 8 rows or a chunk rides
   almost free;
@@ -147,8 +147,8 @@ F16_SMALLEST = 2.0 ** -14  # float16's smallest normal number
 def pack_native(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int):
     """(weights, scales, mins) in qlinear.c's layout (its header comment) for w = codes * scale +
     mins, codes (N, K) unsigned (int4: 0..15, int8: 0..255), scale and mins (N, K/32) for int4,
-    (N,) for int8; None where the native linear does not run here or does not fit: no AVX512-VNNI
-    build (`native.linear_available`), N not a multiple of 16, or a scale or minimum that float16
+    (N,) for int8; None where the native linear does not run here or does not fit: no vector
+    path in this build (`native.linear_available`), N not a multiple of 16, or a scale or minimum that float16
     cannot hold to its full precision (then the layer keeps torch's packed kernel)."""
     n, k = codes.shape
     if not native.linear_available() or n % NATIVE_TILE or k % GROUP:
