@@ -29,29 +29,48 @@ static inline float exp_nonpositive(float x) {
     return p * two_n;
 }
 
-/* GCC/Clang vector extensions: 16 floats, lowered to whatever SIMD the target has (-march=native). */
-typedef float v16 __attribute__((vector_size(64)));
-typedef int i16 __attribute__((vector_size(64)));
+/* GCC/Clang vector extensions of the target's width: W floats (16 with AVX512, else 8, -march=native).
+ * Every sum is defined over 16 lanes (element i of a head vector into lane i % 16, then the lanes
+ * pairwise 8, 4, 2, 1 apart); with W = 8 the 16 lanes are P = 2 vectors (lanes 0-7, 8-15) doing the
+ * same additions, so every build gives the same bits, and no vector is wider than a register (gcc
+ * keeps 64-byte vectors on the stack where the registers are 32 bytes wide: 3-4x slower). */
+#ifdef __AVX512F__
+#define W 16
+typedef int iw __attribute__((vector_size(64)));
+#else
+#define W 8
+typedef int iw __attribute__((vector_size(32)));
+#endif
+#define P (16 / W) /* vectors per 16 lanes */
+typedef float vw __attribute__((vector_size(4 * W)));
 
-static inline v16 load16(const float *p) {
-    v16 x;
+static inline vw loadw(const float *p) {
+    vw x;
     memcpy(&x, p, sizeof x);
     return x;
 }
 
-static inline float hsum16(v16 x) {  /* lanes pairwise, 8, 4, 2, 1 apart: a fixed order */
-    x += __builtin_shuffle(x, (i16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    x += __builtin_shuffle(x, (i16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    x += __builtin_shuffle(x, (i16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    x += __builtin_shuffle(x, (i16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    return x[0];
+static inline float hsum16(const vw *x) { /* the 16 lanes of x[0..P-1] pairwise, 8, 4, 2, 1 apart */
+#if W == 16
+    vw y = x[0] + __builtin_shuffle(x[0], (iw){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    y += __builtin_shuffle(y, (iw){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    y += __builtin_shuffle(y, (iw){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    y += __builtin_shuffle(y, (iw){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#else
+    vw y = x[0] + x[1]; /* lanes 8 apart */
+    y += __builtin_shuffle(y, (iw){4, 5, 6, 7, 0, 1, 2, 3});
+    y += __builtin_shuffle(y, (iw){2, 3, 0, 1, 6, 7, 4, 5});
+    y += __builtin_shuffle(y, (iw){1, 0, 3, 2, 5, 4, 7, 6});
+#endif
+    return y[0];
 }
 
 static inline float sum(const float *x, long n) {  /* 16 lanes (element i into lane i % 16), then hsum16 */
-    v16 lanes = {0};
+    vw lanes[P] = {{0}};
     float tail = 0.f;
     long i = 0;
-    for (; i + 16 <= n; i += 16) lanes += load16(x + i);
+    for (; i + 16 <= n; i += 16)
+        for (int p = 0; p < P; p++) lanes[p] += loadw(x + i + W * p);
     for (; i < n; i++) tail += x[i];
     return hsum16(lanes) + tail;
 }
@@ -67,7 +86,7 @@ static inline float maximum(const float *x, long n) {  /* n >= 1; order does not
 static inline __attribute__((always_inline)) void one_task(
         const float *q, long q_sb, long q_sh, const float *k, const float *v, long kv_sb, long kv_sh, long kv_sn,
         long n, int b, int hk, int G, int Hq, const int D, float scale, float *out) {
-    const int nv = D / 16;
+    const int nv = D / W;
     float *o = out + ((long)b * Hq + (long)hk * G) * D;
     if (n <= 0) {
         memset(o, 0, sizeof(float) * G * D);
@@ -78,28 +97,29 @@ static inline __attribute__((always_inline)) void one_task(
     const float *kb = k + b * kv_sb + hk * kv_sh, *vb = v + b * kv_sb + hk * kv_sh;
     for (int g = 0; g < G; g++) {
         const float *qh = q + b * q_sb + (long)(hk * G + g) * q_sh;
-        v16 qv[MAX_DIM / 16];
-        for (int c = 0; c < nv; c++) qv[c] = load16(qh + 16 * c) * scale;
+        vw qv[MAX_DIM / W];
+        for (int c = 0; c < nv; c++) qv[c] = loadw(qh + W * c) * scale;
         float *sg = s + g * n;
-        for (long j = 0; j < n; j++) {  /* scores */
+        for (long j = 0; j < n; j++) {  /* scores: vector c adds into lanes (c % P) */
             const float *kj = kb + j * kv_sn;
-            v16 acc = qv[0] * load16(kj);
-            for (int c = 1; c < nv; c++) acc += qv[c] * load16(kj + 16 * c);
+            vw acc[P];
+            for (int p = 0; p < P; p++) acc[p] = qv[p] * loadw(kj + W * p);
+            for (int c = P; c < nv; c++) acc[c % P] += qv[c] * loadw(kj + W * c);
             sg[j] = hsum16(acc);
         }
         float m = maximum(sg, n);  /* softmax weights */
         for (long j = 0; j < n; j++) sg[j] = exp_nonpositive(sg[j] - m);
         float inv = 1.f / sum(sg, n);
-        v16 acc[MAX_DIM / 16];  /* weighted values */
-        for (int c = 0; c < nv; c++) acc[c] = (v16){0};
+        vw acc[MAX_DIM / W];  /* weighted values */
+        for (int c = 0; c < nv; c++) acc[c] = (vw){0};
         for (long j = 0; j < n; j++) {
             const float *vj = vb + j * kv_sn;
             float p = sg[j];
-            for (int c = 0; c < nv; c++) acc[c] += p * load16(vj + 16 * c);
+            for (int c = 0; c < nv; c++) acc[c] += p * loadw(vj + W * c);
         }
         for (int c = 0; c < nv; c++) {
-            v16 r = acc[c] * inv;
-            memcpy(o + (long)g * D + 16 * c, &r, sizeof r);
+            vw r = acc[c] * inv;
+            memcpy(o + (long)g * D + W * c, &r, sizeof r);
         }
     }
     if (s != stack_scores) free(s);
