@@ -151,19 +151,28 @@ class SinkWindowLayer(CacheLayerMixin):
                 keys[:, :, slot] = key_states[:, :, 0]
                 values[:, :, slot] = value_states[:, :, 0]
         elif written:
-            idx = self.owner.shared(("ring", s, w, rows, seen, self.device), lambda: self._ring_slots(rows, seen))
-            if idx is not None:
-                i_idx, r_idx, slots = idx
-                self.keys[r_idx, :, slots] = key_states[i_idx, :, 0].to(self.keys.dtype)
-                self.values[r_idx, :, slots] = value_states[i_idx, :, 0].to(self.values.dtype)
+            h, n = self.keys.shape[1:3]
+            idx = self.owner.shared(("ring", s, w, h, n, rows, seen, self.device), lambda: self._ring_slots(rows, seen))
+            if idx is not None:  # one index_copy_ per tensor: rows of its (rows * heads * slots, D) view
+                batch, flat = idx
+                for buf, new in ((self.keys, key_states), (self.values, value_states)):
+                    new = new[:, :, 0] if batch is None else new[batch, :, 0]
+                    buf.view(-1, buf.shape[-1]).index_copy_(0, flat, new.reshape(-1, buf.shape[-1]).to(buf.dtype))
         self._pending = _Pending(key_states, value_states, rows, seen, written)
         return self.keys, self.values
 
     def _ring_slots(self, rows: tuple[int, ...], seen: tuple[int, ...]):
-        """(batch index, row, ring slot) index tensors of a decoded token per row past its sinks."""
+        """Where a decoded token per row past its sinks goes: (its batch indices, None for every
+        batch row in order; its flat row indices in the (rows * heads * slots, D) view of the
+        cache buffers, head by head), or None where no row is past its sinks."""
         s, w = self.sinks, self.window
-        ring = [(i, r, s + (n - s) % w) for i, (r, n) in enumerate(zip(rows, seen)) if n >= s]
-        return tuple(torch.tensor(x, device=self.device) for x in zip(*ring)) if ring else None
+        h, n = self.keys.shape[1:3]
+        ring = [(i, r, s + (t - s) % w) for i, (r, t) in enumerate(zip(rows, seen)) if t >= s]
+        if not ring:
+            return None
+        flat = torch.tensor([(r * h + j) * n + slot for _, r, slot in ring for j in range(h)], device=self.device)
+        batch = None if len(ring) == len(rows) else torch.tensor([i for i, _, _ in ring], device=self.device)
+        return batch, flat
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.sinks + self.window + query_length, 0
