@@ -18,10 +18,10 @@
  * 8c + 4 + j in its high one; int8: 8 chunks, byte 4*lane + j of chunk c holding input 4c + j.
  * s, lo: float16, [tile][group][16] (per_group) or [tile][16] (per channel).
  *
- * Speed: a block of up to 8 rows (AVX2: 4, in two halves of 8 outputs) shares each weight load; the block code is instantiated per row
- * count (block_fast), so its sums live in registers (with a runtime count, gcc kept them on the
- * stack: 2-3x slower), and a group's maximum is taken in vectors (the scalar loop cost more than
- * the products at 33 rows).
+ * Speed: a block of up to 8 rows (AVX2: 4, in two halves of 8 outputs) shares each weight load;
+ * the block code is instantiated per row count (block_fast, block_avx2), so its sums live in
+ * registers (with a runtime count, gcc kept them on the stack: 2-3x slower), and a group's maximum
+ * is taken in vectors (the scalar loop cost more than the products at 33 rows).
  *
  * Exactness: a row's result depends on that row only (its own quantization, integer sums, then the
  * groups in order, each lane alone), so a stream gets the same bits alone or among other rows, in
