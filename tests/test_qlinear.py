@@ -77,6 +77,26 @@ def test_the_fast_path_gives_the_plain_c_paths_bits(bits, m):
 
 
 @needs_fast
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_largest_integer_sums_do_not_saturate(bits, sign):
+    """The extremes of the header's bound: every code at its maximum (15; 255) and every input
+    code at +-127 (AVX2 sums byte products in int16 pairs: 8 pair sums of 15 * 127 * 2 = 30,480
+    per slot, below 2^15). A saturating path would differ from the plain C path and from the
+    exact sum; with one row and with a block of several."""
+    n, k = 32, 64
+    codes = torch.full((n, k), 15 if bits == 4 else 255, dtype=torch.int32)
+    scale = torch.full((n, k // 32), 0.01) if bits == 4 else torch.full((n,), 0.01)
+    mins = torch.zeros_like(scale) if bits == 4 else -128 * scale
+    packed = native_layout(codes, scale, mins, bits)
+    for m in (1, 5):
+        x = torch.full((m, k), float(sign))  # each group's codes: all +-127
+        fast = native.linear(x, *packed, bits == 4, bits, n)
+        assert torch.equal(fast, native.linear(x, *packed, bits == 4, bits, n, portable=True))
+        torch.testing.assert_close(fast.double(), reference(x, codes, scale, mins, bits), rtol=1e-6, atol=1e-6)
+
+
+@needs_fast
 def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_threads():
     codes, scale, mins = int4_case(192, 576)
     packed = native_layout(codes, scale, mins, 4)
