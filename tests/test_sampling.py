@@ -40,3 +40,17 @@ def test_seeded_sampling_with_top_p_stays_in_the_nucleus_and_repeats():
     draw = lambda: [Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=11)).sample(logits) for _ in range(20)]
     first = draw()
     assert set(first) <= allowed and first == draw()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.5),
+                                    SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.3, seed=1)])
+def test_sampling_leaves_the_callers_logits_as_they_were(params):
+    """The sampler copies the logits only where it changes them in place (a repetition penalty,
+    a grammar); either way the caller's tensor (a batch's logits row) is never changed."""
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(5)) * 3
+    before = logits.clone()
+    sampler = Sampler(params)
+    picked = [sampler.sample(logits, previous=[int(torch.argmax(logits)), 3, 9]) for _ in range(3)]
+    assert torch.equal(logits, before)
+    if params.temperature == 0 and params.repetition_penalty == 1.0:
+        assert picked == [int(torch.argmax(before))] * 3

@@ -228,7 +228,10 @@ class StreamingLLM:
         (T, V) for logits="all", (V,) for "last", None for "none". Exact for any chunking."""
         if isinstance(ids, Mapping):  # a tokenizer's BatchEncoding
             ids = ids["input_ids"]
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = ids if ids.dim() == 1 and ids.device == self.device else ids.reshape(-1).to(self.device)
+        # (a decoded token's list needs neither: each tensor call on a server's turn thread gives up
+        # the interpreter lock, and taking it back waits for the model thread)
         if ids.numel() == 0:
             raise UserError("nothing to feed: empty token sequence")
         if self.feeder is not None:

@@ -64,7 +64,9 @@ class Sampler:
         self.constraint = params.constraint.start() if params.constraint is not None else None
 
     def sample(self, logits: torch.Tensor, previous: list[int] | None = None) -> int:
-        logits = logits.float().clone()
+        logits = logits.float()
+        if self.constraint is not None or (self.params.repetition_penalty != 1.0 and previous):
+            logits = logits.clone()  # changed in place below: never the caller's tensor
         if self.constraint is not None:
             self.constraint.mask(logits)  # before penalties and temperature: -inf stays -inf
         tok = self._pick(logits, previous)
