@@ -144,15 +144,18 @@ def linear_available() -> bool:
 
 def linear(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, per_group: bool,
            bits: int, out_features: int, portable: bool = False) -> torch.Tensor:
-    """x (M, K) float32 @ the packed weights (`qlinear.c`'s layout) -> (M, out_features) float32.
-    `portable`: the plain-C path (the same bits; slow: for tests). Raises where it cannot run:
-    callers check `linear_available()` once, when they pack."""
+    """x (..., K) @ the packed weights (`qlinear.c`'s layout) -> (..., out_features) float32 (a 2-D
+    x's rows may be strided: they are read in place). `portable`: the plain-C path (the same bits;
+    slow: for tests). Raises where it cannot run: callers check `linear_available()` once, when
+    they pack."""
     lib = _library()[0]
     if lib is None:
         raise RuntimeError(f"the native kernels are not available: {status()}")
+    shape = x.shape
+    x = x if x.dim() == 2 else x.reshape(-1, shape[-1])
     x = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
     m, k = x.shape
-    y = torch.empty(m, out_features, dtype=torch.float32)
+    y = torch.empty(*shape[:-1], out_features, dtype=torch.float32)  # the caller's shape: no view after
     if m == 0:  # no rows (as torch's kernels allow)
         return y
     rc = lib.qlinear(x.data_ptr(), m, k, x.stride(0), weights.data_ptr(), scales.data_ptr(), mins.data_ptr(),

@@ -109,12 +109,12 @@ class QuantLinear(nn.Module):
                 self.register_buffer(name, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         wide = self.wide_rows is not None and x.dim() > 1 and x.shape[-2] >= self.wide_rows  # tokens per stream
-        if self.native and not wide:  # int8 codes of the inputs, per group of 32 (qlinear.c)
-            y = native.linear(x2, self.qweight, self.scales, self.mins, self.bits == 4, self.bits, self.out_features)
-            return self._finish(x, y)
-        x2 = x2.to(COMPUTE)
+        if self.native and not wide:  # int8 codes of the inputs, per group of 32 (qlinear.c), in x's shape
+            y = native.linear(x, self.qweight, self.scales, self.mins, self.bits == 4, self.bits, self.out_features)
+            # (a decoder runs hundreds of these a token: no casts or views it does not need)
+            return y if self.bias is None and x.dtype == torch.float32 else self._finish(x, y)
+        x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(COMPUTE)
         if self.bits == 16:
             y = torch.nn.functional.linear(x2, self.qweight)
         elif wide:
